@@ -1,0 +1,506 @@
+"""
+analyze: why on-policy distillation (OPD) updates lock into a low-rank subspace from the first
+steps, shown on a quadratic toy; later, the same geometry measured on real checkpoints.
+
+The toy (SPEC section 5). Linearize the student around the base model: one weight matrix dW
+(m x n, here m = n = --dim) maps an input x to a change of output dW x, and OPD asks that change to
+match the teacher-base residual r(x) = R x, with R of rank k (--rank):
+
+    L(dW) = 1/2 E ||dW x - r(x)||^2 = 1/2 tr((dW - R) Sigma (dW - R)^T),   x ~ N(0, Sigma)
+    grad L = dW Sigma - C,   with Sigma = E[x x^T] and C = E[r(x) x^T] = R Sigma
+
+Gradient descent from dW_0 = 0 with step eta has the closed form
+
+    dW_t = C Sigma^-1 (I - (I - eta Sigma)^t)
+
+so for t >= 1 the column space of dW_t is exactly that of C: rank(dW_t) <= rank(C) = k at every t,
+and the top-k left singular subspace of the final update is already in place at step 1; later
+steps only change how much of it is filled (the singular values and the right singular vectors).
+The RL-like run solves the same problem from a reward that only says better or worse: for each
+input the student samples two answers, mean +- noise, and moves its mean toward the one closer to
+the teacher (GRPO with groups of two and a 0/1 reward). Its mean step is proportional to
+
+    -(dW - R) E[x x^T / ||(dW - R) x||]
+
+and so lies in the column space of the current error, like the OPD step (from 0: in that of C);
+but every sample also pushes dW along its own random noise, in all m output directions. The
+update is high-rank, and the final subspace emerges only as the signal outgrows the noise.
+
+What is printed: the loss (L(0) = 1 by construction, optimum 0), the update_metrics of dW_t and its
+subspace_alignment with dW_T (top-k, k = --rank) at 1%, 10%, 50% and 100% of training, both computed
+with the functions of effopd.py; the largest deviation of the simulated OPD trajectory from the
+closed form; and the steps EffOPD (effopd_extrapolate, scored on held-out inputs) needs to reach
+plain gradient descent's final loss. Simplifications: the exact population gradient for OPD (no
+sampling noise at all), float64 throughout, a Gaussian input distribution.
+
+Run:
+    python analyze.py                    # the toy: a table and figures/toy.png, seconds on a CPU
+    python analyze.py RUN_DIR [RUN_DIR]  # checkpoint-geometry report of effopd.py runs
+"""
+import argparse
+import json
+import math
+import os
+import re
+import time
+
+import torch
+
+from effopd import (accuracy, effopd_extrapolate, eos_ids, is_power_of_two, load_jsonl,
+                    subspace_alignment, update_metrics)
+
+# ------------------------------------------------------------------------------------------------
+# The quadratic toy: problem, OPD by gradient descent, its closed form, and an RL-like run
+
+
+def population_loss(delta: torch.Tensor, sigma: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """L(dW) = 1/2 E ||dW x - R x||^2 = 1/2 tr((dW - R) Sigma (dW - R)^T), exactly (0-dim)."""
+    error = delta - r  # (m, n)
+    return 0.5 * (error @ sigma * error).sum()
+
+
+def make_problem(dim: int, rank: int, cond: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input covariance Sigma (dim, dim) with eigenvalues 1 ... 1/cond, log-spaced, in a random
+    orthonormal basis; residual map R (dim, dim) of the given rank, scaled so that L(0) = 1."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, -math.log10(cond), dim, dtype=torch.float64)  # 1 ... 1/cond
+    sigma = basis @ torch.diag(eigenvalues) @ basis.T
+    sigma = (sigma + sigma.T) / 2  # exactly symmetric, for the Cholesky factor of the RL inputs
+    r = (torch.randn(dim, rank, generator=g, dtype=torch.float64)
+         @ torch.randn(rank, dim, generator=g, dtype=torch.float64))  # rank k
+    return sigma, r / population_loss(torch.zeros_like(r), sigma, r).sqrt()
+
+
+def train_opd(sigma: torch.Tensor, r: torch.Tensor, steps: int, lr: float, score_fn=None,
+              max_candidates: int = 5) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Gradient descent on the population OPD loss from dW_0 = 0: dW <- dW - lr (dW Sigma - C).
+
+    With score_fn (model -> float, higher is better) this is EffOPD: after the step at t = 1, 2,
+    4, 8, ... effopd_extrapolate moves dW along dW - anchor, as effopd.train does. Returns
+    [dW_0, ..., dW_T] and one effopd_extrapolate history per trigger.
+    """
+    c = r @ sigma  # (m, n): E[r(x) x^T]
+    student = torch.nn.Linear(r.shape[1], r.shape[0], bias=False, dtype=torch.float64)
+    torch.nn.init.zeros_(student.weight)  # weight (m, n) is dW: the student starts at the base
+    anchor = {"weight": student.weight.detach().clone()}  # EffOPD's B: the initial student
+    deltas, trials = [student.weight.detach().clone()], []
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            student.weight -= lr * (student.weight @ sigma - c)
+        if score_fn is not None and is_power_of_two(step):
+            trials.append(effopd_extrapolate(student, anchor, score_fn, max_candidates))
+        deltas.append(student.weight.detach().clone())
+    return deltas, trials
+
+
+def opd_closed_form(sigma: torch.Tensor, r: torch.Tensor, lr: float, step: int) -> torch.Tensor:
+    """dW_t = C Sigma^-1 (I - (I - lr Sigma)^t), through Sigma = Q diag(lam) Q^T: (m, n)."""
+    lam, q = torch.linalg.eigh(sigma)
+    return (r @ sigma) @ q @ torch.diag((1 - (1 - lr * lam) ** step) / lam) @ q.T
+
+
+def train_rl(sigma: torch.Tensor, r: torch.Tensor, steps: int, lr: float, samples: int,
+             seed: int) -> list[torch.Tensor]:
+    """The same problem from a better-or-worse reward; returns [dW_0, ..., dW_T].
+
+    Per step, `samples` inputs x; per input two answers mean +- noise, mean = dW x. The one closer
+    to r(x) wins (advantage +1, the other -1) and dW moves by the Gaussian policy gradient, toward
+    the winner: lr * sign * noise x^T. Given x, E[sign * noise] = -sqrt(2/pi) e / ||e||, with
+    e = dW x - r(x): on average the per-input OPD gradient e x^T, normalized. The noise scale
+    cancels in the comparison and would only rescale lr, so it is 1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(sigma)  # x = chol z has covariance Sigma
+    delta = torch.zeros_like(r)  # (m, n)
+    deltas = [delta]
+    for _ in range(steps):
+        x = torch.randn(samples, r.shape[1], generator=g, dtype=torch.float64) @ chol.T  # (S, n)
+        target = x @ r.T  # (S, m): the teacher's residual r(x)
+        mean = x @ delta.T  # (S, m): the student's answer before exploration
+        noise = torch.randn(samples, r.shape[0], generator=g, dtype=torch.float64)  # (S, m)
+        plus_wins = ((mean - noise - target).square().sum(1)
+                     > (mean + noise - target).square().sum(1))  # (S,): the only feedback
+        sign = plus_wins.double() * 2 - 1  # (S,): +1 if mean + noise was the better answer
+        delta = delta + lr * (sign[:, None] * noise).T @ x / samples  # (m, n)
+        deltas.append(delta)
+    return deltas
+
+
+def first_step_at_or_below(losses: list[float], target: float) -> int | None:
+    """The first step t with losses[t] <= target, None if none."""
+    return next((t for t, loss in enumerate(losses) if loss <= target), None)
+
+
+def geometry(deltas: list[torch.Tensor], sigma: torch.Tensor, r: torch.Tensor,
+             k: int) -> dict[str, list[float]]:
+    """Per step t = 1..T: loss, update_metrics of dW_t and its top-k alignment with dW_T."""
+    rows = {"loss": [], "effective_rank": [], "spectral_ratio": [], "top1_ratio": [],
+            "alignment": []}
+    for delta in deltas[1:]:
+        metrics = update_metrics(delta)
+        metrics["loss"] = population_loss(delta, sigma, r).item()
+        metrics["alignment"] = subspace_alignment(delta, deltas[-1], k)
+        for key, values in rows.items():
+            values.append(metrics[key])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Output: table and figure
+
+
+def print_table(runs: dict[str, dict[str, list[float]]], fractions=(0.01, 0.1, 0.5, 1.0)) -> None:
+    """One row per run and fraction of training: loss and the update geometry of dW_t."""
+    print(f"{'run':<8} {'step':>11} | {'loss':>7} | {'eff. rank':>9} | {'s1/|dW|F':>8} | "
+          f"{'top-1%':>7} | {'align dW_T':>10}")
+    for name, rows in runs.items():
+        steps = len(rows["loss"])
+        for f in fractions:
+            t = max(1, round(f * steps))
+            i = t - 1  # rows start at step 1
+            print(f"{name:<8} {t:>4} ({f:>4.0%}) | {rows['loss'][i]:7.4f} | "
+                  f"{rows['effective_rank'][i]:9.1f} | {rows['spectral_ratio'][i]:8.3f} | "
+                  f"{rows['top1_ratio'][i]:7.3f} | {rows['alignment'][i]:10.3f}")
+
+
+def plot(runs: dict[str, dict[str, list[float]]], effopd_losses: list[float], rank: int, dim: int,
+         path: str) -> None:
+    """Three panels over steps: alignment with dW_T, effective rank, loss (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("alignment", f"alignment of top-{rank} subspace with dW_T"),
+              ("effective_rank", "effective rank of dW_t"), ("loss", "loss L(dW_t)"))
+    for ax, (key, title) in zip(axes, panels):
+        for name, rows in runs.items():
+            ax.plot(range(1, len(rows[key]) + 1), rows[key], label=name)
+        ax.set(title=title, xlabel="step", xscale="log")
+    axes[0].axhline(rank / dim, color="gray", ls=":", label=f"random pair (k/m = {rank / dim:.2f})")
+    axes[1].axhline(rank, color="gray", ls=":", label=f"rank(C) = {rank}")
+    axes[2].plot(range(1, len(effopd_losses)), effopd_losses[1:], "--", label="OPD + EffOPD")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# The toy, end to end
+
+
+def run_toy(args: argparse.Namespace) -> dict:
+    """Train OPD, RL-like and EffOPD on one problem; print the checks and the table; save the
+    figure. Returns the numbers it printed."""
+    t0 = time.time()
+    sigma, r = make_problem(args.dim, args.rank, args.cond, args.seed)
+    print(f"toy: dW {args.dim}x{args.dim}, rank(C) = {args.rank}, cond(Sigma) = {args.cond:g}, "
+          f"{args.steps} steps | OPD: gradient descent, lr {args.lr:g} | RL-like: "
+          f"{args.rl_samples} better-or-worse comparisons per step, lr {args.rl_lr:g}")
+
+    # 1. OPD: exact gradient descent, checked against its closed form at every step.
+    opd = train_opd(sigma, r, args.steps, args.lr)[0]
+    deviation = max((d - opd_closed_form(sigma, r, args.lr, t)).abs().max().item()
+                    for t, d in enumerate(opd))
+    max_rank = max(torch.linalg.matrix_rank(d).item() for d in opd)
+    print(f"closed form dW_t = C Sigma^-1 (I - (I - lr Sigma)^t): largest deviation "
+          f"{deviation:.1e} over all t and entries (largest entry of dW_T: "
+          f"{opd[-1].abs().max().item():.3f}); max over t of rank(dW_t): {max_rank}")
+
+    # 2. RL-like on the same problem, and the geometry of both.
+    rl = train_rl(sigma, r, args.steps, args.rl_lr, args.rl_samples, args.seed + 1)
+    runs = {"OPD": geometry(opd, sigma, r, args.rank), "RL-like": geometry(rl, sigma, r, args.rank)}
+    print_table(runs)
+
+    # 3. EffOPD: the same gradient descent, extrapolated at t = 1, 2, 4, ..., accepted when the loss
+    # on a fixed held-out sample of inputs improves (like the paper's 50 validation prompts); the
+    # reported loss is the exact population loss.
+    g = torch.Generator().manual_seed(args.seed + 2)
+    x_val = (torch.randn(args.val_size, args.dim, generator=g, dtype=torch.float64)
+             @ torch.linalg.cholesky(sigma).T)  # (V, n)
+    r_val = x_val @ r.T  # (V, m)
+
+    @torch.no_grad()
+    def score(model) -> float:  # minus the held-out loss
+        return -0.5 * (model(x_val) - r_val).square().sum(1).mean().item()
+
+    effopd, trials = train_opd(sigma, r, args.steps, args.lr, score_fn=score)
+    effopd_losses = [population_loss(d, sigma, r).item() for d in effopd]
+    opd_losses = [population_loss(d, sigma, r).item() for d in opd]  # index = step
+    target = opd_losses[-1]
+    steps_opd = first_step_at_or_below(opd_losses, target)
+    steps_effopd = first_step_at_or_below(effopd_losses, target)
+    kept = " ".join(str(max(h["multiple"] for h in trial if h["kept"])) for trial in trials)
+    print(f"final loss: OPD {target:.4f} | RL-like {runs['RL-like']['loss'][-1]:.4f} | "
+          f"OPD + EffOPD {effopd_losses[-1]:.4f}")
+    print(f"EffOPD kept W_t + m (W_t - B) with m = {kept} at t = 1, 2, 4, ... "
+          f"({sum(len(trial) for trial in trials)} held-out evaluations of {args.val_size} inputs)")
+    print(f"steps to reach OPD's final loss {target:.4f}: OPD {steps_opd} | OPD + EffOPD "
+          f"{steps_effopd}")
+
+    plot(runs, effopd_losses, args.rank, args.dim, args.png)
+    print(f"figure: {args.png} | {time.time() - t0:.1f} s")
+    return {"deviation": deviation, "max_rank": max_rank, "runs": runs, "steps_opd": steps_opd,
+            "steps_effopd": steps_effopd, "effopd_losses": effopd_losses}
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint report: the geometry of dW = W_t - W_0 in a run folder written by effopd.py
+
+
+def module_type(name: str) -> str:
+    """embedding (token embedding and output head), attention, mlp or norm."""
+    if "norm" in name:
+        return "norm"
+    if "attn" in name:
+        return "attention"
+    if "mlp" in name:
+        return "mlp"
+    return "embedding"
+
+
+def layer_of(name: str) -> int | None:
+    match = re.search(r"layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def load_run(run_dir: str) -> tuple[dict, dict[int, str]]:
+    """The run's config.json and its checkpoint folders by step; step 0 (W_0) must be there."""
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"analyze: error: {config_path}: not found (is {run_dir} a run folder "
+                         f"written by effopd.py?)")
+    checkpoints = {int(d[5:]): os.path.join(run_dir, d) for d in os.listdir(run_dir)
+                   if re.fullmatch(r"step_\d{6}", d)}
+    if 0 not in checkpoints or len(checkpoints) < 2:
+        raise SystemExit(f"analyze: error: {run_dir}: needs step_000000 and a later checkpoint, "
+                         f"found {sorted(checkpoints)}")
+    with open(config_path) as f:
+        return json.load(f), checkpoints
+
+
+def load_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """All tensors of a save_pretrained checkpoint (every safetensors shard), in fp32."""
+    from safetensors.torch import load_file
+    shards = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors"))
+    if not shards:
+        raise SystemExit(f"analyze: error: {checkpoint}: no .safetensors file")
+    weights = {}
+    for shard in shards:
+        weights.update({n: w.float() for n, w in load_file(os.path.join(checkpoint, shard)).items()})
+    return weights
+
+
+def update_geometry(w0: dict, wt: dict) -> dict[str, float]:
+    """update_metrics averaged over the attention and MLP matrices of W_t - W_0."""
+    rows = [update_metrics(wt[n] - w0[n]) for n in w0
+            if w0[n].dim() == 2 and module_type(n) in ("attention", "mlp")]
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+
+def alignment_with_final(w0: dict, wt: dict, wT: dict, k: int) -> float:
+    """subspace_alignment(dW_t, dW_T, k) averaged over the attention and MLP matrices."""
+    names = [n for n in w0 if w0[n].dim() == 2 and module_type(n) in ("attention", "mlp")]
+    return sum(subspace_alignment(wt[n] - w0[n], wT[n] - w0[n], min(k, *w0[n].shape))
+               for n in names) / len(names)
+
+
+def norms_by_module(w0: dict, wT: dict) -> dict[tuple[str, int | None], float]:
+    """||dW||_F per (module type, layer), norms of the parameters in it added in quadrature."""
+    out = {}
+    for n in w0:
+        key = (module_type(n), layer_of(n))
+        out[key] = math.hypot(out.get(key, 0.0), (wT[n] - w0[n]).norm().item())
+    return out
+
+
+def print_rows(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  " + " | ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+
+
+def report(run_dirs: list[str], args) -> None:
+    runs = {}
+    for run_dir in run_dirs:
+        config, checkpoints = load_run(run_dir)
+        name = os.path.basename(os.path.normpath(run_dir))
+        final = max(checkpoints)
+        w0, wT = load_weights(checkpoints[0]), load_weights(checkpoints[final])
+        runs[name] = dict(config=config, checkpoints=checkpoints, w0=w0, wT=wT, final=final,
+                          geometry=update_geometry(w0, wT), norms=norms_by_module(w0, wT))
+        # alignment of each checkpoint's update with the final one, loading one at a time
+        runs[name]["alignment"] = {
+            step: alignment_with_final(w0, load_weights(path), wT, args.k)
+            for step, path in sorted(checkpoints.items()) if 0 < step}
+    names = list(runs)
+    print_rows("Update geometry of W_T - W_0, mean over attention and MLP matrices (paper, Table 1)",
+                ["metric", *names],
+                [[key, *(f"{runs[n]['geometry'][key]:.4g}" for n in names)]
+                 for key in ("spectral_norm", "spectral_ratio", "effective_rank", "top1_ratio")])
+    steps = sorted(set().union(*(runs[n]["alignment"] for n in names)))
+    print_rows(f"Alignment of dW_t with the final dW_T (top-{args.k} left singular subspaces)",
+                ["step", *names],
+                [[s, *(f"{runs[n]['alignment'][s]:.3f}" if s in runs[n]["alignment"] else "-"
+                       for n in names)] for s in steps])
+    for n in names:
+        norms = runs[n]["norms"]
+        layers = sorted({layer for _, layer in norms if layer is not None})
+        print_rows(f"{n}: ||dW_T||_F by module (embedding: {norms.get(('embedding', None), 0):.4g})",
+                    ["layer", "attention", "mlp"],
+                    [[layer, f"{norms.get(('attention', layer), 0):.4g}",
+                      f"{norms.get(('mlp', layer), 0):.4g}"] for layer in layers])
+    plot_report(runs, args.report_png)
+    if args.interventions:
+        for n in names:
+            interventions(n, runs[n], args)
+
+
+def interventions(name: str, run: dict, args) -> None:
+    """The paper's interventions on W_0 + (a transformed dW), each scored by the run's validation
+    accuracy (greedy): scaling, norm scaling of an early checkpoint, sliding layer windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    config, w0, wT = run["config"], run["w0"], run["wT"]
+    model = AutoModelForCausalLM.from_pretrained(run["checkpoints"][0], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(run["checkpoints"][0])
+    val = load_jsonl(config["val"])[:config["val_size"]]
+    eos = eos_ids(tokenizer, model)
+    params = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def score(delta: dict[str, torch.Tensor]) -> float:  # validation accuracy of W_0 + delta
+        for n, p in params.items():
+            p.copy_(w0[n] + delta[n] if n in delta else w0[n])
+        return accuracy(model, tokenizer, val, config["max_new_tokens"], eos,
+                               config["eval_batch_size"])
+
+    d_final = {n: wT[n] - w0[n] for n in params}
+    acc0, accT = score({}), score(d_final)
+    scaling = [(a, score({n: a * d for n, d in d_final.items()})) for a in args.alphas]
+    print_rows(f"{name}: scaling, W_0 + alpha dW_T (validation accuracy)", ["alpha", "val acc"],
+                [[a, f"{acc:.3f}"] for a, acc in scaling])
+    # norm scaling: an early update, each module's rescaled to the final update's norm
+    early = min((s for s in run["checkpoints"] if s > 0), key=lambda s: abs(s - 0.1 * run["final"]))
+    wE = load_weights(run["checkpoints"][early])
+    d_early = {n: wE[n] - w0[n] for n in params}
+    rescaled = {n: d * (d_final[n].norm() / d.norm() if d.norm() > 0 else 0.0)
+                for n, d in d_early.items()}
+    acc_early, acc_rescaled = score(d_early), score(rescaled)
+    gain = accT - acc0
+    share = lambda acc: f"{(acc - acc0) / gain:.0%}" if gain else "-"  # noqa: E731
+    print_rows(f"{name}: norm scaling of step {early} ({early / run['final']:.0%} of training)",
+                ["weights", "val acc", "share of final gain"],
+                [["W_0", f"{acc0:.3f}", "0%"], [f"W_{early}", f"{acc_early:.3f}", share(acc_early)],
+                 [f"W_0 + dW_{early} rescaled", f"{acc_rescaled:.3f}", share(acc_rescaled)],
+                 [f"W_{run['final']}", f"{accT:.3f}", share(accT)]])
+    # sliding window: the final update applied to one block of consecutive layers only
+    n_layers = 1 + max(layer_of(n) for n in params if layer_of(n) is not None)
+    window = [(i, score({n: d for n, d in d_final.items()
+                         if layer_of(n) is not None and i <= layer_of(n) < i + args.window}))
+              for i in range(n_layers - args.window + 1)]
+    print_rows(f"{name}: dW_T applied to layers [i, i+{args.window}) only", ["first layer", "val acc"],
+                [[i, f"{acc:.3f}"] for i, acc in window])
+    plot_interventions(name, scaling, window, args.window,
+                       os.path.join(os.path.dirname(args.report_png) or ".",
+                                    f"interventions-{name}.png"))
+
+
+def plot_report(runs: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, run in runs.items():
+        steps = sorted(run["alignment"])
+        ax1.plot(steps, [run["alignment"][s] for s in steps], marker="o", label=name)
+        layers = sorted({layer for _, layer in run["norms"] if layer is not None})
+        ax2.plot(layers, [math.hypot(run["norms"].get(("attention", i), 0),
+                                     run["norms"].get(("mlp", i), 0)) for i in layers],
+                 marker="o", label=name)
+    ax1.set(xscale="log", xlabel="step", ylabel="alignment with final update",
+            title="subspace alignment of dW_t with dW_T")
+    ax2.set(xlabel="layer", ylabel="||dW_T||_F (attention + MLP)", title="update norm by layer")
+    ax1.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"\nwrote {path}")
+
+
+def plot_interventions(name, scaling, window, width, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(*zip(*scaling), marker="o")
+    ax1.set(xlabel="alpha", ylabel="validation accuracy", title=f"{name}: W_0 + alpha dW_T")
+    ax2.bar(*zip(*window))
+    ax2.set(xlabel="first layer", ylabel="validation accuracy",
+            title=f"{name}: dW_T on {width} layer(s) only")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run_dirs", nargs="*",
+                        help="effopd.py run folders to report on; none: run the toy model")
+    toy = parser.add_argument_group("toy model")
+    toy.add_argument("--dim", type=int, default=128, help="dW is dim x dim")
+    toy.add_argument("--rank", type=int, default=4,
+                     help="rank of the teacher-base residual (= rank(C)), also the k of alignment")
+    toy.add_argument("--cond", type=float, default=100.0,
+                     help="condition number of the input covariance Sigma (eigenvalues 1..1/cond)")
+    toy.add_argument("--steps", type=int, default=200, help="training steps of every run")
+    toy.add_argument("--lr", type=float, default=0.03,
+                     help="OPD gradient-descent step (stable below 2 = 2 / largest eigenvalue)")
+    toy.add_argument("--rl-lr", type=float, default=0.05, help="RL-like step size")
+    toy.add_argument("--rl-samples", type=int, default=512,
+                     help="RL-like inputs per step, each with one better-or-worse comparison")
+    toy.add_argument("--val-size", type=int, default=50,
+                     help="held-out inputs that score EffOPD's candidates")
+    toy.add_argument("--seed", type=int, default=0, help="seed of the problem and of all sampling")
+    toy.add_argument("--png", default="figures/toy.png", help="where the figure is written")
+    runs = parser.add_argument_group("checkpoint report")
+    runs.add_argument("--k", type=int, default=4,
+                      help="top-k singular subspace for the alignment with the final update")
+    runs.add_argument("--interventions", action="store_true",
+                      help="also score scaling, norm scaling and sliding windows on validation")
+    runs.add_argument("--alphas", type=float, nargs="+",
+                      default=[0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2], help="scaling factors")
+    runs.add_argument("--window", type=int, default=1, help="layers per sliding window")
+    runs.add_argument("--report-png", default="figures/report.png",
+                      help="figure of the report (interventions go beside it)")
+    args = parser.parse_args(argv)
+    if not args.run_dirs:
+        if not 1 <= args.rank <= args.dim:
+            parser.error(f"--rank must be in [1, --dim = {args.dim}], got {args.rank}")
+        if not 0 < args.lr < 2:
+            parser.error(f"--lr must be in (0, 2), where gradient descent converges; got {args.lr}")
+        if args.cond < 1 or args.steps < 1 or args.rl_samples < 1 or args.val_size < 1:
+            parser.error("--cond must be >= 1; --steps, --rl-samples and --val-size >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.run_dirs:
+        report(args.run_dirs, args)
+    else:
+        run_toy(args)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # the toy's small matrices: one thread is fastest, never spin-waits
+    main()

@@ -1,0 +1,310 @@
+"""
+bench.py: the measurements behind the cost figures in the README, rerunnable on a CPU.
+
+    python bench.py loss       # peak memory and time of effopd.opd_loss vs the plain formula
+    python bench.py metrics    # time of effopd.update_metrics on every matrix of Qwen2.5-0.5B
+    python bench.py speedup    # vanilla OPD vs EffOPD on the tiny setting, 5 seeds
+
+loss. Forward plus backward of the OPD loss on (4, 1024, 151936) fp32 logits (4k positions at
+Qwen's vocabulary; the last 10% of each row is padding), by effopd.opd_loss (chunked, with its own
+backward) and by the plain one-shot formula that autograd differentiates. Each variant runs in a
+fresh subprocess (`bench.py loss --worker VARIANT`) that allocates the inputs, resets the kernel's
+peak-RSS counter, runs forward + backward w.r.t. the student logits and reads the peak RSS. We
+report the peak beyond the inputs, minus the gradient that any method must return, in GiB and in
+fp32 copies of the logits. Requirement: the chunked loss adds at most 0.25 copies. The variant
+`check` holds exactly one extra copy while it makes the gradient, so it must read 1.00: it checks
+the measurement itself (`python bench.py loss --variants check`).
+
+metrics. effopd.update_metrics on every 2-D matrix of a randomly initialized model built from
+Qwen2.5-0.5B's config (24 layers x 7 matrices, plus the 151936 x 896 embedding, tied to lm_head):
+169 singular-value decompositions. Requirement: at most 60 s on a 2-core CPU.
+
+Printed here (2 CPU cores, 23 GiB, torch 2.13 CPU with MKL; another process kept about one core
+busy throughout, so the times are noisy):
+
+    $ python bench.py loss
+    variant  | extra peak GiB | fp32 copies | seconds | loss
+    chunked  |           0.45 |       0.195 |    45.0 | 0.999810
+    plain    |           9.27 |       4.000 |    60.9 | 0.999810
+    requirement: chunked adds at most 0.25 fp32 copies: 0.195 -> PASS
+    same loss: |chunked - plain| / plain = 6.0e-08
+
+    check reads 2.32 GiB = 1.000 copy. --chunk-size 64: 0.098 copies; 256: 0.391 (FAIL).
+
+    $ python bench.py --threads 1 metrics
+    total: 169 matrices in 26.4 s (requirement: at most 60 s) -> PASS
+
+    Three runs: 25.9, 26.9, 26.4 s (the embedding 4.4-4.9 s, each 4864 x 896 matrix 0.23 s).
+    With torch's default of 2 threads, 103-145 s: with a third busy thread on the two cores, MKL's
+    two threads keep waiting on each other.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import effopd
+
+GiB = 2**30
+
+# ------------------------------------------------------------------------------------------------
+# loss: peak memory of forward + backward
+
+
+def proc_bytes(path: str, key: str) -> int:
+    """A 'Key:   N kB' line of a /proc file (/proc/self/status, /proc/meminfo), in bytes."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(f"{key} not in {path}")
+
+
+def plain_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """The one-shot formula: autograd keeps several (B, T, V) fp32 tensors for backward."""
+    log_p = student_logits.float().log_softmax(-1)  # (B, T, V)
+    log_q = teacher_logits.float().log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
+    return kl[mask].sum() / mask.sum()
+
+
+def check_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """Not a loss: the product saves exp(teacher) (one copy) for backward, which uses it to make
+    the gradient, so the peak beyond inputs and gradient is exactly one copy."""
+    return (student_logits * teacher_logits.exp()).sum()
+
+
+VARIANTS = {"chunked": effopd.opd_loss, "plain": plain_opd_loss, "check": check_loss}
+# Peak RSS of each variant in fp32 copies of the logits, inputs and gradient included (measured:
+# 3.2, 7.0, 4.0), plus a margin; a variant that would not fit in MemAvailable is skipped.
+NEEDS = {"chunked": 3.5, "plain": 7.5, "check": 4.5}
+
+
+def loss_worker(args) -> None:
+    """One variant in this fresh process; prints one JSON line for the parent."""
+    B, T, V = args.shape
+    torch.manual_seed(args.seed)
+    student = torch.randn(B, T, V)  # (B, T, V) fp32; randn writes every page, so RSS counts it
+    teacher = torch.randn(B, T, V)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[:, T - T // 10:] = False  # the last 10% of each row is padding
+    loss_fn = VARIANTS[args.worker]
+    if args.worker == "chunked":
+        loss_fn = functools.partial(effopd.opd_loss, chunk_size=args.chunk_size)
+    # A small warm-up, so that one-time allocations of torch's first calls are not counted.
+    loss_fn(student[:1, :8].clone().requires_grad_(), teacher[:1, :8], mask[:1, :8]).backward()
+    student.requires_grad_()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS: inputs allocated
+    rss_inputs = proc_bytes("/proc/self/status", "VmRSS")
+    t0 = time.perf_counter()
+    loss = loss_fn(student, teacher, mask)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    assert student.grad is not None and student.grad.shape == student.shape
+    print(json.dumps({"extra": peak - rss_inputs - student.grad.nbytes, "seconds": seconds,
+                      "loss": loss.item()}))
+
+
+def bench_loss(args) -> None:
+    if args.worker:
+        return loss_worker(args)
+    B, T, V = args.shape
+    copy = B * T * V * 4  # bytes of one fp32 copy of the logits
+    print(f"loss: forward + backward on ({B}, {T}, {V}) fp32 logits, {B * (T - T // 10)} scored "
+          f"positions, chunk size {args.chunk_size}; one fp32 copy = {copy / GiB:.2f} GiB")
+    print(f"{'variant':8s} | extra peak GiB | fp32 copies | seconds | loss")
+    # glibc raises its mmap threshold (up to 32 MiB) as blocks are freed, then keeps freed blocks
+    # under it in the heap, where RSS still counts them; a fixed threshold gives every tensor over
+    # 128 KiB its own mapping, returned to the OS when freed, so that RSS follows the live tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    results = {}
+    for variant in args.variants:
+        need, available = NEEDS[variant] * copy, proc_bytes("/proc/meminfo", "MemAvailable")
+        if need > available:
+            print(f"{variant:8s} | skipped: needs about {need / GiB:.1f} GiB, "
+                  f"{available / GiB:.1f} GiB available")
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--seed", str(args.seed),
+               "--threads", str(args.threads), "loss",
+               "--worker", variant, "--shape", *map(str, args.shape),
+               "--chunk-size", str(args.chunk_size)]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if run.returncode != 0:
+            print(f"{variant:8s} | failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
+            continue
+        r = results[variant] = json.loads(run.stdout.splitlines()[-1])
+        print(f"{variant:8s} | {r['extra'] / GiB:14.2f} | {r['extra'] / copy:11.3f} | "
+              f"{r['seconds']:7.1f} | {r['loss']:.6f}")
+    if "chunked" in results:
+        copies = results["chunked"]["extra"] / copy
+        print(f"requirement: chunked adds at most 0.25 fp32 copies: {copies:.3f} -> "
+              f"{'PASS' if copies <= 0.25 else 'FAIL'}")
+    if "chunked" in results and "plain" in results:
+        a, b = results["chunked"]["loss"], results["plain"]["loss"]
+        print(f"same loss: |chunked - plain| / plain = {abs(a - b) / abs(b):.1e}")
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics: cost of the SVD metrics on every matrix of Qwen2.5-0.5B
+
+
+def bench_metrics(args) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=args.layers, num_attention_heads=14,
+                         num_key_value_heads=2, tie_word_embeddings=True)  # Qwen2.5-0.5B
+    model = Qwen2ForCausalLM(config)  # random weights: the cost of an SVD depends on the shape
+    print(f"metrics: model with {args.layers} layers built in {time.perf_counter() - t0:.1f} s; "
+          f"{torch.get_num_threads()} threads")
+    seconds = {}  # (m, n) -> seconds of each matrix of that shape
+    t0 = time.perf_counter()
+    for name, weight in model.named_parameters():  # a tied lm_head is listed once, as embed_tokens
+        if weight.dim() == 2:
+            t1 = time.perf_counter()
+            effopd.update_metrics(weight.detach())
+            seconds.setdefault(tuple(weight.shape), []).append(time.perf_counter() - t1)
+    total = time.perf_counter() - t0
+    print(f"{'shape':>13s} | count | s each | s total")
+    for shape, s in sorted(seconds.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{shape[0]:6d} x {shape[1]:4d} | {len(s):5d} | {sum(s) / len(s):6.3f} | "
+              f"{sum(s):7.2f}")
+    n = sum(len(s) for s in seconds.values())
+    print(f"total: {n} matrices in {total:.1f} s (requirement: at most 60 s) -> "
+          f"{'PASS' if total <= 60 else 'FAIL'}")
+
+
+# ------------------------------------------------------------------------------------------------
+# speedup: vanilla OPD vs EffOPD on the tiny setting
+
+
+def first_reaching(curve: list[tuple[int, float, float]], target: float):
+    """(step, seconds) of the first evaluation whose accuracy reaches target, or (None, None)."""
+    return next(((step, s) for step, acc, s in curve if acc >= target), (None, None))
+
+
+def bench_speedup(args) -> None:
+    """Vanilla OPD and EffOPD from one start and seed, on the tiny setting; test accuracy at every
+    step. Steps to target: the first step at which test accuracy reaches
+    start + 0.95 (vanilla final - start)."""
+    rows, curves = [], {}
+    for seed in args.seeds:
+        for name in ("vanilla", "effopd"):
+            argv = ["--tiny", "--seed", str(seed), "--steps", str(args.steps), "--eval-every", "1",
+                    "--no-save-checkpoints", "--out", os.path.join(args.out, f"{name}-seed{seed}")]
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                history = effopd.train(effopd.parse_args(argv + ["--effopd"] * (name == "effopd")
+                                                         + args.extra))
+            curves[name, seed] = [(r["step"], r["eval/test_acc"], r["time/train_s"])
+                                  for r in history if "eval/test_acc" in r]
+        vanilla, eff = curves["vanilla", seed], curves["effopd", seed]
+        start, final = vanilla[0][1], vanilla[-1][1]
+        target = start + 0.95 * (final - start)
+        (v_step, v_s), (e_step, e_s) = first_reaching(vanilla, target), first_reaching(eff, target)
+        rows.append(dict(seed=seed, start=start, target=target, vanilla_final=final,
+                         effopd_final=eff[-1][1], vanilla_steps=v_step, effopd_steps=e_step,
+                         step_ratio=v_step / e_step if e_step else float("nan"),
+                         vanilla_s=v_s, effopd_s=e_s,
+                         time_ratio=v_s / e_s if e_s else float("nan"),
+                         vanilla_total_s=vanilla[-1][2], effopd_total_s=eff[-1][2]))
+        r = rows[-1]
+        print(f"seed {seed} | start {start:.3f} | target {target:.3f} | steps to target "
+              f"vanilla {v_step} effopd {e_step} ({r['step_ratio']:.1f}x) | seconds "
+              f"{v_s:.2f} vs {e_s:.2f} ({r['time_ratio']:.1f}x) | final {final:.3f} vs "
+              f"{r['effopd_final']:.3f}")
+    print("\nstep | " + " | ".join(f"seed {s}: vanilla effopd" for s in args.seeds))
+    for i in range(args.steps + 1):
+        if i <= 16 or i % 8 == 0:
+            print(f"{i:4d} | " + " | ".join(f"{curves['vanilla', s][i][1]:.3f}   "
+                                            f"{curves['effopd', s][i][1]:.3f}  " for s in args.seeds))
+    median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    worst_gap = min(r["effopd_final"] - r["vanilla_final"] for r in rows)
+    print(f"\nmedian steps to target: vanilla {median('vanilla_steps')}, effopd "
+          f"{median('effopd_steps')} | median step ratio {median('step_ratio'):.2f}x (goal >= 3)")
+    print(f"median seconds to target (EffOPD validation counted): vanilla {median('vanilla_s'):.2f}, "
+          f"effopd {median('effopd_s'):.2f} | median ratio {median('time_ratio'):.2f}x (goal >= 2)")
+    print(f"final test accuracy, effopd - vanilla, worst seed: {100 * worst_gap:+.1f} points "
+          f"(goal >= -1)")
+    with open(os.path.join(args.out, "speedup.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    plot_curves(curves, rows, args.seeds, os.path.join(args.out, "speedup.png"))
+
+
+def plot_curves(curves, rows, seeds, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, seed in enumerate(seeds):
+        for name, color in (("vanilla", "tab:blue"), ("effopd", "tab:red")):
+            steps, acc, _ = zip(*curves[name, seed])
+            ax.plot(steps, acc, color=color, alpha=0.6, lw=1,
+                    label=("vanilla OPD" if name == "vanilla" else "EffOPD") if i == 0 else None)
+    ax.axhline(statistics.median([r["target"] for r in rows]), color="gray", ls="--", lw=1,
+               label="target (median over seeds)")
+    ax.set(xlabel="step", ylabel="test accuracy", title="tiny setting: vanilla OPD vs EffOPD")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads; 0: torch's default, one per core. 1 is steadier when "
+                             "other work shares the cores (2 threads then wait on each other)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("loss", help="peak memory and time of the OPD loss, fwd + bwd, CPU",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=[4, 1024, 151936], metavar=("B", "T", "V"),
+                   help="logits shape: batch, positions, vocabulary")
+    p.add_argument("--chunk-size", type=int, default=effopd.Config.chunk_size,
+                   help="positions per chunk in effopd.opd_loss; the default is the trainer's")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["chunked", "plain"],
+                   help="which losses to measure, each in a fresh subprocess, in this order; "
+                        "check: a known one-copy allocation that validates the measurement")
+    p.add_argument("--worker", choices=list(VARIANTS), default=None,
+                   help="internal: measure this one variant in this process, print JSON")
+    p.set_defaults(func=bench_loss)
+
+    p = commands.add_parser("metrics", help="time of update_metrics on every Qwen2.5-0.5B matrix",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", type=int, default=24, help="decoder layers (24 in Qwen2.5-0.5B)")
+    p.set_defaults(func=bench_metrics)
+
+    p = commands.add_parser("speedup", help="vanilla OPD vs EffOPD on the tiny setting, per seed",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run pair each")
+    p.add_argument("--steps", type=int, default=64, help="steps of every run")
+    p.add_argument("--out", default="runs/speedup", help="run folders, speedup.json and speedup.png")
+    p.add_argument("extra", nargs="*", help="more effopd.py flags for both runs, after --")
+    p.set_defaults(func=bench_speedup)
+
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

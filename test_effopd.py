@@ -1,0 +1,568 @@
+"""Tests against oracles: hand-worked values, plain reference implementations, known spectra.
+Tiny random Qwen2/Qwen3 models, float32, CPU, offline.   Run: pytest -q"""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import analyze
+import effopd
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(REPO, "data"))
+import make_data  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the tiny setting's paths are relative to the repository
+
+
+def plain_reverse_kl(student_logits, teacher_logits, mask):
+    """The one-shot formula in float64: mean over mask of sum_v p_s (log p_s - log p_t)."""
+    log_p = student_logits.double().log_softmax(-1)
+    log_q = teacher_logits.double().log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
+    return kl[mask].sum() / mask.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# The OPD loss
+
+def test_opd_loss_hand_computed():
+    # student (1/2, 1/2), teacher (3/4, 1/4): KL = 1/2 log(2/3) + 1/2 log 2 = 1/2 log(4/3)
+    student = torch.zeros(1, 1, 2)
+    teacher = torch.tensor([[[math.log(3.0), 0.0]]])
+    loss = effopd.opd_loss(student, teacher, torch.ones(1, 1, dtype=torch.bool))
+    assert loss.item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-7)
+
+
+def test_opd_loss_of_identical_distributions_is_zero_with_zero_gradient():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    loss = effopd.opd_loss(logits, logits.detach().clone(), torch.ones(2, 5, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert logits.grad.abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 128])
+def test_opd_loss_and_gradient_equal_plain_formula(chunk_size):
+    torch.manual_seed(0)
+    student = (3 * torch.randn(3, 7, 13)).requires_grad_()
+    teacher = 3 * torch.randn(3, 7, 13)
+    mask = torch.rand(3, 7) > 0.4
+    loss = effopd.opd_loss(student, teacher, mask, chunk_size=chunk_size)
+    (3.0 * loss).backward()  # a non-unit upstream gradient
+    reference = student.detach().double().requires_grad_()
+    expected = plain_reverse_kl(reference, teacher, mask)
+    (3.0 * expected).backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(student.grad.double(), reference.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_opd_loss_ignores_unscored_positions_even_nan():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    mask = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    clean = effopd.opd_loss(student, teacher, mask)
+    student[~mask], teacher[~mask] = float("nan"), float("inf")
+    student.requires_grad_()
+    noisy = effopd.opd_loss(student, teacher, mask)
+    noisy.backward()
+    assert noisy.item() == clean.item()
+    assert torch.all(student.grad[~mask] == 0) and torch.isfinite(student.grad).all()
+
+
+def test_opd_loss_bf16_inputs_are_computed_in_fp32():
+    torch.manual_seed(2)
+    student, teacher = torch.randn(2, 6, 50).bfloat16(), torch.randn(2, 6, 50).bfloat16()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    loss = effopd.opd_loss(student, teacher, mask)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(plain_reverse_kl(student, teacher, mask).item(), rel=1e-5)
+
+
+def test_opd_loss_teacher_gets_no_gradient_and_empty_mask_is_zero():
+    student, teacher = torch.randn(1, 3, 5, requires_grad=True), torch.randn(1, 3, 5,
+                                                                             requires_grad=True)
+    effopd.opd_loss(student, teacher, torch.ones(1, 3, dtype=torch.bool)).backward()
+    assert teacher.grad is None and student.grad is not None
+    empty = effopd.opd_loss(student, teacher, torch.zeros(1, 3, dtype=torch.bool))
+    assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("student_shape, teacher_shape, mask_shape", [
+    ((2, 3, 5), (2, 3, 6), (2, 3)), ((2, 3, 5), (2, 3, 5), (2, 4)), ((2, 5), (2, 5), (2,))])
+def test_opd_loss_rejects_mismatched_shapes(student_shape, teacher_shape, mask_shape):
+    with pytest.raises(ValueError, match="must"):
+        effopd.opd_loss(torch.zeros(student_shape), torch.zeros(teacher_shape),
+                        torch.ones(mask_shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_token_loss_expected_gradient_equals_full_loss_gradient(seed):
+    # Oracle: enumerate every token y with its probability p_s(y): E_y[grad] = sum_y p_s(y) grad(y).
+    torch.manual_seed(seed)
+    student, teacher, vocab = torch.randn(1, 1, 6), torch.randn(1, 1, 6), 6
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    p = student.softmax(-1)[0, 0]
+    expected = torch.zeros_like(student)
+    for y in range(vocab):
+        s = student.clone().requires_grad_()
+        effopd.sampled_token_loss(s, teacher, torch.tensor([[y]]), mask).backward()
+        expected += p[y] * s.grad
+    s = student.clone().requires_grad_()
+    effopd.opd_loss(s, teacher, mask).backward()
+    torch.testing.assert_close(expected, s.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    adv = effopd.grpo_advantages(rewards, group_size=4)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # mean 1/2, sample std sqrt(1/3)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+
+
+def test_grpo_loss_equals_plain_sum():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 3))
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    adv = torch.tensor([0.5, -2.0])
+    loss = effopd.grpo_loss(logits, tokens, mask, adv)
+    log_p = logits.double().log_softmax(-1)
+    expected = -(adv[0] * (log_p[0, 0, tokens[0, 0]] + log_p[0, 1, tokens[0, 1]])
+                 + adv[1] * log_p[1, 0, tokens[1, 0]]) / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data, masks, tokenizers
+
+@pytest.mark.parametrize("text, answer", [
+    ("82", 82), ("so 3 + 4 = 7", 7), ("5-3", 3), ("it is -4", -4), ("total: 1,234 apples", 1234),
+    ("first 12, then 15\n15", 15), ("no number", None), ("", None)])
+def test_extract_answer(text, answer):
+    assert effopd.extract_answer(text) == answer
+
+
+def test_load_jsonl_reads_records_and_names_bad_lines(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "1+1=", "answer": 2}\n\n{"prompt": "x", "answer": "-3"}\n')
+    assert effopd.load_jsonl(str(good)) == [{"prompt": "1+1=", "answer": 2},
+                                            {"prompt": "x", "answer": -3}]
+    for body, match in [('{"prompt": "a", "answer": 1}\n{oops\n', r"bad.jsonl:2: not valid JSON"),
+                        ('{"prompt": "a"}\n', r"bad.jsonl:1: expected"),
+                        ('{"prompt": "a", "answer": 1.5}\n', r"bad.jsonl:1: expected"),
+                        ("\n", r"bad.jsonl: no records")]:
+        (tmp_path / "bad.jsonl").write_text(body)
+        with pytest.raises(effopd.UserError, match=match):
+            effopd.load_jsonl(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(effopd.UserError, match="missing.jsonl: file not found"):
+        effopd.load_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_response_mask_keeps_first_eos_also_when_pad_is_eos():
+    eos = 1
+    response = torch.tensor([[5, 6, 1, 1, 1],    # pad id == EOS id: the first 1 is the real EOS
+                             [5, 1, 7, 1, 8],    # after the first EOS nothing counts
+                             [5, 6, 7, 8, 9],    # no EOS: truncated, all count
+                             [1, 1, 1, 1, 1]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    assert torch.equal(effopd.response_mask(response, [eos]), expected.bool())
+
+
+def test_left_pad():
+    ids, attention_mask = effopd.left_pad([[3, 4, 5], [6]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[3, 4, 5], [0, 0, 6]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_data.make_char_tokenizer()
+
+
+def tiny_model(kind: str, vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  tie_word_embeddings=False)
+    if kind == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+
+
+def test_check_same_tokenizer(tokenizer):
+    effopd.check_same_tokenizer(tokenizer, make_data.make_char_tokenizer())
+    other = make_data.make_char_tokenizer()
+    other.add_tokens(["*"])
+    with pytest.raises(effopd.UserError, match="tokenizers differ"):
+        effopd.check_same_tokenizer(tokenizer, other)
+
+
+def test_render_prompts_uses_chat_template_when_present(tokenizer):
+    assert effopd.render_prompts(tokenizer, ["12+3="]) == [tokenizer("12+3=")["input_ids"]]
+    templated = make_data.make_char_tokenizer()
+    templated.chat_template = ("{% for m in messages %}+{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}={% endif %}")
+    assert effopd.render_prompts(templated, ["12"]) == [templated("+12=")["input_ids"]]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_response_logits_align_and_padding_changes_nothing(kind):
+    model = tiny_model(kind, vocab=20)
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    ids, attention_mask, mask = effopd.sample(model, prompts, 4, eos=[1], pad_id=0, vocab_size=16)
+    n = mask.shape[1]
+    logits = effopd.response_logits(model, ids, attention_mask, n, vocab_size=16)  # (2, n, 16)
+    assert logits.shape == (2, n, 16)  # truncated to the real vocabulary
+    for row, prompt in enumerate(prompts):  # each row alone, unpadded, through a plain forward
+        alone = torch.tensor([prompt + ids[row, -n:].tolist()])
+        full = model(alone).logits[0, len(prompt) - 1:len(prompt) - 1 + n, :16]
+        torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_greedy_sampling_with_cache_equals_argmax_of_full_forward(kind):
+    model = tiny_model(kind, vocab=16, seed=4)
+    prompts = [[3, 4, 5], [6]]
+    ids, _, mask = effopd.sample(model, prompts, 5, eos=[1], pad_id=0, vocab_size=16,
+                                 temperature=0.0)
+    for row, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for _ in range(mask[row].sum().item()):
+            seq.append(model(torch.tensor([seq])).logits[0, -1].argmax().item())
+        assert ids[row, len(ids[row]) - mask.shape[1]:][mask[row]].tolist() == seq[len(prompt):]
+
+
+def test_sampling_draws_from_the_plain_softmax():
+    model = tiny_model("qwen2", vocab=8, seed=5)
+    torch.manual_seed(0)
+    n = 4000
+    ids, _, _ = effopd.sample(model, [[2, 3]] * n, 1, eos=[1], pad_id=0, vocab_size=8)
+    freq = torch.bincount(ids[:, -1], minlength=8).float() / n
+    p = model(torch.tensor([[2, 3]])).logits[0, -1].softmax(-1)
+    assert (freq - p).abs().max().item() < 4 * math.sqrt(0.25 / n)  # 4 standard errors
+
+
+# ------------------------------------------------------------------------------------------------
+# EffOPD
+
+class Block(torch.nn.Module):
+    """Parameter names like a transformer's: two in EffOPD's scope, three out of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(3, 2)
+        self.self_attn = torch.nn.Linear(2, 2)          # weight and bias in scope
+        self.mlp = torch.nn.Linear(2, 2, bias=False)    # in scope
+        self.input_layernorm = torch.nn.LayerNorm(2)    # out of scope
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters()):   # integers: every product below is exact
+                p.copy_(torch.arange(p.numel()).view_as(p) + 10 * i)
+
+
+def scripted(scores, model, seen):
+    """score_fn returning the given scores in turn, recording the weights it was shown."""
+    it = iter(scores)
+
+    def score_fn(m):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return next(it)
+    return score_fn
+
+
+@pytest.mark.parametrize("scores, kept", [
+    ([0.5, 0.6, 0.7, 0.7], 4),                  # a tie is not an improvement
+    ([0.5, 0.4], 0),                             # the first candidate is worse: restore W_t
+    ([0.5, 0.5], 0),
+    ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 10),        # all five candidates accepted
+    ([0.5, 0.9, 0.6], 2)])
+def test_effopd_ladder_weights_anchor_and_history(scores, kept):
+    model = Block()
+    anchor = {n: p.detach().clone() - 1 - 2 * (n == "mlp.weight")  # D = 1, and 3 for the MLP
+              for n, p in model.named_parameters() if effopd.in_effopd_scope(n)}
+    assert sorted(anchor) == ["mlp.weight", "self_attn.bias", "self_attn.weight"]
+    w_t = {n: p.detach().clone() for n, p in model.named_parameters()}
+    d = {n: w_t[n] - anchor[n] for n in anchor}
+    seen = []
+    history = effopd.effopd_extrapolate(model, anchor, scripted(scores, model, seen))
+    multiples = [0, 2, 4, 6, 8, 10][:len(scores)]
+    assert history == [{"multiple": m, "score": s, "kept": m == 0 or s > max(scores[:i])}
+                       for i, (m, s) in enumerate(zip(multiples, scores))]
+    for m, weights in zip(multiples, seen):  # every candidate is W_t + m D, exactly
+        for n, w in weights.items():
+            assert torch.equal(w, w_t[n] + m * d[n] if n in anchor else w_t[n]), (m, n)
+    for n, p in model.named_parameters():  # the model and the anchor end at W_t + kept D
+        assert torch.equal(p.detach(), w_t[n] + kept * d[n] if n in anchor else w_t[n])
+        if n in anchor:
+            assert torch.equal(anchor[n], p.detach())
+
+
+def test_effopd_never_keeps_a_lower_score():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        scores = torch.rand(6, generator=gen).round(decimals=1).tolist()
+        model = Block()
+        anchor = {n: p.detach() - 1 for n, p in model.named_parameters() if "mlp" in n}
+        history = effopd.effopd_extrapolate(model, anchor, scripted(scores, model, []))
+        kept = [h["score"] for h in history if h["kept"]]
+        assert all(a < b for a, b in zip(kept, kept[1:]))  # each kept one strictly better
+        assert history[-1]["kept"] is False or len(history) == 6
+
+
+def test_effopd_scope_on_qwen_names():
+    names = [n for n, _ in tiny_model("qwen3", 16).named_parameters()]
+    moving = {n.split(".")[-2] for n in names if effopd.in_effopd_scope(n)}
+    assert moving == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any(effopd.in_effopd_scope(n) for n in
+                   ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                    "model.layers.0.self_attn.q_norm.weight",
+                    "model.layers.0.input_layernorm.weight"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Update geometry
+
+def with_spectrum(sigma, m, n, seed=0):
+    """An m x n matrix U diag(sigma) V^T with random orthonormal U, V."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, len(sigma), generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, len(sigma), generator=gen, dtype=torch.float64))[0]
+    return u @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ v.T
+
+
+def test_update_metrics_hand_computed():
+    got = effopd.update_metrics(with_spectrum([3.0, 4.0], 120, 200))  # k = ceil(1.2) = 2
+    p = torch.tensor([4 / 7, 3 / 7])
+    assert got["spectral_norm"] == pytest.approx(4.0, rel=1e-5)
+    assert got["spectral_ratio"] == pytest.approx(0.8, rel=1e-5)
+    assert got["effective_rank"] == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-5)
+    assert got["top1_ratio"] == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("m, n", [(100, 300), (300, 100)])
+def test_update_metrics_known_spectra(m, n):
+    rank1 = effopd.update_metrics(with_spectrum([2.5], m, n))
+    assert rank1["spectral_ratio"] == pytest.approx(1.0, rel=1e-5)
+    assert rank1["effective_rank"] == pytest.approx(1.0, rel=1e-4)
+    flat = effopd.update_metrics(with_spectrum([1.0] * 100, m, n))  # all equal: erank = rank
+    assert flat["effective_rank"] == pytest.approx(100.0, rel=1e-4)
+    assert flat["spectral_ratio"] == pytest.approx(0.1, rel=1e-4)
+    assert flat["top1_ratio"] == pytest.approx(0.1, rel=1e-4)  # k = 1 of 100 equal values
+    sigma = [10.0, 5.0] + [1.0] * 98
+    got = effopd.update_metrics(with_spectrum(sigma, m, n))
+    fro = math.sqrt(100 + 25 + 98)
+    assert got["spectral_ratio"] == pytest.approx(10 / fro, rel=1e-4)
+    assert got["top1_ratio"] == pytest.approx(10 / fro, rel=1e-4)
+    zero = effopd.update_metrics(torch.zeros(4, 5))
+    assert zero["spectral_norm"] == 0 and zero["effective_rank"] == 0
+    assert math.isnan(zero["spectral_ratio"]) and math.isnan(zero["top1_ratio"])
+
+
+def test_subspace_alignment_known_subspaces():
+    eye = torch.eye(8)
+    a = eye[:, :2] @ torch.randn(2, 6)               # column space: e1, e2
+    rotated = eye[:, [1, 0]] @ torch.randn(2, 6)     # the same subspace, other vectors
+    orthogonal = eye[:, 2:4] @ torch.randn(2, 6)     # e3, e4
+    half = eye[:, [0, 2]] @ torch.randn(2, 6)        # shares e1 only
+    assert effopd.subspace_alignment(a, a, 2) == pytest.approx(1.0)
+    assert effopd.subspace_alignment(a, rotated, 2) == pytest.approx(1.0)
+    assert effopd.subspace_alignment(a, orthogonal, 2) == pytest.approx(0.0, abs=1e-12)
+    assert effopd.subspace_alignment(a, half, 2) == pytest.approx(0.5)
+    gen = torch.Generator().manual_seed(0)
+    random_pairs = [effopd.subspace_alignment(torch.randn(200, 50, generator=gen),
+                                              torch.randn(200, 50, generator=gen), 10)
+                    for _ in range(20)]
+    assert sum(random_pairs) / 20 == pytest.approx(10 / 200, rel=0.25)  # about k/m
+    with pytest.raises(ValueError):
+        effopd.subspace_alignment(a, a, 7)
+
+
+# ------------------------------------------------------------------------------------------------
+# The quadratic toy of analyze.py
+
+def test_make_problem_has_the_asked_spectrum_rank_and_unit_initial_loss():
+    sigma, r = analyze.make_problem(dim=16, rank=3, cond=50.0, seed=0)
+    expected = 50.0 ** -(torch.arange(16, dtype=torch.float64) / 15)  # 1 ... 1/50, log-spaced
+    assert (torch.linalg.eigvalsh(sigma) - expected.flip(0)).abs().max().item() < 1e-13
+    assert torch.linalg.matrix_rank(r).item() == 3
+    assert torch.linalg.matrix_rank(r @ sigma).item() == 3  # rank(C) = rank(R)
+    assert analyze.population_loss(torch.zeros_like(r), sigma, r).item() == pytest.approx(1.0)
+
+
+def test_population_loss_equals_sampled_loss_and_its_gradient_is_the_opd_gradient():
+    sigma, r = analyze.make_problem(dim=8, rank=2, cond=10.0, seed=1)
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(8, 8, generator=g, dtype=torch.float64).requires_grad_()
+    loss = analyze.population_loss(delta, sigma, r)
+    loss.backward()
+    # oracle 1: the gradient of 1/2 tr((dW - R) Sigma (dW - R)^T) is dW Sigma - C, C = R Sigma
+    assert (delta.grad - (delta.detach() @ sigma - r @ sigma)).abs().max().item() < 1e-12
+    # oracle 2: the definition 1/2 E ||dW x - R x||^2 on 200,000 samples x ~ N(0, Sigma)
+    x = torch.randn(200_000, 8, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(sigma).T
+    sampled = 0.5 * (x @ (delta.detach() - r).T).square().sum(1).mean()
+    assert loss.item() == pytest.approx(sampled.item(), rel=0.02)
+
+
+@pytest.mark.parametrize("lr", [0.1, 1.0, 1.9])
+def test_gradient_descent_follows_the_closed_form_to_round_off(lr):
+    sigma, r = analyze.make_problem(dim=12, rank=2, cond=20.0, seed=2)
+    deltas, trials = analyze.train_opd(sigma, r, steps=60, lr=lr)
+    assert len(deltas) == 61 and trials == []
+    eye = torch.eye(12, dtype=torch.float64)
+    for t, delta in enumerate(deltas):
+        # oracle: C Sigma^-1 (I - (I - lr Sigma)^t) by matrix power and a solve (no eigenvectors)
+        expected = (r @ sigma) @ torch.linalg.solve(
+            sigma, eye - torch.linalg.matrix_power(eye - lr * sigma, t))
+        assert (delta - expected).abs().max().item() < 1e-10
+        assert (analyze.opd_closed_form(sigma, r, lr, t) - expected).abs().max().item() < 1e-10
+
+
+def test_opd_update_stays_in_rank_of_c_and_aligned_while_rl_update_is_full_rank():
+    sigma, r = analyze.make_problem(dim=16, rank=2, cond=100.0, seed=3)
+    opd = analyze.train_opd(sigma, r, steps=40, lr=0.5)[0]
+    for delta in opd[1:]:
+        s = torch.linalg.svdvals(delta)
+        assert (s > 1e-9 * s[0]).sum().item() <= 2  # rank(dW_t) <= rank(C) = 2 at every t
+        assert effopd.subspace_alignment(delta, opd[-1], 2) == pytest.approx(1.0, abs=1e-9)
+    rl = analyze.train_rl(sigma, r, steps=10, lr=0.05, samples=64, seed=0)
+    for delta in rl[1:]:
+        assert torch.linalg.matrix_rank(delta).item() == 16  # sampling noise in every direction
+
+
+def test_rl_step_moves_on_average_along_the_normalized_per_input_gradient():
+    # At dW = 0 the error is e = -R x, so E[update] = lr sqrt(2/pi) E[R x x^T / ||R x||].
+    sigma, r = analyze.make_problem(dim=6, rank=2, cond=10.0, seed=4)
+    update = analyze.train_rl(sigma, r, steps=1, lr=1.0, samples=200_000, seed=0)[1]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200_000, 6, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(sigma).T
+    rx = x @ r.T  # (S, m)
+    expected = math.sqrt(2 / math.pi) * (rx / rx.norm(dim=1, keepdim=True)).T @ x / len(x)
+    assert (update - expected).norm() / expected.norm() < 0.05
+
+
+def test_effopd_first_trigger_keeps_the_best_point_of_the_ladder():
+    # After step 1 the anchor is 0 and dW_1 = lr C, so the candidates are (1 + m) lr C, m = 2..10;
+    # along a line the loss is convex: the ladder stops at the best multiple of {0, 2, ..., 10}.
+    sigma, r = analyze.make_problem(dim=10, rank=2, cond=30.0, seed=5)
+    lr, c = 0.05, r @ sigma
+
+    def score(model):
+        return -analyze.population_loss(model.weight.detach(), sigma, r).item()
+
+    deltas, trials = analyze.train_opd(sigma, r, steps=1, lr=lr, score_fn=score)
+    losses = {m: analyze.population_loss((1 + m) * lr * c, sigma, r).item()
+              for m in range(0, 11, 2)}
+    best = min(losses, key=losses.get)
+    assert max(h["multiple"] for h in trials[0] if h["kept"]) == best
+    assert (deltas[1] - (1 + best) * lr * c).abs().max().item() < 1e-12
+
+
+def test_effopd_reaches_gradient_descents_final_loss_in_fewer_steps():
+    sigma, r = analyze.make_problem(dim=16, rank=2, cond=100.0, seed=0)
+
+    def score(model):
+        return -analyze.population_loss(model.weight.detach(), sigma, r).item()
+
+    plain = [analyze.population_loss(d, sigma, r).item()
+             for d in analyze.train_opd(sigma, r, steps=64, lr=0.05)[0]]
+    deltas, trials = analyze.train_opd(sigma, r, steps=64, lr=0.05, score_fn=score)
+    fast = [analyze.population_loss(d, sigma, r).item() for d in deltas]
+    assert len(trials) == 7  # t = 1, 2, 4, ..., 64
+    assert analyze.first_step_at_or_below(plain, plain[-1]) == 64  # GD's loss falls at every step
+    assert analyze.first_step_at_or_below(fast, plain[-1]) < 32
+
+
+def test_first_step_at_or_below():
+    assert analyze.first_step_at_or_below([3.0, 2.0, 1.0, 0.5], 1.0) == 2
+    assert analyze.first_step_at_or_below([3.0, 2.0], 1.0) is None
+
+
+def test_toy_end_to_end(tmp_path, capsys):
+    png = tmp_path / "figures" / "toy.png"
+    results = analyze.run_toy(analyze.parse_args(["--dim", "16", "--rank", "2", "--steps", "12",
+                                                  "--rl-samples", "32", "--png", str(png)]))
+    out = capsys.readouterr().out
+    assert "closed form" in out and "RL-like    12 (100%)" in out and "OPD + EffOPD" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["deviation"] < 1e-10 and results["max_rank"] == 2
+    assert results["steps_effopd"] < results["steps_opd"] == 12
+
+
+def test_toy_rejects_an_unstable_learning_rate():
+    with pytest.raises(SystemExit):
+        analyze.parse_args(["--lr", "2.5"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and the training run
+
+def test_save_checkpoint_replaces_whole_or_not_at_all(tmp_path, tokenizer, monkeypatch):
+    model, path = tiny_model("qwen2", 14), str(tmp_path / "step_000001")
+    effopd.save_checkpoint(model, tokenizer, path)
+    before = sorted(os.listdir(path))
+    assert "model.safetensors" in before
+
+    def crash(*args, **kwargs):
+        os.makedirs(args[0], exist_ok=True)
+        open(os.path.join(args[0], "model.safetensors"), "w").write("half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(model, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        effopd.save_checkpoint(model, tokenizer, path)
+    assert sorted(os.listdir(path)) == before  # the complete old checkpoint is still there
+    reloaded = Qwen2ForCausalLM.from_pretrained(path)
+    assert torch.equal(reloaded.lm_head.weight, tiny_model("qwen2", 14).lm_head.weight)
+
+
+def test_tiny_setting_teacher_strong_student_weak(tokenizer):
+    test = effopd.load_jsonl("data/tiny/test.jsonl")
+    for name, low, high in [("teacher", 0.95, 1.0), ("student", 0.0, 0.6)]:
+        model = Qwen2ForCausalLM.from_pretrained(f"data/tiny/{name}")
+        assert low <= effopd.accuracy(model, tokenizer, test, 6, [1]) <= high
+
+
+def test_training_run_tiny_with_effopd(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    effopd.main(["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
+                 "--test-size", "50", "--out", out])
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["step"] for r in steps if "effopd/trials" in r] == [1, 2, 4]
+    assert [r["step"] for r in records if "eval/test_acc" in r] == [0, 2, 4]
+    assert all(r["train/kl"] >= 0 and math.isfinite(r["train/loss"]) for r in steps)
+    assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == [
+        "step_000000", "step_000001", "step_000002", "step_000004"]
+    printed = capsys.readouterr().out
+    assert "step    4/4 | loss" in printed and "effopd    4 |" in printed
+
+
+@pytest.mark.parametrize("loss", ["sampled", "grpo"])
+def test_training_run_other_losses(tmp_path, loss):
+    out = str(tmp_path / loss)
+    effopd.main(["--tiny", "--loss", loss, "--steps", "2", "--batch-size", "4", "--group-size", "4",
+                 "--test-size", "20", "--no-save-checkpoints", "--out", out])
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+
+
+def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "val.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": 2}\n')
+    with pytest.raises(SystemExit, match="val.jsonl: 1 records, but --val-size asks for 50"):
+        effopd.main(["--tiny", "--val", str(bad), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="cannot load model '.*no/such-model-here'"):
+        effopd.main(["--tiny", "--student", str(tmp_path / "no/such-model-here"),
+                     "--out", str(tmp_path / "r")])
+    monkeypatch.setattr(effopd, "opd_loss", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit, match=r"loss is nan at step 1.*step_000000"):
+        effopd.main(["--tiny", "--steps", "2", "--test-size", "10", "--out", str(tmp_path / "r")])

@@ -1,6 +1,14 @@
 """
 analyze: why on-policy distillation (OPD) updates lock into a low-rank subspace from the first
-steps, shown on a quadratic toy; later, the same geometry measured on real checkpoints.
+steps, shown on a quadratic toy; and the same geometry measured on the checkpoints of effopd.py runs.
+
+The report (python analyze.py RUN_DIR [RUN_DIR ...]). For each run, dW_t = W_t - W_0 from its saved
+checkpoints: update_metrics averaged over the attention and MLP matrices of the final update (the
+paper's Table 1, runs side by side), the top-k subspace_alignment of every checkpoint's update with
+the final one, and ||dW||_F by module type and layer. With --interventions, each scored by the
+run's greedy validation accuracy: scaling (W_0 + alpha dW_T), norm scaling (the checkpoint nearest
+10% of training, each parameter's update rescaled to the final update's norm) and sliding windows
+(dW_T applied to one block of layers). Tables to the terminal, figures to PNG.
 
 The toy (SPEC section 5). Linearize the student around the base model: one weight matrix dW
 (m x n, here m = n = --dim) maps an input x to a change of output dW x, and OPD asks that change to
@@ -384,7 +392,7 @@ def interventions(name: str, run: dict, args) -> None:
     acc0, accT = score({}), score(d_final)
     scaling = [(a, score({n: a * d for n, d in d_final.items()})) for a in args.alphas]
     print_rows(f"{name}: scaling, W_0 + alpha dW_T (validation accuracy)", ["alpha", "val acc"],
-                [[a, f"{acc:.3f}"] for a, acc in scaling])
+                [[f"{a:g}", f"{acc:.3f}"] for a, acc in scaling])
     # norm scaling: an early update, each module's rescaled to the final update's norm
     early = min((s for s in run["checkpoints"] if s > 0), key=lambda s: abs(s - 0.1 * run["final"]))
     wE = load_weights(run["checkpoints"][early])

@@ -20,11 +20,13 @@ strictly higher than the best so far. Only attention and MLP weights move.
 Geometry. For every weight matrix, dW = W_t - W_0: spectral norm, sigma_1/||dW||_F, effective rank,
 top-1% subspace norm ratio, and the overlap of top-k singular subspaces between two updates.
 
-Simplifications, all deliberate: one GPU (or the CPU), no KV-cache sharing between sampler and
-trainer, one optimizer step per batch of rollouts, no sequence packing.
+Simplifications, all deliberate: one device (a GPU or the CPU); rollouts from a plain KV-cached
+sampler in the training process (no vLLM); one optimizer step per batch of rollouts, at a constant
+learning rate; no sequence packing; the teacher in bf16 and the student in fp32 under bf16 autocast
+on a GPU, everything fp32 on the CPU.
 
 Run:
-    python effopd.py --tiny              # tiny models, CPU, ~1 min (see README)
+    python effopd.py --tiny              # tiny models, CPU, ~15 s (see README)
     python effopd.py                     # Qwen2.5-0.5B-Instruct <- Qwen2.5-1.5B-Instruct, one GPU
     python effopd.py --tiny --effopd     # with EffOPD
 """
@@ -633,6 +635,8 @@ def train(cfg: Config) -> list[dict]:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # one line per step is the whole log
     try:
         train(cfg)
     except UserError as e:

@@ -3,6 +3,7 @@ Tiny random Qwen2/Qwen3 models, float32, CPU, offline.   Run: pytest -q"""
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -566,3 +567,33 @@ def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(effopd, "opd_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(SystemExit, match=r"loss is nan at step 1.*step_000000"):
         effopd.main(["--tiny", "--steps", "2", "--test-size", "10", "--out", str(tmp_path / "r")])
+
+
+def test_norms_by_module_hand_computed():
+    w0 = {"model.embed_tokens.weight": torch.zeros(2, 2),
+          "model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2),
+          "model.layers.0.self_attn.q_proj.bias": torch.zeros(2),
+          "model.layers.1.mlp.up_proj.weight": torch.zeros(2, 2)}
+    wT = {"model.embed_tokens.weight": torch.full((2, 2), 0.5),             # norm 1
+          "model.layers.0.self_attn.q_proj.weight": torch.tensor([[3.0, 0], [0, 0]]),
+          "model.layers.0.self_attn.q_proj.bias": torch.tensor([4.0, 0]),  # with q: hypot = 5
+          "model.layers.1.mlp.up_proj.weight": torch.tensor([[0, 2.0], [0, 0]])}
+    assert analyze.norms_by_module(w0, wT) == pytest.approx(
+        {("embedding", None): 1.0, ("attention", 0): 5.0, ("mlp", 1): 2.0})
+
+
+def test_checkpoint_report_end_to_end(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    effopd.main(["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10", "--out", run])
+    png = tmp_path / "fig" / "report.png"
+    analyze.main([run, "--interventions", "--alphas", "0", "1", "--report-png", str(png)])
+    printed = capsys.readouterr().out
+    assert "effective_rank" in printed and "norm scaling of step 1" in printed
+    assert re.search(r"\n\s+2 \| 1\.000\n", printed)  # dW_T is aligned with itself
+    scaling_table, norm_table = printed.split("scaling, W_0")[1].split("norm scaling")
+    scaling = dict(re.findall(r"\n\s+(0|1) \|\s+([\d.]+)", scaling_table))
+    assert scaling["0"] == re.search(r"W_0 \|\s+([\d.]+)", norm_table).group(1)   # alpha 0 = W_0
+    assert scaling["1"] == re.search(r"W_2 \|\s+([\d.]+)", norm_table).group(1)   # alpha 1 = W_T
+    assert png.exists() and (tmp_path / "fig" / "interventions-run.png").exists()
+    with pytest.raises(SystemExit, match="config.json: not found"):
+        analyze.main([str(tmp_path / "fig")])

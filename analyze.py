@@ -1,6 +1,7 @@
 """
 analyze: why on-policy distillation (OPD) updates lock into a low-rank subspace from the first
-steps, shown on a quadratic toy; and the same geometry measured on the checkpoints of effopd.py runs.
+steps, shown on a quadratic toy; and the same geometry measured on the checkpoints of effopd.py
+runs.
 
 The report (python analyze.py RUN_DIR [RUN_DIR ...]). For each run, dW_t = W_t - W_0 from its saved
 checkpoints: update_metrics averaged over the attention and MLP matrices of the final update (the
@@ -300,7 +301,8 @@ def load_weights(checkpoint: str) -> dict[str, torch.Tensor]:
         raise SystemExit(f"analyze: error: {checkpoint}: no .safetensors file")
     weights = {}
     for shard in shards:
-        weights.update({n: w.float() for n, w in load_file(os.path.join(checkpoint, shard)).items()})
+        tensors = load_file(os.path.join(checkpoint, shard))
+        weights.update({n: w.float() for n, w in tensors.items()})
     return weights
 
 
@@ -348,7 +350,8 @@ def report(run_dirs: list[str], args) -> None:
             step: alignment_with_final(w0, load_weights(path), wT, args.k)
             for step, path in sorted(checkpoints.items()) if 0 < step}
     names = list(runs)
-    print_rows("Update geometry of W_T - W_0, mean over attention and MLP matrices (paper, Table 1)",
+    print_rows("Update geometry of W_T - W_0, mean over attention and MLP matrices "
+               "(paper, Table 1)",
                 ["metric", *names],
                 [[key, *(f"{runs[n]['geometry'][key]:.4g}" for n in names)]
                  for key in ("spectral_norm", "spectral_ratio", "effective_rank", "top1_ratio")])
@@ -360,7 +363,8 @@ def report(run_dirs: list[str], args) -> None:
     for n in names:
         norms = runs[n]["norms"]
         layers = sorted({layer for _, layer in norms if layer is not None})
-        print_rows(f"{n}: ||dW_T||_F by module (embedding: {norms.get(('embedding', None), 0):.4g})",
+        embedding = norms.get(("embedding", None), 0.0)
+        print_rows(f"{n}: ||dW_T||_F by module (embedding: {embedding:.4g})",
                     ["layer", "attention", "mlp"],
                     [[layer, f"{norms.get(('attention', layer), 0):.4g}",
                       f"{norms.get(('mlp', layer), 0):.4g}"] for layer in layers])
@@ -372,10 +376,14 @@ def report(run_dirs: list[str], args) -> None:
 
 def interventions(name: str, run: dict, args) -> None:
     """The paper's interventions on W_0 + (a transformed dW), each scored by the run's validation
-    accuracy (greedy): scaling, norm scaling of an early checkpoint, sliding layer windows."""
+    accuracy (greedy): scaling, norm scaling of an early checkpoint, sliding layer windows. The
+    validation file is the run's --val path, read relative to the current folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     config, w0, wT = run["config"], run["w0"], run["wT"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(run["checkpoints"][0], dtype=torch.float32)
+    model.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     tokenizer = AutoTokenizer.from_pretrained(run["checkpoints"][0])
     val = load_jsonl(config["val"])[:config["val_size"]]
     eos = eos_ids(tokenizer, model)
@@ -385,8 +393,9 @@ def interventions(name: str, run: dict, args) -> None:
     def score(delta: dict[str, torch.Tensor]) -> float:  # validation accuracy of W_0 + delta
         for n, p in params.items():
             p.copy_(w0[n] + delta[n] if n in delta else w0[n])
-        return accuracy(model, tokenizer, val, config["max_new_tokens"], eos,
-                               config["eval_batch_size"])
+        with autocast:
+            return accuracy(model, tokenizer, val, config["max_new_tokens"], eos,
+                            config["eval_batch_size"])
 
     d_final = {n: wT[n] - w0[n] for n in params}
     acc0, accT = score({}), score(d_final)
@@ -412,7 +421,8 @@ def interventions(name: str, run: dict, args) -> None:
     window = [(i, score({n: d for n, d in d_final.items()
                          if layer_of(n) is not None and i <= layer_of(n) < i + args.window}))
               for i in range(n_layers - args.window + 1)]
-    print_rows(f"{name}: dW_T applied to layers [i, i+{args.window}) only", ["first layer", "val acc"],
+    print_rows(f"{name}: dW_T applied to layers [i, i+{args.window}) only",
+               ["first layer", "val acc"],
                 [[i, f"{acc:.3f}"] for i, acc in window])
     plot_interventions(name, scaling, window, args.window,
                        os.path.join(os.path.dirname(args.report_png) or ".",
@@ -504,6 +514,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.run_dirs:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
         report(args.run_dirs, args)
     else:
         run_toy(args)

@@ -222,7 +222,8 @@ def bench_speedup(args) -> None:
     worst_gap = min(r["effopd_final"] - r["vanilla_final"] for r in rows)
     print(f"\nmedian steps to target: vanilla {median('vanilla_steps')}, effopd "
           f"{median('effopd_steps')} | median step ratio {median('step_ratio'):.2f}x (goal >= 3)")
-    print(f"median seconds to target (EffOPD validation counted): vanilla {median('vanilla_s'):.2f}, "
+    print(f"median seconds to target (EffOPD validation counted): vanilla "
+          f"{median('vanilla_s'):.2f}, "
           f"effopd {median('effopd_s'):.2f} | median ratio {median('time_ratio'):.2f}x (goal >= 2)")
     print(f"final test accuracy, effopd - vanilla, worst seed: {100 * worst_gap:+.1f} points "
           f"(goal >= -1)")
@@ -282,9 +283,11 @@ def main(argv=None) -> None:
 
     p = commands.add_parser("speedup", help="vanilla OPD vs EffOPD on the tiny setting, per seed",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run pair each")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="one run pair each")
     p.add_argument("--steps", type=int, default=64, help="steps of every run")
-    p.add_argument("--out", default="runs/speedup", help="run folders, speedup.json and speedup.png")
+    p.add_argument("--out", default="runs/speedup",
+                   help="run folders, speedup.json and speedup.png")
     p.add_argument("extra", nargs="*", help="more effopd.py flags for both runs, after --")
     p.set_defaults(func=bench_speedup)
 

@@ -21,9 +21,13 @@ Geometry. For every weight matrix, dW = W_t - W_0: spectral norm, sigma_1/||dW||
 top-1% subspace norm ratio, and the overlap of top-k singular subspaces between two updates.
 
 Simplifications, all deliberate: one device (a GPU or the CPU); rollouts from a plain KV-cached
-sampler in the training process (no vLLM); one optimizer step per batch of rollouts, at a constant
-learning rate; no sequence packing; the teacher in bf16 and the student in fp32 under bf16 autocast
-on a GPU, everything fp32 on the CPU.
+sampler in the training process (no vLLM); one optimizer step per batch of rollouts (scored in
+micro-batches whose gradients accumulate), at a constant learning rate; no sequence packing; the
+teacher in bf16 and the student in fp32 under bf16 autocast on a GPU, everything fp32 on the CPU.
+Where EffOPD departs from the official code: candidates are scored by greedy decoding (the official
+code samples one response per prompt at temperature 1, a +-0.07 standard error on 50 prompts, so
+that "strictly better" is mostly noise), and Qwen3's q_norm/k_norm stay fixed like every other norm
+(the official substring match on "attn" would move them); q/k/v biases move with their weights.
 
 Run:
     python effopd.py --tiny              # tiny models, CPU, ~15 s (see README)
@@ -42,7 +46,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 
 # ------------------------------------------------------------------------------------------------
 # Configuration
@@ -63,8 +66,8 @@ class Config:
     val_size: int = arg(50, "validation examples used (the first N of --val)")
     test_size: int = arg(500, "test examples used (the first N of --test)")
     # training
-    loss: str = arg("opd", "opd: full-vocabulary reverse KL | sampled: per-token policy gradient "
-                    "with advantage log pi_teacher - log pi_student | grpo: RL on the answer reward")
+    loss: str = arg("opd", "opd: full-vocabulary reverse KL | sampled: per-token policy "
+                    "gradient, advantage log pi_teacher - log pi_student | grpo: answer reward")
     steps: int = arg(64, "optimizer steps")
     batch_size: int = arg(16, "prompts per step")
     group_size: int = arg(4, "responses sampled per prompt")
@@ -73,6 +76,7 @@ class Config:
     lr: float = arg(1e-6, "AdamW learning rate (constant)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "global gradient-norm clip (0 = off)")
+    micro_batch_size: int = arg(16, "responses per forward/backward pass (gradients accumulate)")
     chunk_size: int = arg(128, "positions per fp32 chunk in the OPD loss")
     # EffOPD
     effopd: bool = arg(False, "extrapolate at steps 1, 2, 4, 8, ... (validation-accepted)")
@@ -92,7 +96,7 @@ class Config:
 TINY = dict(student="data/tiny/student", teacher="data/tiny/teacher",
             train="data/tiny/train.jsonl", val="data/tiny/val.jsonl", test="data/tiny/test.jsonl",
             batch_size=64, group_size=2, max_new_tokens=6, lr=1e-5, steps=64,
-            eval_every=4, device="cpu")
+            micro_batch_size=128, eval_every=4, device="cpu")
 
 
 def parse_args(argv=None) -> Config:
@@ -169,10 +173,11 @@ class _ChunkedReverseKL(torch.autograd.Function):
 
     @staticmethod
     def _chunk(student_logits, teacher_logits, b, t):
-        log_p = student_logits[b, t].float().log_softmax(-1)  # (C, V) fp32
-        a = log_p - teacher_logits[b, t].float().log_softmax(-1)  # log p - log q
+        """p, a = log p - log q and kl for the positions (b, t): (C, V), (C, V), (C, 1) fp32."""
+        log_p = student_logits[b, t].float().log_softmax(-1)  # (C, V)
+        a = log_p - teacher_logits[b, t].float().log_softmax(-1)  # before exp_ overwrites log_p
         p = log_p.exp_()
-        kl = torch.where(p > 0, p * a, 0.0).sum(-1, keepdim=True)  # 0 * log 0 = 0;  (C, 1)
+        kl = torch.where(p > 0, p * a, 0.0).sum(-1, keepdim=True)  # 0 * log 0 = 0
         return p, a, kl
 
     @staticmethod
@@ -192,8 +197,9 @@ class _ChunkedReverseKL(torch.autograd.Function):
         for i in range(0, b_idx.numel(), ctx.chunk_size):
             b, t = b_idx[i:i + ctx.chunk_size], t_idx[i:i + ctx.chunk_size]
             p, a, kl = _ChunkedReverseKL._chunk(student_logits, teacher_logits, b, t)
-            grad[b, t] = (p.mul_(a.sub_(kl)).mul_(grad_total)).to(grad.dtype)
-            del p, a, kl  # free this chunk before the next one is made
+            zero = p == 0  # a -inf student logit: its gradient is 0, not 0 * inf = NaN
+            grad[b, t] = p.mul_(a.sub_(kl)).masked_fill_(zero, 0.0).mul_(grad_total).to(grad.dtype)
+            del p, a, kl, zero  # free this chunk before the next one is made
         return grad, None, None, None, None
 
 
@@ -455,7 +461,8 @@ def update_metrics(delta: torch.Tensor) -> dict[str, float]:
 
 def subspace_alignment(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> float:
     """phi = ||U_a^T U_b||_F^2 / k for the top-k left singular vectors of two updates, in [0, 1]:
-    1 when the subspaces coincide, 0 when orthogonal, about k/m for random m-row matrices."""
+    1 when the subspaces coincide, 0 when orthogonal, about k/m for random m-row matrices.
+    Left vectors span the output side of dW x; pass delta_a.T, delta_b.T for the input side."""
     if delta_a.shape != delta_b.shape or delta_a.dim() != 2:
         raise ValueError(f"need two 2-D matrices of one shape, got {tuple(delta_a.shape)} and "
                          f"{tuple(delta_b.shape)}")
@@ -472,7 +479,8 @@ def subspace_alignment(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> 
 
 def save_checkpoint(model, tokenizer, path: str) -> None:
     """save_pretrained (safetensors) into path.tmp, then rename: a crash never leaves half a
-    checkpoint under the real name, and an older one at that name is replaced only when complete."""
+    checkpoint under the real name, and an older one at that name is replaced only when the new one
+    is complete (a crash between the two renames leaves it, whole, at path.old)."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -487,9 +495,9 @@ def is_power_of_two(t: int) -> bool:
     return t > 0 and t & (t - 1) == 0
 
 
-def log(metrics_file, record: dict) -> None:
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
+def log(path: str, record: dict) -> None:
+    with open(path, "a") as f:  # one line per record, on disk at once
+        f.write(json.dumps(record) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,7 +514,8 @@ def train(cfg: Config) -> list[dict]:
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     train_set, val_set, test_set = load_jsonl(cfg.train), load_jsonl(cfg.val), load_jsonl(cfg.test)
     if len(val_set) < cfg.val_size:
-        raise UserError(f"{cfg.val}: {len(val_set)} records, but --val-size asks for {cfg.val_size}")
+        raise UserError(f"{cfg.val}: {len(val_set)} records, but --val-size asks for "
+                        f"{cfg.val_size}")
     val_set, test_set = val_set[:cfg.val_size], test_set[:cfg.test_size]
     if len(train_set) < cfg.batch_size:
         raise UserError(f"{cfg.train}: {len(train_set)} records, fewer than --batch-size "
@@ -529,11 +538,16 @@ def train(cfg: Config) -> list[dict]:
     eos = eos_ids(tokenizer, student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    out = cfg.out or f"runs/{cfg.loss}{'-effopd' if cfg.effopd else ''}-seed{cfg.seed}"
+    out = cfg.out or (f"runs/{'tiny-' if cfg.tiny else ''}{cfg.loss}"
+                      f"{'-effopd' if cfg.effopd else ''}-seed{cfg.seed}")
+    if os.path.isdir(out) and any(d.startswith("step_") for d in os.listdir(out)):
+        raise UserError(f"{out} holds checkpoints of an earlier run; pass another --out or "
+                        f"delete it (mixing two runs' checkpoints would corrupt analyze.py)")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=2)
-    metrics_file = open(os.path.join(out, "metrics.jsonl"), "w")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    open(metrics_path, "w").close()
     history, last_checkpoint, clock = [], None, 0.0  # clock: training + EffOPD seconds
 
     def evaluate(step: int) -> None:
@@ -545,7 +559,7 @@ def train(cfg: Config) -> list[dict]:
         print(f"eval {step:4d} | val {record['eval/val_acc']:.3f} | "
               f"test {record['eval/test_acc']:.3f}")
         history.append(record)
-        log(metrics_file, record)
+        log(metrics_path, record)
 
     def checkpoint(step: int) -> None:
         nonlocal last_checkpoint
@@ -573,43 +587,57 @@ def train(cfg: Config) -> list[dict]:
                 cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
         n_response = mask.shape[1]
         tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
-        # 2. Both models score the same ids: the distributions that produced each response token.
-        with autocast:
-            student_logits = response_logits(student, ids, attention_mask, n_response, vocab)
-            with torch.no_grad():
-                teacher_logits = response_logits(teacher, ids, attention_mask, n_response, vocab)
-        # 3. The loss, and one optimizer step.
-        if cfg.loss == "opd":
-            loss = opd_loss(student_logits, teacher_logits, mask, cfg.chunk_size)
-            kl = loss.detach()
-        else:
-            with torch.no_grad():
-                kl = opd_loss(student_logits, teacher_logits, mask, cfg.chunk_size)
-            if cfg.loss == "sampled":
-                loss = sampled_token_loss(student_logits, teacher_logits, tokens, mask)
+        if cfg.loss == "grpo":  # the reward: is the last number of the response the answer?
+            texts = tokenizer.batch_decode(torch.where(mask, tokens, tokenizer.pad_token_id),
+                                           skip_special_tokens=True)
+            rewards = torch.tensor([float(extract_answer(t) == r["answer"])
+                                    for t, r in zip(texts, batch)], device=ids.device)
+            advantages = grpo_advantages(rewards, cfg.group_size)  # (B,)
+        # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss is
+        # weighted by its share of the scored tokens, so the gradients add up to the gradient of
+        # the mean over the whole batch.
+        n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
+        for i in range(0, len(batch), cfg.micro_batch_size):
+            mb = slice(i, i + cfg.micro_batch_size)
+            with autocast:
+                student_logits = response_logits(student, ids[mb], attention_mask[mb], n_response,
+                                                 vocab)  # (b, R, V)
+                with torch.no_grad():
+                    teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
+                                                     n_response, vocab)
+            # 3. The loss; the mean KL to the teacher is logged whatever the loss.
+            with torch.set_grad_enabled(cfg.loss == "opd"):
+                kl = opd_loss(student_logits, teacher_logits, mask[mb], cfg.chunk_size)
+            if cfg.loss == "opd":
+                loss = kl
+            elif cfg.loss == "sampled":
+                loss = sampled_token_loss(student_logits, teacher_logits, tokens[mb], mask[mb])
             else:
-                texts = tokenizer.batch_decode(torch.where(mask, tokens, tokenizer.pad_token_id),
-                                               skip_special_tokens=True)
-                rewards = torch.tensor([float(extract_answer(t) == r["answer"])
-                                        for t, r in zip(texts, batch)], device=ids.device)
-                loss = grpo_loss(student_logits, tokens, mask,
-                                 grpo_advantages(rewards, cfg.group_size))
-        if not torch.isfinite(loss):
-            raise UserError(f"loss is {loss.item()} at step {step}; stopped before the update. "
-                            f"Last good checkpoint: {last_checkpoint or 'none saved'}")
-        loss.backward()
+                loss = grpo_loss(student_logits, tokens[mb], mask[mb], advantages[mb])
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step}; stopped before the update. "
+                                f"Last good checkpoint: {last_checkpoint or 'none saved'}")
+            weight = mask[mb].sum() / n_scored
+            (loss * weight).backward()
+            loss_sum, kl_sum = loss_sum + (loss * weight).item(), kl_sum + (kl * weight).item()
+            del student_logits, teacher_logits, loss, kl  # free them before the next forward
+        # 4. One optimizer step.
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # the GPU works asynchronously: wait before reading the clock
         step_s = time.time() - t0
-        record = {"step": step, "train/loss": loss.item(), "train/kl": kl.item(),
+        record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
                   "train/response_len": mask.sum(1).float().mean().item(),
                   "time/step_s": round(step_s, 3)}
+        if device.startswith("cuda"):
+            record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
               f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
               f"{step_s:.2f} s")
-        # 4. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
+        # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
         if cfg.effopd and is_power_of_two(step):
             t1 = time.time()
             trials = effopd_extrapolate(student, anchor, val_score, cfg.max_candidates)
@@ -622,13 +650,14 @@ def train(cfg: Config) -> list[dict]:
         clock += time.time() - t0
         record["time/train_s"] = round(clock, 3)
         history.append(record)
-        log(metrics_file, record)
+        log(metrics_path, record)
         if is_power_of_two(step) or step == cfg.steps:
             checkpoint(step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with autocast:
                 evaluate(step)
-    metrics_file.close()
+    if device.startswith("cuda"):
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print(f"done: {out}")
     return history
 

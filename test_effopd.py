@@ -597,3 +597,67 @@ def test_checkpoint_report_end_to_end(tmp_path, capsys):
     assert png.exists() and (tmp_path / "fig" / "interventions-run.png").exists()
     with pytest.raises(SystemExit, match="config.json: not found"):
         analyze.main([str(tmp_path / "fig")])
+
+
+def test_opd_loss_gradient_is_zero_not_nan_at_minus_inf_logits():
+    student = torch.tensor([[[0.5, -1.0, float("-inf")]]], requires_grad=True)
+    teacher = torch.tensor([[[0.0, 1.0, 2.0]]])
+    loss = effopd.opd_loss(student, teacher, torch.ones(1, 1, dtype=torch.bool))
+    loss.backward()
+    finite = student.detach()[..., :2].double().requires_grad_()  # p_s(v3) = 0: v3 drops out
+    expected = (finite.softmax(-1) * (finite.log_softmax(-1)
+                                      - teacher.double().log_softmax(-1)[..., :2])).sum()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(student.grad[..., :2].double(), finite.grad, rtol=1e-5, atol=1e-7)
+    assert student.grad[0, 0, 2].item() == 0.0
+
+
+def test_eos_ids_merges_tokenizer_and_generation_config(tokenizer):
+    model = tiny_model("qwen2", 14)
+    model.generation_config.eos_token_id = [5, 1]  # Qwen2.5-Instruct lists two ids
+    assert effopd.eos_ids(tokenizer, model) == [1, 5]
+    model.generation_config.eos_token_id = None
+    assert effopd.eos_ids(tokenizer, model) == [1]
+
+
+def test_training_run_effopd_keeps_what_it_validated(tmp_path):
+    out = str(tmp_path / "run")
+    history = effopd.train(effopd.parse_args(
+        ["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "1",
+         "--test-size", "10", "--out", out]))
+    steps = {r["step"]: r for r in history if "train/loss" in r}
+    evals = {r["step"]: r for r in history if "eval/val_acc" in r}
+    for t in (1, 2, 4):  # after EffOPD, the model is the best candidate it scored
+        kept = [h["score"] for h in steps[t]["effopd/trials"] if h["kept"]]
+        assert evals[t]["eval/val_acc"] == kept[-1]
+    # the checkpoint is written after EffOPD: reloaded, it scores the same
+    tokenizer = make_data.make_char_tokenizer()
+    model = Qwen2ForCausalLM.from_pretrained(os.path.join(out, "step_000004"))
+    val = effopd.load_jsonl("data/tiny/val.jsonl")
+    assert effopd.accuracy(model, tokenizer, val, 6, [1]) == evals[4]["eval/val_acc"]
+    # the clock counts training and EffOPD's validation, not the evaluations logged every step
+    counted = sum(r["time/step_s"] + r.get("effopd/val_s", 0.0) for r in steps.values())
+    assert evals[4]["time/train_s"] == pytest.approx(counted, abs=0.02)
+
+
+def test_micro_batches_add_up_to_the_batch_mean(tmp_path):
+    def first_step(micro):
+        return effopd.train(effopd.parse_args(
+            ["--tiny", "--steps", "1", "--batch-size", "8", "--micro-batch-size", str(micro),
+             "--test-size", "5", "--no-save-checkpoints", "--out", str(tmp_path / str(micro))]))[1]
+    whole, split = first_step(16), first_step(3)  # 16 responses: one pass, or 3+3+3+3+3+1
+    assert split["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
+    assert split["train/kl"] == pytest.approx(whole["train/kl"], rel=1e-5)
+    assert split["train/response_len"] == whole["train/response_len"]  # the same rollouts
+
+
+def test_training_run_refuses_too_few_logits_and_a_used_run_folder(tmp_path, tokenizer):
+    small = str(tmp_path / "small")
+    effopd.save_checkpoint(tiny_model("qwen2", 10), tokenizer, small)
+    with pytest.raises(SystemExit, match="student has 10 logits, fewer than the tokenizer's 14"):
+        effopd.main(["--tiny", "--student", small, "--out", str(tmp_path / "r")])
+    used = tmp_path / "used"
+    (used / "step_000000").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run"):
+        effopd.main(["--tiny", "--out", str(used)])

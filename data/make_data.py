@@ -41,7 +41,8 @@ INSTRUCTION = " Think step by step, then give the final answer as a single numbe
 
 
 def word_problem(rng: random.Random) -> dict:
-    """Three or four steps of +, -, x on a running total, always non-negative."""
+    """A start and two or three operations (buy, give, boxes of) on a running total that stays
+    positive: a 'give' from a total of 2 or less becomes boxes."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     total = rng.randint(5, 60)
     text = [f"{name} has {total} {item}."]
@@ -108,7 +109,8 @@ def make_char_tokenizer():
 def make_tiny_model(tokenizer, hidden: int, layers: int, seed: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=32, tie_word_embeddings=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

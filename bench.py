@@ -216,8 +216,9 @@ def bench_speedup(args) -> None:
     print("\nstep | " + " | ".join(f"seed {s}: vanilla effopd" for s in args.seeds))
     for i in range(args.steps + 1):
         if i <= 16 or i % 8 == 0:
-            print(f"{i:4d} | " + " | ".join(f"{curves['vanilla', s][i][1]:.3f}   "
-                                            f"{curves['effopd', s][i][1]:.3f}  " for s in args.seeds))
+            cells = (f"{curves['vanilla', s][i][1]:.3f}   {curves['effopd', s][i][1]:.3f}  "
+                     for s in args.seeds)
+            print(f"{i:4d} | " + " | ".join(cells))
     median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     worst_gap = min(r["effopd_final"] - r["vanilla_final"] for r in rows)
     print(f"\nmedian steps to target: vanilla {median('vanilla_steps')}, effopd "

@@ -383,7 +383,8 @@ def interventions(name: str, run: dict, args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(run["checkpoints"][0], dtype=torch.float32)
     model.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()  # as effopd.train decides
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     tokenizer = AutoTokenizer.from_pretrained(run["checkpoints"][0])
     val = load_jsonl(config["val"])[:config["val_size"]]
     eos = eos_ids(tokenizer, model)

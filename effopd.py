@@ -510,7 +510,8 @@ def train(cfg: Config) -> list[dict]:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    on_gpu = device.startswith("cuda")
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     train_set, val_set, test_set = load_jsonl(cfg.train), load_jsonl(cfg.val), load_jsonl(cfg.test)
     if len(val_set) < cfg.val_size:
@@ -617,22 +618,23 @@ def train(cfg: Config) -> list[dict]:
             if not torch.isfinite(loss):
                 raise UserError(f"loss is {loss.item()} at step {step}; stopped before the update. "
                                 f"Last good checkpoint: {last_checkpoint or 'none saved'}")
-            weight = mask[mb].sum() / n_scored
-            (loss * weight).backward()
-            loss_sum, kl_sum = loss_sum + (loss * weight).item(), kl_sum + (kl * weight).item()
-            del student_logits, teacher_logits, loss, kl  # free them before the next forward
+            weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
+            weighted = loss * weight
+            weighted.backward()
+            loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
+            del student_logits, teacher_logits, loss, kl, weighted  # free before the next forward
         # 4. One optimizer step.
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
+        if on_gpu:
             torch.cuda.synchronize()  # the GPU works asynchronously: wait before reading the clock
         step_s = time.time() - t0
         record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
                   "train/response_len": mask.sum(1).float().mean().item(),
                   "time/step_s": round(step_s, 3)}
-        if device.startswith("cuda"):
+        if on_gpu:
             record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
               f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
@@ -656,7 +658,7 @@ def train(cfg: Config) -> list[dict]:
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with autocast:
                 evaluate(step)
-    if device.startswith("cuda"):
+    if on_gpu:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print(f"done: {out}")
     return history

@@ -98,6 +98,20 @@ def test_opd_loss_teacher_gets_no_gradient_and_empty_mask_is_zero():
     assert empty.item() == 0.0
 
 
+def test_opd_loss_gradient_is_zero_not_nan_at_minus_inf_logits():
+    student = torch.tensor([[[0.5, -1.0, float("-inf")]]], requires_grad=True)
+    teacher = torch.tensor([[[0.0, 1.0, 2.0]]])
+    loss = effopd.opd_loss(student, teacher, torch.ones(1, 1, dtype=torch.bool))
+    loss.backward()
+    finite = student.detach()[..., :2].double().requires_grad_()  # p_s(v3) = 0: v3 drops out
+    expected = (finite.softmax(-1) * (finite.log_softmax(-1)
+                                      - teacher.double().log_softmax(-1)[..., :2])).sum()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(student.grad[..., :2].double(), finite.grad, rtol=1e-5, atol=1e-7)
+    assert student.grad[0, 0, 2].item() == 0.0
+
+
 @pytest.mark.parametrize("student_shape, teacher_shape, mask_shape", [
     ((2, 3, 5), (2, 3, 6), (2, 3)), ((2, 3, 5), (2, 3, 5), (2, 4)), ((2, 5), (2, 5), (2,))])
 def test_opd_loss_rejects_mismatched_shapes(student_shape, teacher_shape, mask_shape):
@@ -206,6 +220,14 @@ def test_check_same_tokenizer(tokenizer):
     other.add_tokens(["*"])
     with pytest.raises(effopd.UserError, match="tokenizers differ"):
         effopd.check_same_tokenizer(tokenizer, other)
+
+
+def test_eos_ids_merges_tokenizer_and_generation_config(tokenizer):
+    model = tiny_model("qwen2", 14)
+    model.generation_config.eos_token_id = [5, 1]  # Qwen2.5-Instruct lists two ids
+    assert effopd.eos_ids(tokenizer, model) == [1, 5]
+    model.generation_config.eos_token_id = None
+    assert effopd.eos_ids(tokenizer, model) == [1]
 
 
 def test_render_prompts_uses_chat_template_when_present(tokenizer):
@@ -599,29 +621,9 @@ def test_checkpoint_report_end_to_end(tmp_path, capsys):
         analyze.main([str(tmp_path / "fig")])
 
 
-def test_opd_loss_gradient_is_zero_not_nan_at_minus_inf_logits():
-    student = torch.tensor([[[0.5, -1.0, float("-inf")]]], requires_grad=True)
-    teacher = torch.tensor([[[0.0, 1.0, 2.0]]])
-    loss = effopd.opd_loss(student, teacher, torch.ones(1, 1, dtype=torch.bool))
-    loss.backward()
-    finite = student.detach()[..., :2].double().requires_grad_()  # p_s(v3) = 0: v3 drops out
-    expected = (finite.softmax(-1) * (finite.log_softmax(-1)
-                                      - teacher.double().log_softmax(-1)[..., :2])).sum()
-    expected.backward()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    torch.testing.assert_close(student.grad[..., :2].double(), finite.grad, rtol=1e-5, atol=1e-7)
-    assert student.grad[0, 0, 2].item() == 0.0
 
 
-def test_eos_ids_merges_tokenizer_and_generation_config(tokenizer):
-    model = tiny_model("qwen2", 14)
-    model.generation_config.eos_token_id = [5, 1]  # Qwen2.5-Instruct lists two ids
-    assert effopd.eos_ids(tokenizer, model) == [1, 5]
-    model.generation_config.eos_token_id = None
-    assert effopd.eos_ids(tokenizer, model) == [1]
-
-
-def test_training_run_effopd_keeps_what_it_validated(tmp_path):
+def test_training_run_effopd_keeps_what_it_validated(tmp_path, tokenizer):
     out = str(tmp_path / "run")
     history = effopd.train(effopd.parse_args(
         ["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "1",
@@ -632,7 +634,6 @@ def test_training_run_effopd_keeps_what_it_validated(tmp_path):
         kept = [h["score"] for h in steps[t]["effopd/trials"] if h["kept"]]
         assert evals[t]["eval/val_acc"] == kept[-1]
     # the checkpoint is written after EffOPD: reloaded, it scores the same
-    tokenizer = make_data.make_char_tokenizer()
     model = Qwen2ForCausalLM.from_pretrained(os.path.join(out, "step_000004"))
     val = effopd.load_jsonl("data/tiny/val.jsonl")
     assert effopd.accuracy(model, tokenizer, val, 6, [1]) == evals[4]["eval/val_acc"]

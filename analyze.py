@@ -43,7 +43,7 @@ plain gradient descent's final loss. Simplifications: the exact population gradi
 sampling noise at all), float64 throughout, a Gaussian input distribution.
 
 Run:
-    python analyze.py                    # the toy: a table and figures/toy.png, seconds on a CPU
+    python analyze.py                    # the toy: a table and runs/toy.png, seconds on a CPU
     python analyze.py RUN_DIR [RUN_DIR]  # checkpoint-geometry report of effopd.py runs
 """
 import argparse
@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from effopd import (accuracy, effopd_extrapolate, eos_ids, is_power_of_two, load_jsonl,
+from effopd import (PROJECT, accuracy, effopd_extrapolate, eos_ids, is_power_of_two, load_jsonl,
                     subspace_alignment, update_metrics)
 
 # ------------------------------------------------------------------------------------------------
@@ -303,6 +303,9 @@ def load_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     for shard in shards:
         tensors = load_file(os.path.join(checkpoint, shard))
         weights.update({n: w.float() for n, w in tensors.items()})
+    broken = next((n for n, w in weights.items() if not torch.isfinite(w).all()), None)
+    if broken:
+        raise SystemExit(f"analyze: error: {checkpoint}: {broken} holds NaN or inf")
     return weights
 
 
@@ -343,7 +346,8 @@ def report(run_dirs: list[str], args) -> None:
         name = os.path.basename(os.path.normpath(run_dir))
         final = max(checkpoints)
         w0, wT = load_weights(checkpoints[0]), load_weights(checkpoints[final])
-        runs[name] = dict(config=config, checkpoints=checkpoints, w0=w0, wT=wT, final=final,
+        runs[name] = dict(dir=run_dir, config=config, checkpoints=checkpoints, w0=w0, wT=wT,
+                          final=final,
                           geometry=update_geometry(w0, wT), norms=norms_by_module(w0, wT))
         # alignment of each checkpoint's update with the final one, loading one at a time
         runs[name]["alignment"] = {
@@ -368,7 +372,7 @@ def report(run_dirs: list[str], args) -> None:
                     ["layer", "attention", "mlp"],
                     [[layer, f"{norms.get(('attention', layer), 0):.4g}",
                       f"{norms.get(('mlp', layer), 0):.4g}"] for layer in layers])
-    plot_report(runs, args.report_png)
+    plot_report(runs, args.png or os.path.join(run_dirs[0], "report.png"))
     if args.interventions:
         for n in names:
             interventions(n, runs[n], args)
@@ -386,7 +390,9 @@ def interventions(name: str, run: dict, args) -> None:
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()  # as effopd.train decides
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     tokenizer = AutoTokenizer.from_pretrained(run["checkpoints"][0])
-    val = load_jsonl(config["val"])[:config["val_size"]]
+    val_path = config["val"]  # runs of older versions saved it relative to the project
+    val = load_jsonl(val_path if os.path.isabs(val_path) else os.path.join(PROJECT, val_path))
+    val = val[:config["val_size"]]
     eos = eos_ids(tokenizer, model)
     params = dict(model.named_parameters())
 
@@ -426,7 +432,7 @@ def interventions(name: str, run: dict, args) -> None:
                ["first layer", "val acc"],
                 [[i, f"{acc:.3f}"] for i, acc in window])
     plot_interventions(name, scaling, window, args.window,
-                       os.path.join(os.path.dirname(args.report_png) or ".",
+                       os.path.join(os.path.dirname(args.png) if args.png else run["dir"],
                                     f"interventions-{name}.png"))
 
 
@@ -490,7 +496,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     toy.add_argument("--val-size", type=int, default=50,
                      help="held-out inputs that score EffOPD's candidates")
     toy.add_argument("--seed", type=int, default=0, help="seed of the problem and of all sampling")
-    toy.add_argument("--png", default="figures/toy.png", help="where the figure is written")
+    parser.add_argument("--png", help="where the figure is written (default: runs/toy.png for "
+                        "the toy; for a report, report.png in the first run folder and each "
+                        "run's interventions in its own folder)")
     runs = parser.add_argument_group("checkpoint report")
     runs.add_argument("--k", type=int, default=4,
                       help="top-k singular subspace for the alignment with the final update")
@@ -499,8 +507,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     runs.add_argument("--alphas", type=float, nargs="+",
                       default=[0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2], help="scaling factors")
     runs.add_argument("--window", type=int, default=1, help="layers per sliding window")
-    runs.add_argument("--report-png", default="figures/report.png",
-                      help="figure of the report (interventions go beside it)")
     args = parser.parse_args(argv)
     if not args.run_dirs:
         if not 1 <= args.rank <= args.dim:
@@ -519,6 +525,7 @@ def main(argv=None) -> None:
         transformers.utils.logging.disable_progress_bar()
         report(args.run_dirs, args)
     else:
+        args.png = args.png or "runs/toy.png"
         run_toy(args)
 
 

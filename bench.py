@@ -24,13 +24,15 @@ test accuracy after every step; steps and seconds (EffOPD's validation counted, 
 until test accuracy first reaches start + 0.95 (vanilla final - start); both curves to a PNG.
 Arguments after `--` go to both runs (e.g. `-- --lr 4e-5`).
 
-What these printed on the project's 2-core machine, and the commands, are in the README.
+Each command exits 1 when it prints FAIL or a measurement fails. What these printed on the
+project's 2-core machine, and the commands, are in the README.
 """
 import argparse
 import contextlib
 import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,9 +106,10 @@ def loss_worker(args) -> None:
                       "loss": loss.item()}))
 
 
-def bench_loss(args) -> None:
+def bench_loss(args) -> bool:
     if args.worker:
-        return loss_worker(args)
+        loss_worker(args)
+        return True
     B, T, V = args.shape
     copy = B * T * V * 4  # bytes of one fp32 copy of the logits
     print(f"loss: forward + backward on ({B}, {T}, {V}) fp32 logits, {B * (T - T // 10)} scored "
@@ -116,7 +119,7 @@ def bench_loss(args) -> None:
     # under it in the heap, where RSS still counts them; a fixed threshold gives every tensor over
     # 128 KiB its own mapping, returned to the OS when freed, so that RSS follows the live tensors.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    results = {}
+    results, ok = {}, True
     for variant in args.variants:
         need, available = NEEDS[variant] * copy, proc_bytes("/proc/meminfo", "MemAvailable")
         if need > available:
@@ -130,24 +133,30 @@ def bench_loss(args) -> None:
         run = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if run.returncode != 0:
             print(f"{variant:8s} | failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
+            ok = False
             continue
         r = results[variant] = json.loads(run.stdout.splitlines()[-1])
         print(f"{variant:8s} | {r['extra'] / GiB:14.2f} | {r['extra'] / copy:11.3f} | "
               f"{r['seconds']:7.1f} | {r['loss']:.6f}")
     if "chunked" in results:
         copies = results["chunked"]["extra"] / copy
-        print(f"requirement: chunked adds at most 0.25 fp32 copies: {copies:.3f} -> "
-              f"{'PASS' if copies <= 0.25 else 'FAIL'}")
+        ok &= requirement(f"chunked adds at most 0.25 fp32 copies: {copies:.3f}", copies <= 0.25)
     if "chunked" in results and "plain" in results:
         a, b = results["chunked"]["loss"], results["plain"]["loss"]
         print(f"same loss: |chunked - plain| / plain = {abs(a - b) / abs(b):.1e}")
+    return ok
+
+
+def requirement(text: str, ok: bool) -> bool:
+    print(f"requirement: {text} -> {'PASS' if ok else 'FAIL'}")
+    return ok
 
 
 # ------------------------------------------------------------------------------------------------
 # metrics: cost of the SVD metrics on every matrix of Qwen2.5-0.5B
 
 
-def bench_metrics(args) -> None:
+def bench_metrics(args) -> bool:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(args.seed)
@@ -171,8 +180,8 @@ def bench_metrics(args) -> None:
         print(f"{shape[0]:6d} x {shape[1]:4d} | {len(s):5d} | {sum(s) / len(s):6.3f} | "
               f"{sum(s):7.2f}")
     n = sum(len(s) for s in seconds.values())
-    print(f"total: {n} matrices in {total:.1f} s (requirement: at most 60 s) -> "
-          f"{'PASS' if total <= 60 else 'FAIL'}")
+    print(f"total: {n} matrices in {total:.1f} s")
+    return requirement(f"at most 60 s: {total:.1f} s", total <= 60)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,15 +193,17 @@ def first_reaching(curve: list[tuple[int, float, float]], target: float):
     return next(((step, s) for step, acc, s in curve if acc >= target), (None, None))
 
 
-def bench_speedup(args) -> None:
+def bench_speedup(args) -> bool:
     """Vanilla OPD and EffOPD from one start and seed, on the tiny setting; test accuracy at every
     step. Steps to target: the first step at which test accuracy reaches
     start + 0.95 (vanilla final - start)."""
     rows, curves = [], {}
     for seed in args.seeds:
         for name in ("vanilla", "effopd"):
+            out = os.path.join(args.out, f"{name}-seed{seed}")
+            shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
             argv = ["--tiny", "--seed", str(seed), "--steps", str(args.steps), "--eval-every", "1",
-                    "--no-save-checkpoints", "--out", os.path.join(args.out, f"{name}-seed{seed}")]
+                    "--no-save-checkpoints", "--out", out]
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 history = effopd.train(effopd.parse_args(argv + ["--effopd"] * (name == "effopd")
                                                          + args.extra))
@@ -231,6 +242,7 @@ def bench_speedup(args) -> None:
     with open(os.path.join(args.out, "speedup.json"), "w") as f:
         json.dump(rows, f, indent=1)
     plot_curves(curves, rows, args.seeds, os.path.join(args.out, "speedup.png"))
+    return True
 
 
 def plot_curves(curves, rows, seeds, path: str) -> None:
@@ -295,7 +307,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.func(args)
+    if not args.func(args):  # it printed FAIL, or a measurement failed
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ Run:
     python effopd.py --tiny              # tiny models, CPU, ~15 s (see README)
     python effopd.py                     # Qwen2.5-0.5B-Instruct <- Qwen2.5-1.5B-Instruct, one GPU
     python effopd.py --tiny --effopd     # with EffOPD
+    python effopd.py --resume RUN_DIR    # continue a stopped run from its last checkpoint
 """
 import argparse
 import json
@@ -51,6 +52,9 @@ import torch
 # Configuration
 
 
+PROJECT = os.path.dirname(os.path.abspath(__file__))  # default data paths resolve here, not in ./
+
+
 def arg(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -60,9 +64,12 @@ class Config:
     # models and data
     student: str = arg("Qwen/Qwen2.5-0.5B-Instruct", "student model: hub name or local path")
     teacher: str = arg("Qwen/Qwen2.5-1.5B-Instruct", "teacher model: hub name or local path")
-    train: str = arg("data/arith/train.jsonl", "training prompts (JSONL with prompt, answer)")
-    val: str = arg("data/arith/val.jsonl", "validation set: EffOPD acceptance, --eval-every")
-    test: str = arg("data/arith/test.jsonl", "held-out test set, reported only")
+    train: str = arg(os.path.join(PROJECT, "data/arith/train.jsonl"),
+                     "training prompts (JSONL with prompt, answer)")
+    val: str = arg(os.path.join(PROJECT, "data/arith/val.jsonl"),
+                   "validation set: EffOPD acceptance, --eval-every")
+    test: str = arg(os.path.join(PROJECT, "data/arith/test.jsonl"),
+                    "held-out test set, reported only")
     val_size: int = arg(50, "validation examples used (the first N of --val)")
     test_size: int = arg(500, "test examples used (the first N of --test)")
     # training
@@ -90,6 +97,7 @@ class Config:
     seed: int = arg(0, "seed for data order, sampling and everything else")
     device: str = arg("", "cuda or cpu (default: cuda when available)")
     tiny: bool = arg(False, "the tiny CPU setting: data/tiny models and data (see TINY)")
+    resume: str = arg("", "continue the stopped run in this folder from its last checkpoint")
 
 
 # The tiny CPU setting: character-level Qwen2 models made by data/make_data.py, task "a+b=".
@@ -97,30 +105,110 @@ TINY = dict(student="data/tiny/student", teacher="data/tiny/teacher",
             train="data/tiny/train.jsonl", val="data/tiny/val.jsonl", test="data/tiny/test.jsonl",
             batch_size=64, group_size=2, max_new_tokens=6, lr=1e-5, steps=64,
             micro_batch_size=128, eval_every=4, device="cpu")
-
-
-def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default,
-                                help=f.metadata["help"])
-    args = parser.parse_args(argv)
-    if args.tiny:  # tiny defaults, then the user's flags on top
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
-    if args.loss not in ("opd", "sampled", "grpo"):
-        parser.error(f"--loss must be opd, sampled or grpo, not {args.loss!r}")
-    return Config(**vars(args))
+TINY.update({k: os.path.join(PROJECT, TINY[k]) for k in ("student", "teacher", "train", "val",
+                                                          "test")})
+SIZES = ("steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "chunk_size",
+         "max_candidates", "eval_every", "eval_batch_size", "val_size", "test_size")
+# What --resume may change: where and in what pieces the work runs (the results agree up to
+# floating-point summation order), and --steps, to train further. Everything else is the run's.
+RESUMABLE = ("resume", "steps", "device", "anchor_device", "micro_batch_size", "chunk_size",
+             "eval_batch_size")
 
 
 class UserError(Exception):
-    """Bad input (files, models, settings): reported as one line, with a non-zero exit."""
+    """Bad input (flags, files, models) or a diverged run: one line, a non-zero exit."""
+
+
+def parse_args(argv=None) -> Config:
+    """Config from the command line: the defaults (or TINY's, or the resumed run's config.json)
+    with the given flags on top, checked before anything is loaded (argparse's exit 2)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     argument_default=argparse.SUPPRESS)
+    for f in fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} ({f.default!r})"
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            parser.add_argument(flag, type=type(f.default), help=help)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    try:
+        if "resume" in given:
+            cfg = resumed_config(given)
+        else:
+            cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
+        check_config(cfg)
+    except UserError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # argparse's error, without the usage
+    return cfg
+
+
+def resumed_config(given: dict) -> Config:
+    """The config.json of the run in given["resume"] with the given flags on top; a flag outside
+    RESUMABLE that differs from the run's own value is refused."""
+    path = os.path.join(given["resume"], "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found; --resume takes a run folder written by effopd.py")
+    with open(path) as f:
+        saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
+    for k, v in given.items():
+        if k not in RESUMABLE and v != saved.get(k):
+            raise UserError(f"--{k} {v} differs from the run's {saved.get(k)}: a resumed run "
+                            f"keeps its config (only --{', --'.join(RESUMABLE[1:])} may "
+                            f"change)".replace("_", "-"))
+    return Config(**{**saved, **given, "out": given["resume"]})
+
+
+def run_folder(cfg: Config) -> str:
+    return cfg.out or (f"runs/{'tiny-' if cfg.tiny else ''}{cfg.loss}"
+                       f"{'-effopd' if cfg.effopd else ''}-seed{cfg.seed}")
+
+
+def check_config(cfg: Config) -> None:
+    """Everything that can be checked before a model loads: sizes, rates, paths, the run folder."""
+    for name in SIZES:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got "
+                            f"{getattr(cfg, name)}")
+    for name, need in [("lr", "> 0"), ("temperature", ">= 0"), ("weight_decay", ">= 0"),
+                       ("grad_clip", ">= 0 (0 = off)")]:
+        value = getattr(cfg, name)
+        if not (value > 0 if need == "> 0" else value >= 0):  # False for NaN too
+            raise UserError(f"--{name.replace('_', '-')} must be {need}, got {value}")
+    if cfg.loss not in ("opd", "sampled", "grpo"):
+        raise UserError(f"--loss must be opd, sampled or grpo, not {cfg.loss!r}")
+    if cfg.loss == "grpo" and cfg.group_size < 2:
+        raise UserError("--loss grpo needs --group-size >= 2: its advantage compares the "
+                        "responses to one prompt, so a group of one learns nothing")
+    for name in ("student", "teacher"):  # a hub name is "model" or "org/model"
+        path = getattr(cfg, name)
+        if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            raise UserError(f"--{name} {path}: no such folder")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: no CUDA GPU is available")
+    check_run_folder(run_folder(cfg), resume=bool(cfg.resume))
+
+
+def check_run_folder(out: str, resume: bool) -> None:
+    """A new run needs a new or empty folder, a resumed one its resume.pt; both a writable one.
+    Leftover *.tmp files of a crashed write do not count (the next write replaces them)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a folder")
+    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp")) if os.path.isdir(out) else []
+    if resume and "resume.pt" not in files:
+        raise UserError(f"{out}: no resume.pt, so nothing to resume (it is written with every "
+                        f"checkpoint; runs with --no-save-checkpoints have none)")
+    if not resume and files:
+        hint = f"continue it with --resume {out}" if "resume.pt" in files else "delete it"
+        raise UserError(f"--out {out} holds files of an earlier run ({', '.join(files[:3])}"
+                        f"{', ...' if len(files) > 3 else ''}); {hint}, or pass another --out")
+    probe = os.path.join(out, "write-test.tmp")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,13 +474,18 @@ def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, eos: li
 # ------------------------------------------------------------------------------------------------
 # EffOPD: extrapolation along the update direction, kept only when validation improves
 
-SCOPE = ("attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "gate_proj", "up_proj", "down_proj")
+# Attention and MLP module names in Qwen/Llama, GPT-2, GPT-NeoX, Falcon and other families.
+SCOPE = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "ffn", "feed_forward",
+         "gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h")
 
 
 def in_effopd_scope(name: str) -> bool:
-    """Attention and MLP weights move; embeddings, lm_head and all norms (Qwen3's q_norm and
-    k_norm sit inside self_attn) never do."""
-    return any(s in name for s in SCOPE) and "norm" not in name
+    """Attention and MLP weights move; embeddings, lm_head and all norms never do: not Qwen3's
+    q_norm/k_norm inside self_attn, nor Falcon's ln_attn/ln_mlp or GPT-2's ln_1."""
+    parts = name.split(".")
+    if any("norm" in p or p.startswith("ln") for p in parts):
+        return False
+    return any(s in name for s in SCOPE)
 
 
 def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], score_fn,
@@ -477,18 +570,45 @@ def subspace_alignment(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> 
 # Checkpoints and logging
 
 
-def save_checkpoint(model, tokenizer, path: str) -> None:
-    """save_pretrained (safetensors) into path.tmp, then rename: a crash never leaves half a
-    checkpoint under the real name, and an older one at that name is replaced only when the new one
-    is complete (a crash between the two renames leaves it, whole, at path.old)."""
+def write_atomically(path: str, save) -> None:
+    """save(tmp) writes a file or a folder at tmp = path.tmp, which is then renamed to path: a
+    crash never leaves half of one under the real name, and an older one there is replaced only
+    when the new one is complete (a kill between the two renames leaves it, whole, at path.old).
+    Any failure is an OSError naming path; it leaves no tmp behind."""
     tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def remove(p: str) -> None:
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+
+    remove(tmp)  # a crashed earlier write
+    try:
+        save(tmp)
+        if os.path.isdir(path):
+            os.replace(path, old)  # a folder cannot be renamed over another
+        os.replace(tmp, path)
+    except Exception as e:  # safetensors and torch.save raise their own types on a full disk
+        raise OSError(f"cannot write {path}: {e}") from e
+    finally:
+        remove(tmp)
+    remove(old)
+
+
+def save_checkpoint(model, tokenizer, path: str) -> None:
+    """save_pretrained (safetensors) of model and tokenizer into the folder path, atomically."""
+    write_atomically(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def first_nonfinite(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    n_response: int, vocab_size: int) -> str | None:
+    """What of the model holds a NaN or an infinity: its first such weight, else its logits on
+    input_ids (B, P+R); None if all is finite. A run that diverged can keep finite weights (1e6
+    after a huge step) whose logits overflow, so both are checked."""
+    for n, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"weight {n}"
+    with torch.no_grad():
+        logits = response_logits(model, input_ids, attention_mask, n_response, vocab_size)
+    return None if torch.isfinite(logits).all() else "the logits"
 
 
 def is_power_of_two(t: int) -> bool:
@@ -505,8 +625,16 @@ def log(path: str, record: dict) -> None:
 
 
 def train(cfg: Config) -> list[dict]:
-    """Run OPD (or the sampled-token / GRPO variants), optionally with EffOPD; return the metrics
-    records, which are also appended to <out>/metrics.jsonl."""
+    """Run OPD (or the sampled-token / GRPO variants), optionally with EffOPD, from the start or
+    (cfg.resume) from a stopped run's last checkpoint; return this call's metrics records, which
+    are also appended to <out>/metrics.jsonl."""
+    check_config(cfg)  # again, for callers that built cfg without parse_args
+    out = run_folder(cfg)
+    resume_path = os.path.join(out, "resume.pt")
+    resumed = torch.load(resume_path, map_location="cpu") if cfg.resume else None
+    if resumed and resumed["step"] >= cfg.steps:
+        raise UserError(f"{out} has finished its {resumed['step']} steps; pass --steps N "
+                        f"(N > {resumed['step']}) to train it further")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -524,7 +652,9 @@ def train(cfg: Config) -> list[dict]:
 
     # The student trains in fp32 (bf16 weights would round lr-1e-6 updates away) under bf16
     # autocast on a GPU; the frozen teacher is held in bf16 there.
-    student, tokenizer = load_model_and_tokenizer(cfg.student, torch.float32, device)
+    last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
+    student, tokenizer = load_model_and_tokenizer(last_checkpoint or cfg.student, torch.float32,
+                                                  device)
     teacher, teacher_tok = load_model_and_tokenizer(
         cfg.teacher, torch.bfloat16 if bf16 else torch.float32, device)
     check_same_tokenizer(tokenizer, teacher_tok)
@@ -538,18 +668,30 @@ def train(cfg: Config) -> list[dict]:
         tokenizer.pad_token = tokenizer.eos_token
     eos = eos_ids(tokenizer, student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    anchor = None  # EffOPD's B: the initial student, then the weights kept at each trigger
+    if cfg.effopd:
+        anchor = {n: p.detach().to(cfg.anchor_device, copy=True)
+                  for n, p in student.named_parameters() if in_effopd_scope(n)}
+        if not anchor:
+            raise UserError(f"--effopd: no attention or MLP weight among the student's parameters "
+                            f"(e.g. {next(iter(dict(student.named_parameters())))}); EffOPD "
+                            f"would move nothing")
+        print(f"effopd: {len(anchor)} tensors, {sum(b.numel() for b in anchor.values()) / 1e6:.2f}M"
+              f" parameters in scope (attention and MLP weights)")
 
-    out = cfg.out or (f"runs/{'tiny-' if cfg.tiny else ''}{cfg.loss}"
-                      f"{'-effopd' if cfg.effopd else ''}-seed{cfg.seed}")
-    if os.path.isdir(out) and any(d.startswith("step_") for d in os.listdir(out)):
-        raise UserError(f"{out} holds checkpoints of an earlier run; pass another --out or "
-                        f"delete it (mixing two runs' checkpoints would corrupt analyze.py)")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
+    write_atomically(os.path.join(out, "config.json"),
+                     lambda tmp: open(tmp, "w").write(json.dumps(asdict(cfg), indent=2)))
     metrics_path = os.path.join(out, "metrics.jsonl")
-    open(metrics_path, "w").close()
-    history, last_checkpoint, clock = [], None, 0.0  # clock: training + EffOPD seconds
+    history, clock = [], 0.0  # clock: training + EffOPD seconds
+    if resumed:  # continue where the checkpoint left off: its state, its RNG, its metrics lines
+        optimizer.load_state_dict(resumed["optimizer"])
+        if anchor is not None:
+            anchor = {n: b.to(cfg.anchor_device) for n, b in resumed["anchor"].items()}
+        clock = resumed["clock"]
+        os.truncate(metrics_path, resumed["metrics_bytes"])  # drop the lines of lost steps
+        print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
+    else:
+        open(metrics_path, "w").close()
 
     def evaluate(step: int) -> None:
         record = {"step": step, "time/train_s": round(clock, 3),
@@ -563,21 +705,39 @@ def train(cfg: Config) -> list[dict]:
         log(metrics_path, record)
 
     def checkpoint(step: int) -> None:
+        """The student's weights, then what --resume needs besides them (only the latest)."""
         nonlocal last_checkpoint
-        if cfg.save_checkpoints:
-            last_checkpoint = os.path.join(out, f"step_{step:06d}")
-            save_checkpoint(student, tokenizer, last_checkpoint)
+        if not cfg.save_checkpoints:
+            return
+        path = os.path.join(out, f"step_{step:06d}")
+        save_checkpoint(student, tokenizer, path)
+        last_checkpoint = path
+        state = {"step": step, "checkpoint": os.path.basename(path), "clock": clock,
+                 "optimizer": optimizer.state_dict(), "anchor": anchor,
+                 "metrics_bytes": os.path.getsize(metrics_path), "rng": {
+                     "python": random.getstate(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if on_gpu else []}}
+        write_atomically(resume_path, lambda tmp: torch.save(state, tmp))
+
+    def stop(what: str) -> None:
+        """A NaN or inf: stop before anything is saved from it."""
+        raise UserError(f"step {step}: {what}; stopped before saving. Last good (finite) "
+                        f"checkpoint: {last_checkpoint or 'none saved'}")
 
     def val_score(model) -> float:
         with autocast:
             return accuracy(model, tokenizer, val_set, cfg.max_new_tokens, eos, cfg.eval_batch_size)
 
-    anchor = {n: p.detach().to(cfg.anchor_device, copy=True)  # B: the initial student
-              for n, p in student.named_parameters() if in_effopd_scope(n)} if cfg.effopd else None
-    with autocast:
-        evaluate(0)
-    checkpoint(0)
-    for step in range(1, cfg.steps + 1):
+    if resumed:
+        random.setstate(resumed["rng"]["python"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        if on_gpu and resumed["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+    else:
+        with autocast:
+            evaluate(0)
+        checkpoint(0)
+    for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
         t0 = time.time()
         # 1. Rollouts: group_size samples per prompt, from the student as it is now.
         batch = random.sample(train_set, cfg.batch_size)
@@ -616,22 +776,29 @@ def train(cfg: Config) -> list[dict]:
             else:
                 loss = grpo_loss(student_logits, tokens[mb], mask[mb], advantages[mb])
             if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {step}; stopped before the update. "
-                                f"Last good checkpoint: {last_checkpoint or 'none saved'}")
+                stop(f"the loss is {loss.item()}")
             weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
             weighted = loss * weight
             weighted.backward()
             loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
             del student_logits, teacher_logits, loss, kl, weighted  # free before the next forward
-        # 4. One optimizer step.
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        # 4. One optimizer step, taken only with a finite gradient; after it the student must still
+        # be finite (its weights, and its logits on the first micro-batch) or nothing is saved.
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
+        if not torch.isfinite(grad_norm):
+            stop(f"the gradient norm is {grad_norm.item()} (the update was not applied)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        probe = slice(0, cfg.micro_batch_size)
+        with autocast:
+            broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response, vocab)
+        if broken:
+            stop(f"{broken} became NaN or inf in the update (diverged: try a lower --lr)")
         if on_gpu:
             torch.cuda.synchronize()  # the GPU works asynchronously: wait before reading the clock
         step_s = time.time() - t0
         record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
+                  "train/grad_norm": grad_norm.item(),
                   "train/response_len": mask.sum(1).float().mean().item(),
                   "time/step_s": round(step_s, 3)}
         if on_gpu:
@@ -644,6 +811,11 @@ def train(cfg: Config) -> list[dict]:
             t1 = time.time()
             trials = effopd_extrapolate(student, anchor, val_score, cfg.max_candidates)
             kept = max(h["multiple"] for h in trials if h["kept"])
+            with autocast:
+                broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
+                                                  n_response, vocab)
+            if broken:
+                stop(f"{broken} became NaN or inf in EffOPD's move to W+{kept}D")
             record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
                            "effopd/val_s": round(time.time() - t1, 3)})
             print(f"effopd {step:4d} | " + " ".join(
@@ -653,15 +825,24 @@ def train(cfg: Config) -> list[dict]:
         record["time/train_s"] = round(clock, 3)
         history.append(record)
         log(metrics_path, record)
-        if is_power_of_two(step) or step == cfg.steps:
-            checkpoint(step)
+        # 6. Evaluation and checkpoint (the checkpoint last, so that a resumed run starts after both).
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with autocast:
                 evaluate(step)
+        if is_power_of_two(step) or step == cfg.steps:
+            checkpoint(step)
     if on_gpu:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print(f"done: {out}")
     return history
+
+
+def logged_steps(metrics_path: str) -> int:
+    """How many training steps metrics.jsonl records (0 if it does not exist)."""
+    if not os.path.isfile(metrics_path):
+        return 0
+    with open(metrics_path) as f:
+        return sum('"train/loss"' in line for line in f)
 
 
 def main(argv=None) -> None:
@@ -670,8 +851,18 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()  # one line per step is the whole log
     try:
         train(cfg)
-    except UserError as e:
+    except (UserError, OSError) as e:
         sys.exit(f"effopd: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: every file on disk is whole (written atomically)
+        out = run_folder(cfg)
+        step = min(logged_steps(os.path.join(out, "metrics.jsonl")) + 1, cfg.steps)
+        if os.path.isfile(os.path.join(out, "resume.pt")):
+            print(f"\ninterrupted at step {step}; resume with: python effopd.py --resume {out}",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted at step {step}; no checkpoint was saved, so nothing can be "
+                  f"resumed: delete {out} and start again", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

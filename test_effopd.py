@@ -265,13 +265,20 @@ def test_greedy_sampling_with_cache_equals_argmax_of_full_forward(kind):
         assert ids[row, len(ids[row]) - mask.shape[1]:][mask[row]].tolist() == seq[len(prompt):]
 
 
-def test_sampling_draws_from_the_plain_softmax():
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampling_draws_from_the_plain_softmax_at_the_temperature(temperature):
     model = tiny_model("qwen2", vocab=8, seed=5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # logits a few nats apart, where temperature matters
     torch.manual_seed(0)
     n = 4000
-    ids, _, _ = effopd.sample(model, [[2, 3]] * n, 1, eos=[1], pad_id=0, vocab_size=8)
+    ids, _, _ = effopd.sample(model, [[2, 3]] * n, 1, eos=[1], pad_id=0, vocab_size=8,
+                              temperature=temperature)
     freq = torch.bincount(ids[:, -1], minlength=8).float() / n
-    p = model(torch.tensor([[2, 3]])).logits[0, -1].softmax(-1)
+    logits = model(torch.tensor([[2, 3]])).logits[0, -1]
+    p = (logits / temperature).softmax(-1)
+    if temperature != 1:  # the test can tell this temperature from 1
+        assert (p - logits.softmax(-1)).abs().max() > 0.1
     assert (freq - p).abs().max().item() < 4 * math.sqrt(0.25 / n)  # 4 standard errors
 
 
@@ -349,6 +356,22 @@ def test_effopd_scope_on_qwen_names():
                    ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
                     "model.layers.0.self_attn.q_norm.weight",
                     "model.layers.0.input_layernorm.weight"])
+
+
+@pytest.mark.parametrize("family, moving", [
+    ("gpt_neox", {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+    ("falcon", {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+    ("gpt2", {"c_attn", "c_proj", "c_fc"})])
+def test_effopd_scope_on_other_families(family, moving):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    extra = {"falcon": dict(new_decoder_architecture=True, num_kv_heads=2)}.get(family, {})
+    config = AutoConfig.for_model(family, vocab_size=16, hidden_size=32, n_embd=32, n_head=4,
+                                  num_attention_heads=4, num_hidden_layers=1, n_layer=1, **extra)
+    names = [n for n, _ in AutoModelForCausalLM.from_config(config).named_parameters()]
+    inside = [n for n in names if effopd.in_effopd_scope(n)]
+    assert {n.split(".")[-2] for n in inside} == moving
+    for n in set(names) - set(inside):  # what stays: embeddings, the head and every norm
+        assert re.search(r"embed|wte|wpe|lm_head|ln|norm", n), n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,7 +551,8 @@ def test_toy_rejects_an_unstable_learning_rate():
 # ------------------------------------------------------------------------------------------------
 # Checkpoints and the training run
 
-def test_save_checkpoint_replaces_whole_or_not_at_all(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError("No space left on device")])
+def test_save_checkpoint_replaces_whole_or_not_at_all(tmp_path, tokenizer, monkeypatch, failure):
     model, path = tiny_model("qwen2", 14), str(tmp_path / "step_000001")
     effopd.save_checkpoint(model, tokenizer, path)
     before = sorted(os.listdir(path))
@@ -537,11 +561,14 @@ def test_save_checkpoint_replaces_whole_or_not_at_all(tmp_path, tokenizer, monke
     def crash(*args, **kwargs):
         os.makedirs(args[0], exist_ok=True)
         open(os.path.join(args[0], "model.safetensors"), "w").write("half")
-        raise KeyboardInterrupt
+        raise failure
     monkeypatch.setattr(model, "save_pretrained", crash)
-    with pytest.raises(KeyboardInterrupt):
+    expected = pytest.raises(KeyboardInterrupt) if failure is KeyboardInterrupt else \
+        pytest.raises(OSError, match=f"cannot write {re.escape(path)}: No space left on device")
+    with expected:
         effopd.save_checkpoint(model, tokenizer, path)
     assert sorted(os.listdir(path)) == before  # the complete old checkpoint is still there
+    assert sorted(os.listdir(tmp_path)) == ["step_000001"]  # and no half-written step_000001.tmp
     reloaded = Qwen2ForCausalLM.from_pretrained(path)
     assert torch.equal(reloaded.lm_head.weight, tiny_model("qwen2", 14).lm_head.weight)
 
@@ -583,12 +610,14 @@ def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys
     bad.write_text('{"prompt": "1+1=", "answer": 2}\n')
     with pytest.raises(SystemExit, match="val.jsonl: 1 records, but --val-size asks for 50"):
         effopd.main(["--tiny", "--val", str(bad), "--out", str(tmp_path / "r")])
-    with pytest.raises(SystemExit, match="cannot load model '.*no/such-model-here'"):
-        effopd.main(["--tiny", "--student", str(tmp_path / "no/such-model-here"),
-                     "--out", str(tmp_path / "r")])
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(SystemExit, match="cannot load model '.*not-a-model'"):
+        effopd.main(["--tiny", "--student", str(tmp_path / "not-a-model"),
+                     "--out", str(tmp_path / "h")])
     monkeypatch.setattr(effopd, "opd_loss", lambda *a, **k: torch.tensor(float("nan")))
-    with pytest.raises(SystemExit, match=r"loss is nan at step 1.*step_000000"):
-        effopd.main(["--tiny", "--steps", "2", "--test-size", "10", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match=r"step 1: the loss is nan; stopped before saving\. "
+                                         r"Last good \(finite\) checkpoint: .*step_000000$"):
+        effopd.main(["--tiny", "--steps", "2", "--test-size", "10", "--out", str(tmp_path / "n")])
 
 
 def test_norms_by_module_hand_computed():
@@ -608,7 +637,7 @@ def test_checkpoint_report_end_to_end(tmp_path, capsys):
     run = str(tmp_path / "run")
     effopd.main(["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10", "--out", run])
     png = tmp_path / "fig" / "report.png"
-    analyze.main([run, "--interventions", "--alphas", "0", "1", "--report-png", str(png)])
+    analyze.main([run, "--interventions", "--alphas", "0", "1", "--png", str(png)])
     printed = capsys.readouterr().out
     assert "effective_rank" in printed and "norm scaling of step 1" in printed
     assert re.search(r"\n\s+2 \| 1\.000\n", printed)  # dW_T is aligned with itself
@@ -642,23 +671,235 @@ def test_training_run_effopd_keeps_what_it_validated(tmp_path, tokenizer):
     assert evals[4]["time/train_s"] == pytest.approx(counted, abs=0.02)
 
 
-def test_micro_batches_add_up_to_the_batch_mean(tmp_path):
+@pytest.mark.parametrize("loss", ["opd", "sampled", "grpo"])
+def test_micro_batches_add_up_to_the_batch_mean(tmp_path, loss):
     def first_step(micro):
         return effopd.train(effopd.parse_args(
-            ["--tiny", "--steps", "1", "--batch-size", "8", "--micro-batch-size", str(micro),
-             "--test-size", "5", "--no-save-checkpoints", "--out", str(tmp_path / str(micro))]))[1]
-    whole, split = first_step(16), first_step(3)  # 16 responses: one pass, or 3+3+3+3+3+1
+            ["--tiny", "--loss", loss, "--steps", "1", "--batch-size", "8", "--group-size", "4",
+             "--micro-batch-size", str(micro), "--test-size", "5", "--no-save-checkpoints",
+             "--out", str(tmp_path / str(micro))]))[1]
+    whole, split = first_step(32), first_step(5)  # 32 responses: one pass, or 5+5+...+5+2
+    assert split["train/response_len"] == whole["train/response_len"]  # the same rollouts
+    assert abs(whole["train/loss"]) > 1e-3  # GRPO: some groups are mixed (advantages not all 0)
     assert split["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
     assert split["train/kl"] == pytest.approx(whole["train/kl"], rel=1e-5)
-    assert split["train/response_len"] == whole["train/response_len"]  # the same rollouts
+    assert split["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-4)
 
 
-def test_training_run_refuses_too_few_logits_and_a_used_run_folder(tmp_path, tokenizer):
+def test_training_run_refuses_too_few_logits(tmp_path, tokenizer):
     small = str(tmp_path / "small")
     effopd.save_checkpoint(tiny_model("qwen2", 10), tokenizer, small)
     with pytest.raises(SystemExit, match="student has 10 logits, fewer than the tokenizer's 14"):
         effopd.main(["--tiny", "--student", small, "--out", str(tmp_path / "r")])
-    used = tmp_path / "used"
-    (used / "step_000000").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run"):
-        effopd.main(["--tiny", "--out", str(used)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad flags, diverged runs, interrupted runs, I/O errors
+
+TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    *[([f"--{size.replace('_', '-')}", "0"], f"--{size.replace('_', '-')} must be at least 1, "
+       f"got 0") for size in effopd.SIZES],
+    (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
+    (["--lr=-1e-5"], r"--lr must be > 0, got -1e-05"),
+    (["--lr", "nan"], r"--lr must be > 0, got nan"),
+    (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
+    (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
+    (["--loss", "dpo"], "--loss must be opd, sampled or grpo, not 'dpo'"),
+    (["--effopd", "--max-candidates", "0"], "--max-candidates must be at least 1"),
+    (["--student", "./no/such/dir"], "--student ./no/such/dir: no such folder"),
+    (["--teacher", "/no/such/dir"], "--teacher /no/such/dir: no such folder"),
+])
+def test_bad_flags_exit_2_with_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys,
+                                                               flags, message):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--tiny", "--out", str(tmp_path / "run"), *flags])
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+
+    def error(out: str) -> str:
+        with pytest.raises(SystemExit, match="2"):
+            effopd.main(["--tiny", "--out", out])
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    (tmp_path / "file").write_text("x")
+    assert error(str(tmp_path / "file")).endswith("file: exists and is not a folder")
+    done = tmp_path / "done"  # a --no-save-checkpoints run leaves only these two
+    done.mkdir()
+    (done / "config.json").write_text("{}")
+    (done / "metrics.jsonl").write_text("")
+    assert "holds files of an earlier run (config.json, metrics.jsonl); delete it, or pass " \
+           "another --out" in error(str(done))
+    (done / "resume.pt").write_text("")
+    assert f"(config.json, metrics.jsonl, resume.pt); continue it with --resume {done}, or " \
+           f"pass another --out" in error(str(done))
+    (done / "resume.pt").unlink()
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", read_only)
+        assert error(str(tmp_path / "ro")).endswith("ro: cannot write there (Permission denied)")
+    assert "no resume.pt, so nothing to resume" in error_of_resume(done, capsys)
+    assert "/missing/config.json: not found" in error_of_resume(tmp_path / "missing", capsys)
+
+
+def error_of_resume(out, capsys, *flags) -> str:
+    """The one-line error of --resume: printed by argparse (exit 2) or by main (exit 1)."""
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--resume", str(out), *flags])
+    printed = capsys.readouterr().err.strip().splitlines()
+    return printed[-1] if exit.value.code == 2 else exit.value.code
+
+
+def test_leftover_tmp_files_neither_block_nor_stay(tmp_path):
+    out = tmp_path / "run"
+    (out / "step_000001.tmp").mkdir(parents=True)  # what a killed run leaves
+    (out / "resume.pt.tmp").write_text("half")
+    effopd.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "resume.pt", "step_000000",
+                                       "step_000001"]
+
+
+def test_first_nonfinite_names_a_weight_or_the_logits():
+    model = tiny_model("qwen2", 14)
+    ids, mask = torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long)
+    assert effopd.first_nonfinite(model, ids, mask, 2, 14) is None
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    assert effopd.first_nonfinite(model, ids, mask, 2, 14) == \
+        "weight model.layers.1.mlp.up_proj.weight"
+    model = tiny_model("qwen2", 14)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(3e38)  # finite weights whose logits overflow to inf
+    assert effopd.first_nonfinite(model, ids, mask, 2, 14) == "the logits"
+
+
+def test_a_diverged_run_stops_before_saving_and_names_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:  # Adam at lr 1e6: weights ~1e6 after one step
+        effopd.main([*TINY_RUN, "--steps", "8", "--lr", "1e6", "--out", str(out)])
+    message = str(exit.value.code)
+    match = re.fullmatch(r"effopd: error: step (\d+): .*(nan|NaN or inf).*; stopped before "
+                         r"saving\. Last good \(finite\) checkpoint: (.*)", message)
+    assert match, message
+    step, last = int(match.group(1)), match.group(3)
+    saved = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step_"))
+    assert last == str(out / f"step_{saved[-1]:06d}") and saved[-1] < step
+    for s in saved:  # every checkpoint on disk is finite
+        model = Qwen2ForCausalLM.from_pretrained(out / f"step_{s:06d}")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
+        with pytest.raises(SystemExit, match=r"step 1: the gradient norm is inf \(the update was "
+                                             r"not applied\); stopped before saving"):
+            effopd.main([*TINY_RUN, "--out", str(tmp_path / "grad")])
+
+    def broken_move(model, anchor, score_fn, max_candidates):
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+        return [{"multiple": 0, "score": 0.1, "kept": True}, {"multiple": 2, "score": 0.2,
+                                                               "kept": True}]
+    monkeypatch.setattr(effopd, "effopd_extrapolate", broken_move)
+    with pytest.raises(SystemExit, match=r"step 1: weight model\.layers\.0\.self_attn\.q_proj\."
+                                         r"weight became NaN or inf in EffOPD's move to W\+2D"):
+        effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "move")])
+    assert not (tmp_path / "move" / "step_000001").exists()
+
+
+def test_effopd_prints_its_scope_and_refuses_an_empty_one(tmp_path, capsys, monkeypatch):
+    effopd.main([*TINY_RUN, "--steps", "1", "--effopd", "--out", str(tmp_path / "a")])
+    student = Qwen2ForCausalLM.from_pretrained("data/tiny/student")
+    blocks = [p for n, p in student.named_parameters() if ".self_attn." in n or ".mlp." in n]
+    assert (f"effopd: {len(blocks)} tensors, {sum(p.numel() for p in blocks) / 1e6:.2f}M "
+            f"parameters in scope") in capsys.readouterr().out
+    monkeypatch.setattr(effopd, "in_effopd_scope", lambda name: False)
+    with pytest.raises(SystemExit, match="--effopd: no attention or MLP weight among the "
+                                         "student's parameters .* EffOPD would move nothing"):
+        effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "b")])
+
+
+def test_io_error_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    def full(model, tokenizer, path):
+        raise OSError(f"cannot write {path}: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(effopd, "save_checkpoint", full)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=f"^effopd: error: cannot write {re.escape(str(out))}/"
+                                         r"step_000000: I/O error: No space left on device"):
+        effopd.main([*TINY_RUN, "--out", str(out)])
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    flags = [*TINY_RUN, "--steps", "8", "--effopd", "--eval-every", "2", "--batch-size", "4"]
+    effopd.main([*flags, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "cut"
+    calls = []
+
+    def interrupt_in_step_6(*args, **kwargs):  # one opd_loss call per step here
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    original = effopd.opd_loss
+    with monkeypatch.context() as m:
+        m.setattr(effopd, "opd_loss", interrupt_in_step_6)
+        with pytest.raises(SystemExit) as exit:
+            effopd.main([*flags, "--out", str(out)])
+    assert exit.value.code == 130
+    assert capsys.readouterr().err.strip() == \
+        f"interrupted at step 6; resume with: python effopd.py --resume {out}"
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert "--lr 0.001 differs from the run's 1e-05" in error_of_resume(out, capsys, "--lr", "1e-3")
+    effopd.main(["--resume", str(out)])
+    assert f"resuming {out} after step 4 ({out}/step_000004)" in capsys.readouterr().out
+    assert "has finished its 8 steps; pass --steps N (N > 8)" in error_of_resume(out, capsys)
+
+    def records(run):
+        lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "effopd/val_s"}
+                for r in lines]
+    assert records(out) == records(tmp_path / "whole")
+    assert [r["step"] for r in records(out) if "train/loss" in r] == list(range(1, 9))
+    a = Qwen2ForCausalLM.from_pretrained(tmp_path / "whole" / "step_000008")
+    b = Qwen2ForCausalLM.from_pretrained(out / "step_000008")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p - q).abs().max().item() <= 1e-6, name
+    assert sorted(f for f in os.listdir(out) if "resume" in f) == ["resume.pt"]  # only the latest
+
+
+def test_runs_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # not the repository: --tiny and analyze must still find data/
+    effopd.main([*TINY_RUN, "--out", "run"])
+    analyze.main(["run", "--interventions", "--alphas", "1"])
+    assert sorted(f for f in os.listdir("run") if f.endswith(".png")) == [
+        "interventions-run.png", "report.png"]  # beside the run, not over the repository's
+
+
+def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
+    model = tiny_model("qwen2", 14)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[1, 2] = float("nan")
+    effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000004"))
+    with pytest.raises(SystemExit, match=r"step_000004: model\.layers\.0\.mlp\.down_proj\.weight "
+                                         r"holds NaN or inf$"):
+        analyze.load_weights(str(tmp_path / "step_000004"))
+
+
+def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):
+    import bench
+    assert bench.requirement("x", True) and not bench.requirement("y", False)
+    assert capsys.readouterr().out == "requirement: x -> PASS\nrequirement: y -> FAIL\n"
+    monkeypatch.setattr(bench, "bench_metrics", lambda args: bench.requirement("slow", False))
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["metrics"])
+    assert exit.value.code == 1

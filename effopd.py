@@ -45,6 +45,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -150,11 +151,11 @@ def resumed_config(given: dict) -> Config:
         raise UserError(f"{path}: not found; --resume takes a run folder written by effopd.py")
     with open(path) as f:
         saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
+    flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
     for k, v in given.items():
         if k not in RESUMABLE and v != saved.get(k):
-            raise UserError(f"--{k} {v} differs from the run's {saved.get(k)}: a resumed run "
-                            f"keeps its config (only --{', --'.join(RESUMABLE[1:])} may "
-                            f"change)".replace("_", "-"))
+            raise UserError(f"{flags([k])} {v} differs from the run's {saved.get(k)}: a resumed "
+                            f"run keeps its config (only {flags(RESUMABLE[1:])} may change)")
     return Config(**{**saved, **given, "out": given["resume"]})
 
 
@@ -679,8 +680,8 @@ def train(cfg: Config) -> list[dict]:
         print(f"effopd: {len(anchor)} tensors, {sum(b.numel() for b in anchor.values()) / 1e6:.2f}M"
               f" parameters in scope (attention and MLP weights)")
 
-    write_atomically(os.path.join(out, "config.json"),
-                     lambda tmp: open(tmp, "w").write(json.dumps(asdict(cfg), indent=2)))
+    config = json.dumps({**asdict(cfg), "out": out}, indent=2)
+    write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
     metrics_path = os.path.join(out, "metrics.jsonl")
     history, clock = [], 0.0  # clock: training + EffOPD seconds
     if resumed:  # continue where the checkpoint left off: its state, its RNG, its metrics lines

@@ -75,7 +75,8 @@ class Config:
     test_size: int = arg(500, "test examples used (the first N of --test)")
     # training
     loss: str = arg("opd", "opd: full-vocabulary reverse KL | sampled: per-token policy "
-                    "gradient, advantage log pi_teacher - log pi_student | grpo: answer reward")
+                    "gradient, advantage log pi_teacher - log pi_student | grpo: answer reward | "
+                    "sft: cross-entropy on the teacher's own samples (off-policy)")
     steps: int = arg(64, "optimizer steps")
     batch_size: int = arg(16, "prompts per step")
     group_size: int = arg(4, "responses sampled per prompt")
@@ -90,6 +91,10 @@ class Config:
     effopd: bool = arg(False, "extrapolate at steps 1, 2, 4, 8, ... (validation-accepted)")
     max_candidates: int = arg(5, "EffOPD candidates per trigger: W+2D, W+4D, ...")
     anchor_device: str = arg("cpu", "where EffOPD keeps its copies of the weights")
+    # subspace locking (SPEC section 6)
+    lock_subspace: str = arg("", "checkpoint whose update dW = W - W_0 fixes, per attention and "
+                             "MLP matrix, the subspace every later update is projected onto")
+    lock_rank: int = arg(8, "top-r left and right singular vectors of that update kept")
     # evaluation and output
     eval_every: int = arg(8, "validation and test accuracy every N steps (and at 0 and the end)")
     eval_batch_size: int = arg(64, "prompts per greedy-decoding batch in evaluation")
@@ -109,7 +114,7 @@ TINY = dict(student="data/tiny/student", teacher="data/tiny/teacher",
 TINY.update({k: os.path.join(PROJECT, TINY[k]) for k in ("student", "teacher", "train", "val",
                                                           "test")})
 SIZES = ("steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "chunk_size",
-         "max_candidates", "eval_every", "eval_batch_size", "val_size", "test_size")
+         "max_candidates", "eval_every", "eval_batch_size", "val_size", "test_size", "lock_rank")
 # What --resume may change: where and in what pieces the work runs (the results agree up to
 # floating-point summation order), and --steps, to train further. Everything else is the run's.
 RESUMABLE = ("resume", "steps", "device", "anchor_device", "micro_batch_size", "chunk_size",
@@ -175,8 +180,8 @@ def check_config(cfg: Config) -> None:
         value = getattr(cfg, name)
         if not (value > 0 if need == "> 0" else value >= 0):  # False for NaN too
             raise UserError(f"--{name.replace('_', '-')} must be {need}, got {value}")
-    if cfg.loss not in ("opd", "sampled", "grpo"):
-        raise UserError(f"--loss must be opd, sampled or grpo, not {cfg.loss!r}")
+    if cfg.loss not in ("opd", "sampled", "grpo", "sft"):
+        raise UserError(f"--loss must be opd, sampled, grpo or sft, not {cfg.loss!r}")
     if cfg.loss == "grpo" and cfg.group_size < 2:
         raise UserError("--loss grpo needs --group-size >= 2: its advantage compares the "
                         "responses to one prompt, so a group of one learns nothing")
@@ -184,6 +189,8 @@ def check_config(cfg: Config) -> None:
         path = getattr(cfg, name)
         if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
             raise UserError(f"--{name} {path}: no such folder")
+    if cfg.lock_subspace and not os.path.isdir(cfg.lock_subspace):
+        raise UserError(f"--lock-subspace {cfg.lock_subspace}: no such checkpoint folder")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA GPU is available")
     check_run_folder(run_folder(cfg), resume=bool(cfg.resume))
@@ -346,6 +353,12 @@ def grpo_loss(student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Te
               advantages: torch.Tensor) -> torch.Tensor:
     """On-policy GRPO with one update per batch (no ratio to clip): -mean_t A * log p_s(y_t)."""
     return -masked_mean(advantages[:, None] * token_logprobs(student_logits, tokens), mask)
+
+
+def sft_loss(student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student on given response tokens, -mean_t log p_s(y_t): SFT, here on
+    the teacher's own samples (the off-policy counterpart of OPD). (B, T, V), (B, T), (B, T)."""
+    return -masked_mean(token_logprobs(student_logits, tokens), mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,6 +581,32 @@ def subspace_alignment(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> 
 
 
 # ------------------------------------------------------------------------------------------------
+# Subspace locking: is the early update's subspace enough? (SPEC section 6)
+
+
+def top_singular_vectors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """U_r (m, r) and V_r (n, r): the top-r left and right singular vectors of delta (m, n)."""
+    u, _, vh = torch.linalg.svd(delta.detach().float(), full_matrices=False)
+    return u[:, :rank], vh[:rank].T
+
+
+def project_update(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """U U^T delta V V^T: the part of delta (m, n) inside the column spans of u (m, r) and v (n, r),
+    which must be orthonormal. Idempotent; a matrix already inside is returned unchanged."""
+    return u @ (u.T @ delta @ v) @ v.T
+
+
+@torch.no_grad()
+def lock_to_subspace(model: torch.nn.Module, base: dict[str, torch.Tensor],
+                     bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """W := W_0 + U U^T (W - W_0) V V^T, in place, for every parameter named in bases; base holds
+    its W_0 and bases its (U, V) on the parameter's device."""
+    for name, p in model.named_parameters():
+        if name in bases:
+            p.copy_(base[name] + project_update(p - base[name], *bases[name]))
+
+
+# ------------------------------------------------------------------------------------------------
 # Checkpoints and logging
 
 
@@ -681,6 +720,23 @@ def train(cfg: Config) -> list[dict]:
               f" parameters in scope (attention and MLP weights)")
 
     config = json.dumps({**asdict(cfg), "out": out}, indent=2)
+    lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
+    if cfg.lock_subspace:
+        initial = student if not resumed else load_model_and_tokenizer(cfg.student,
+                                                                       torch.float32, device)[0]
+        early = dict(load_model_and_tokenizer(cfg.lock_subspace, torch.float32, device)[0]
+                     .named_parameters())
+        for n, p in initial.named_parameters():
+            if p.dim() == 2 and in_effopd_scope(n):
+                if n not in early or early[n].shape != p.shape:
+                    raise UserError(f"--lock-subspace {cfg.lock_subspace}: {n} missing or of "
+                                    f"another shape than the student's {tuple(p.shape)}")
+                lock_base[n] = p.detach().clone()
+                lock[n] = top_singular_vectors(early[n] - lock_base[n], cfg.lock_rank)
+        del initial, early
+        print(f"lock: {len(lock)} matrices held to their top-{cfg.lock_rank} update subspaces "
+              f"in {cfg.lock_subspace}")
+
     write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
     metrics_path = os.path.join(out, "metrics.jsonl")
     history, clock = [], 0.0  # clock: training + EffOPD seconds
@@ -740,12 +796,14 @@ def train(cfg: Config) -> list[dict]:
         checkpoint(0)
     for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
         t0 = time.time()
-        # 1. Rollouts: group_size samples per prompt, from the student as it is now.
+        # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the
+        # teacher for --loss sft, the off-policy arm).
         batch = random.sample(train_set, cfg.batch_size)
         batch = [r for r in batch for _ in range(cfg.group_size)]  # group after group
         with autocast:
             ids, attention_mask, mask = sample(
-                student, render_prompts(tokenizer, [r["prompt"] for r in batch]),
+                teacher if cfg.loss == "sft" else student,
+                render_prompts(tokenizer, [r["prompt"] for r in batch]),
                 cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
         n_response = mask.shape[1]
         tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
@@ -774,6 +832,8 @@ def train(cfg: Config) -> list[dict]:
                 loss = kl
             elif cfg.loss == "sampled":
                 loss = sampled_token_loss(student_logits, teacher_logits, tokens[mb], mask[mb])
+            elif cfg.loss == "sft":
+                loss = sft_loss(student_logits, tokens[mb], mask[mb])
             else:
                 loss = grpo_loss(student_logits, tokens[mb], mask[mb], advantages[mb])
             if not torch.isfinite(loss):
@@ -790,6 +850,8 @@ def train(cfg: Config) -> list[dict]:
             stop(f"the gradient norm is {grad_norm.item()} (the update was not applied)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if lock:  # --lock-subspace: each locked matrix's update back into the early subspace
+            lock_to_subspace(student, lock_base, lock)
         probe = slice(0, cfg.micro_batch_size)
         with autocast:
             broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response, vocab)

@@ -157,6 +157,19 @@ def test_grpo_loss_equals_plain_sum():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_sft_loss_is_the_cross_entropy_of_the_scored_tokens():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 4, 7), torch.randint(0, 7, (2, 4))
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    expected = torch.nn.functional.cross_entropy(logits[mask], tokens[mask])
+    logits[0, 3] = float("nan")  # after the first EOS: never read
+    assert effopd.sft_loss(logits, tokens, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    # by hand, one position: -log softmax([0, ln 3])[1] = -log(3/4)
+    one = effopd.sft_loss(torch.tensor([[[0.0, math.log(3.0)]]]), torch.tensor([[1]]),
+                          torch.tensor([[True]]))
+    assert one.item() == pytest.approx(-math.log(0.75), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Data, masks, tokenizers
 
@@ -707,7 +720,8 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     (["--lr", "nan"], r"--lr must be > 0, got nan"),
     (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
-    (["--loss", "dpo"], "--loss must be opd, sampled or grpo, not 'dpo'"),
+    (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
+    (["--lock-subspace", "/no/ckpt"], "--lock-subspace /no/ckpt: no such checkpoint folder"),
     (["--effopd", "--max-candidates", "0"], "--max-candidates must be at least 1"),
     (["--student", "./no/such/dir"], "--student ./no/such/dir: no such folder"),
     (["--teacher", "/no/such/dir"], "--teacher /no/such/dir: no such folder"),
@@ -903,3 +917,85 @@ def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit:
         bench.main(["metrics"])
     assert exit.value.code == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The SFT arm and subspace locking (SPEC section 6)
+
+def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
+
+
+def test_projection_keeps_what_is_inside_removes_what_is_outside_and_is_idempotent():
+    m, n, r = 12, 9, 3
+    basis_u, basis_v = orthonormal(m, m, 0), orthonormal(n, n, 1)
+    u, v = basis_u[:, :r], basis_v[:, :r]
+    inside = u @ torch.randn(r, r, dtype=torch.float64) @ v.T
+    outside = basis_u[:, r:] @ torch.randn(m - r, n - r, dtype=torch.float64) @ basis_v[:, r:].T
+    assert torch.allclose(effopd.project_update(inside, u, v), inside, atol=1e-12)
+    assert effopd.project_update(outside, u, v).abs().max() < 1e-12
+    mixed = inside + outside
+    once = effopd.project_update(mixed, u, v)
+    assert torch.allclose(once, inside, atol=1e-12)
+    assert torch.allclose(effopd.project_update(once, u, v), once, atol=1e-12)
+    # by hand: onto e_1 on both sides, only entry (0, 0) survives
+    e1 = torch.eye(3)[:, :1]
+    x = torch.arange(9.0).view(3, 3) + 1
+    assert effopd.project_update(x, e1, e1).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_top_singular_vectors_of_a_known_spectrum():
+    u, v = orthonormal(10, 4, 2), orthonormal(7, 4, 3)
+    delta = u @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)) @ v.T
+    u2, v2 = effopd.top_singular_vectors(delta, 2)
+    assert u2.shape == (10, 2) and v2.shape == (7, 2)
+    # the same subspaces as the first two known vectors (signs are free)
+    assert torch.allclose((u2.double().T @ u[:, :2]).abs(), torch.eye(2, dtype=torch.float64),
+                          atol=1e-5)
+    assert torch.allclose((v2.double().T @ v[:, :2]).abs(), torch.eye(2, dtype=torch.float64),
+                          atol=1e-5)
+
+
+def test_lock_to_subspace_moves_only_the_named_matrices():
+    model = Block()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    u, v = torch.eye(2)[:, :1], torch.eye(2)[:, 1:]  # keep only entry (0, 1) of the update
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    effopd.lock_to_subspace(model, base, {"mlp.weight": (u, v)})
+    params = dict(model.named_parameters())
+    assert (params["mlp.weight"] - base["mlp.weight"]).tolist() == [[0, 1], [0, 0]]
+    assert torch.equal(params["self_attn.weight"], base["self_attn.weight"] + 1)  # not locked
+
+
+def test_sft_arm_trains_on_the_teachers_samples(tmp_path, monkeypatch):
+    samplers = []
+    original = effopd.sample
+
+    def recording(model, *args, **kwargs):
+        samplers.append((model.config.hidden_size, kwargs.get("temperature", args[-1])))
+        return original(model, *args, **kwargs)
+    monkeypatch.setattr(effopd, "sample", recording)
+    effopd.main([*TINY_RUN, "--loss", "sft", "--out", str(tmp_path / "sft")])
+    rollouts = [width for width, temperature in samplers if temperature != 0]  # not evaluation
+    assert rollouts == [128, 128]  # the teacher (width 128), not the student (96), at each step
+
+
+def test_locked_training_keeps_every_update_in_the_early_subspace(tmp_path, capsys):
+    early = tmp_path / "opd"
+    effopd.main([*TINY_RUN, "--out", str(early)])
+    locked = tmp_path / "locked"
+    effopd.main([*TINY_RUN, "--steps", "3", "--lock-subspace", str(early / "step_000001"),
+                 "--lock-rank", "2", "--out", str(locked)])
+    assert "lock: 28 matrices held to their top-2 update subspaces" in capsys.readouterr().out
+    w0 = Qwen2ForCausalLM.from_pretrained("data/tiny/student").state_dict()
+    w1 = Qwen2ForCausalLM.from_pretrained(early / "step_000001").state_dict()
+    w3 = Qwen2ForCausalLM.from_pretrained(locked / "step_000003").state_dict()
+    name = "model.layers.2.mlp.down_proj.weight"
+    u, v = effopd.top_singular_vectors(w1[name] - w0[name], 2)
+    delta = w3[name] - w0[name]
+    assert delta.norm() > 0
+    assert torch.allclose(effopd.project_update(delta, u, v), delta, atol=1e-6)
+    assert torch.linalg.matrix_rank(delta, atol=1e-6) <= 2

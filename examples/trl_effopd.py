@@ -10,8 +10,10 @@ KL(student || teacher), the loss of effopd.opd_loss. The settings are those of `
 
 Run (from the repository root or anywhere):
     python examples/trl_effopd.py                                          # one process
-    accelerate launch --num_processes 2 --cpu examples/trl_effopd.py       # two (DDP over gloo)
-    torchrun --nproc_per_node 2 examples/trl_effopd.py                     # the same, with torchrun
+    torchrun --standalone --nproc_per_node 2 examples/trl_effopd.py        # two: DDP over gloo
+    accelerate launch --multi_gpu --num_processes 2 examples/trl_effopd.py # the same, no GPU here
+Careful: `accelerate launch --num_processes 2 --cpu` starts ONE process (accelerate 1.15's CPU
+launcher is single-process unless given an MPI hostfile); the first line of each run says how many.
 """
 import argparse
 import os

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 # ------------------------------------------------------------------------------------------------
 # Configuration
@@ -536,6 +537,83 @@ def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], 
         for n, b in anchor.items():
             b.copy_(params[n])
     return history
+
+
+# EffOPD in any Hugging Face Trainer (TRL's DistillationTrainer and GKDTrainer are Trainers): a
+# callback. examples/trl_effopd.py shows it with TRL, on one process and on two.
+
+
+def rank0_score(score_fn):
+    """score_fn made collective: rank 0 scores, every process receives its value. Several processes
+    must take one accept/reject decision, or their weights drift apart; without an initialized
+    torch.distributed process group this is score_fn itself."""
+    import torch.distributed as dist
+
+    def score(model) -> float:
+        if not (dist.is_available() and dist.is_initialized()):
+            return float(score_fn(model))
+        value = [float(score_fn(model)) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(value, src=0)  # gloo on CPUs, NCCL on GPUs; the others wait
+        return value[0]
+    return score
+
+
+class EffOPDCallback(TrainerCallback):
+    """EffOPD inside a transformers Trainer: trainer.add_callback(EffOPDCallback(trainer, score_fn)).
+
+    After the optimizer step at global steps 1, 2, 4, 8, ... it runs effopd_extrapolate on the model
+    the trainer trains at that moment (unwrapped from DDP), in eval mode, scored by
+    score_fn(model) -> float (higher is better; greedy validation accuracy in the paper). The anchor
+    B is taken at train begin (on resume: the resumed weights) and kept on anchor_device. The ladder
+    goes through the trainer's own log, so it lands in trainer.state.log_history and in wandb,
+    tensorboard, ... when report_to has them: effopd/kept_multiple, effopd/score_+<m>D for every
+    candidate scored, effopd/val_s. Optimizer state and learning-rate schedule are left alone.
+
+    Several processes (DDP: accelerate launch, torchrun): every rank holds the full weights; rank 0
+    scores, the score is broadcast (rank0_score), every rank makes the same move, so the ranks stay
+    identical. vLLM rollouts: vLLM holds its own copy of the weights, which must be re-synced after a
+    move. TRL's trainers do it themselves: they sync at the first generation after global_step
+    changes, which comes after this callback. Elsewhere (verl, OpenRLHF, your own loop) push the
+    weights after every trigger. Not supported yet, refused at train begin: FSDP and DeepSpeed. There
+    each rank holds a shard of W, so B must be sharded identically and W + m (W - B) computed on the
+    shard; DeepSpeed also keeps fp32 master weights in its optimizer, which would overwrite a move
+    of the module's parameters at the next step.
+    """
+
+    def __init__(self, trainer, score_fn, max_candidates: int = 5, anchor_device: str = "cpu"):
+        self.trainer, self.score_fn = trainer, score_fn
+        self.max_candidates, self.anchor_device = max_candidates, anchor_device
+        self.anchor = None  # parameter name -> B, from on_train_begin
+
+    def model(self) -> torch.nn.Module:
+        """The module the trainer trains now (it may have wrapped or replaced the one it was given)."""
+        return self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(self.trainer, "is_fsdp_enabled", False) or getattr(
+                self.trainer, "is_deepspeed_enabled", False):
+            raise NotImplementedError("EffOPDCallback supports one process or DDP, not FSDP or "
+                                      "DeepSpeed (sharded weights, fp32 master copies): see its "
+                                      "docstring")
+        self.anchor = {n: p.detach().to(self.anchor_device, copy=True)
+                       for n, p in self.model().named_parameters() if in_effopd_scope(n)}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not is_power_of_two(state.global_step):
+            return
+        model, t0 = self.model(), time.time()
+        was_training = model.training
+        model.eval()  # no dropout while scoring
+        trials = effopd_extrapolate(model, self.anchor, rank0_score(self.score_fn),
+                                    self.max_candidates)
+        model.train(was_training)
+        record = {"effopd/kept_multiple": max(h["multiple"] for h in trials if h["kept"]),
+                  **{f"effopd/score_{h['multiple']:+d}D": h["score"] for h in trials},
+                  "effopd/val_s": round(time.time() - t0, 3)}
+        from transformers import Trainer
+        should_log = control.should_log  # the trainer's log resets it: the step's own log stays due
+        Trainer.log(self.trainer, record)  # the base log: TRL's would flush its running averages
+        control.should_log = should_log
 
 
 # ------------------------------------------------------------------------------------------------

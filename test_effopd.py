@@ -4,11 +4,14 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
+import types
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          TrainerCallback, TrainingArguments)
 
 import analyze
 import effopd
@@ -999,3 +1002,209 @@ def test_locked_training_keeps_every_update_in_the_early_subspace(tmp_path, caps
     assert delta.norm() > 0
     assert torch.allclose(effopd.project_update(delta, u, v), delta, atol=1e-6)
     assert torch.linalg.matrix_rank(delta, atol=1e-6) <= 2
+
+
+# ------------------------------------------------------------------------------------------------
+# EffOPD in a Hugging Face Trainer: EffOPDCallback, and the TRL example on one and two processes
+
+EXAMPLES = os.path.join(REPO, "examples")
+
+
+class Snapshots(TrainerCallback):
+    """The weights and optimizer state at train begin and every step end, as this callback sees
+    them: added before EffOPDCallback it sees W_t, after it the weights EffOPD kept."""
+
+    def __init__(self, trainer):
+        self.trainer, self.weights, self.optimizer, self.training = trainer, {}, {}, {}
+
+    def take(self, step):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+        self.weights[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.optimizer[step] = [{k: v.clone() for k, v in s.items()}
+                                for s in self.trainer.optimizer.state.values()]
+        self.training[step] = model.training
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.take(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.take(state.global_step)
+
+
+class LogSpy(TrainerCallback):
+    """Stands where report_to integrations (wandb, tensorboard) stand: before user callbacks."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs, step=state.global_step))
+
+
+def test_effopd_callback_in_a_plain_trainer_moves_logs_and_leaves_optimizer_alone(tmp_path):
+    from transformers import Trainer  # slow to import: only here
+    model = tiny_model("qwen2", 16)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 16, (16, 8), generator=gen)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, lr_scheduler_type="linear", use_cpu=True,
+                             logging_steps=1, report_to="none", save_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    scores, modes = iter([0.1, 0.2, 0.3, 0.3,  # step 1: W+2D, W+4D better, W+6D ties: keep 4
+                          0.5, 0.4]), []       # step 2: W+2D worse: keep W_2
+    spy, before, after = LogSpy(), Snapshots(trainer), Snapshots(trainer)
+
+    def score_fn(m):
+        modes.append(m.training)
+        return next(scores)
+    trainer.callback_handler.callbacks.insert(0, spy)
+    trainer.callback_handler.callbacks.append(before)
+    trainer.add_callback(effopd.EffOPDCallback(trainer, score_fn, max_candidates=3))
+    trainer.callback_handler.callbacks.append(after)
+    trainer.train()
+
+    scope = {n for n in before.weights[0] if effopd.in_effopd_scope(n)}
+    w0, w1, kept1 = before.weights[0], before.weights[1], after.weights[1]
+    for n in w0:  # step 1: W_1 + 4 (W_1 - W_0) in scope, W_1 elsewhere, exactly
+        assert torch.equal(kept1[n], w1[n] + 4 * (w1[n] - w0[n]) if n in scope else w1[n]), n
+    assert not torch.equal(w1[min(scope)], w0[min(scope)])  # the step did move the weights
+    for n in w0:  # step 2 keeps W_2; step 3 triggers nothing
+        assert torch.equal(after.weights[2][n], before.weights[2][n])
+        assert torch.equal(after.weights[3][n], before.weights[3][n])
+    for t in (1, 2):  # optimizer state untouched; training mode back after scoring in eval mode
+        for s_before, s_after in zip(before.optimizer[t], after.optimizer[t], strict=True):
+            assert all(torch.equal(s_before[k], s_after[k]) for k in s_before)
+        assert after.training[t] is True
+    assert modes == [False] * 6
+    ladders = [(h["step"], {k: v for k, v in h.items() if k.startswith("effopd/score")},
+                h["effopd/kept_multiple"]) for h in trainer.state.log_history
+               if "effopd/kept_multiple" in h]
+    assert ladders == [
+        (1, {"effopd/score_+0D": 0.1, "effopd/score_+2D": 0.2, "effopd/score_+4D": 0.3,
+             "effopd/score_+6D": 0.3}, 4),
+        (2, {"effopd/score_+0D": 0.5, "effopd/score_+2D": 0.4}, 0)]
+    assert [(h["step"], h["effopd/kept_multiple"]) for h in spy.logs
+            if "effopd/kept_multiple" in h] == [(1, 4), (2, 0)]  # integrations get it too
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
+
+
+def test_effopd_callback_refuses_sharded_training():
+    for sharded in ("is_fsdp_enabled", "is_deepspeed_enabled"):
+        trainer = types.SimpleNamespace(**{sharded: True})
+        callback = effopd.EffOPDCallback(trainer, lambda m: 0.0)
+        with pytest.raises(NotImplementedError, match="not FSDP or DeepSpeed"):
+            callback.on_train_begin(None, None, None)
+
+
+def test_importing_effopd_does_not_import_trl():
+    code = "import effopd, sys; assert 'trl' not in sys.modules, 'trl imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_trl_distillation_loss_with_beta_1_is_opd_loss():
+    """What DistillationTrainer minimizes at beta = 1 (its chunked loss on hidden states and LM heads)
+    is effopd.opd_loss on the logits they make, gradient included."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    torch.manual_seed(0)
+    h_s, h_t = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 12)
+    w_s, w_t = torch.randn(11, 8), torch.randn(11, 12)
+    mask = torch.rand(2, 5) > 0.3
+    trl_loss = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask.long(), beta=1.0)[0]
+    (trl_grad,) = torch.autograd.grad(trl_loss, h_s)
+    ours = effopd.opd_loss(h_s @ w_s.T, h_t @ w_t.T, mask)
+    (our_grad,) = torch.autograd.grad(ours, h_s)
+    assert trl_loss.item() == pytest.approx(ours.item(), rel=1e-5)
+    torch.testing.assert_close(trl_grad, our_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_trl_example_short_run(tmp_path, capsys):
+    sys.path.insert(0, EXAMPLES)
+    import trl_effopd
+    results = trl_effopd.main(["--steps", "2", "--batch-size", "16", "--eval-every", "1",
+                               "--test-size", "20", "--out", str(tmp_path)])
+    opd, eff = results["opd"], results["effopd"]
+    assert [s for s, _, _ in opd["curve"]] == [s for s, _, _ in eff["curve"]] == [0, 1, 2]
+    assert opd["curve"][0] == eff["curve"][0]  # the same student at step 0
+    assert not any("effopd/kept_multiple" in h for h in opd["log_history"])
+    ladders = {h["step"]: h for h in eff["log_history"] if "effopd/kept_multiple" in h}
+    assert sorted(ladders) == [1, 2]
+    for step, val, _ in eff["curve"][1:]:  # after EffOPD the student scores what EffOPD kept
+        h = ladders[step]
+        assert val == h[f"effopd/score_+{h['effopd/kept_multiple']}D"]
+    printed = capsys.readouterr().out
+    assert "effopd    1 | +0D:" in printed and re.search(r"\n\s+2 \|\s+[\d.]+ [\d.]+ \|", printed)
+
+
+TWO_RANKS = """
+import json, sys
+import torch, torch.distributed as dist
+from transformers import TrainerCallback
+sys.path.insert(0, sys.argv[1])
+import trl_effopd as ex
+effopd = ex.effopd
+
+
+class SameWeights(TrainerCallback):
+    '''After EffOPD at every trigger: all ranks' weights, bitwise equal?'''
+    def __init__(self, trainer):
+        self.trainer, self.equal = trainer, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if effopd.is_power_of_two(state.global_step):
+            w = torch.cat([p.detach().flatten() for p in ex.unwrapped(self.trainer).parameters()])
+            every = [torch.empty_like(w) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, w)
+            self.equal[state.global_step] = all(torch.equal(every[0], x) for x in every)
+
+
+args = ex.parse_args(["--steps", "4", "--batch-size", "16", "--eval-every", "100",
+                      "--test-size", "10", "--out", sys.argv[2], "--runs", "effopd"])
+trainer = ex.make_trainer(args, True, 2)  # initializes the gloo process group
+rank = dist.get_rank()
+
+
+def decision(score_fn):  # rank 0 sees scores 0.1 0.2 0.3 0.2 (keep 4), rank 1 sees 0.9 0.1 (keep 0)
+    model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(3, 3)})
+    torch.nn.init.ones_(model.mlp.weight)
+    anchor = {n: p.detach() - 1 for n, p in model.named_parameters()}
+    history = effopd.effopd_extrapolate(model, anchor, score_fn)
+    kept = max(h["multiple"] for h in history if h["kept"])
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (kept, model.mlp.weight.tolist()))
+    return every
+
+
+def scripted():
+    it = iter([[0.1, 0.2, 0.3, 0.2], [0.9, 0.1]][rank])
+    return lambda model: next(it)
+
+
+result = {"raw": decision(scripted()), "rank0": decision(effopd.rank0_score(scripted()))}
+same = SameWeights(trainer)
+trainer.add_callback(same)
+trainer.train()
+result["equal"] = same.equal
+result["kept"] = {h["step"]: h["effopd/kept_multiple"] for h in trainer.state.log_history
+                  if "effopd/kept_multiple" in h}
+result["world"] = dist.get_world_size()
+if rank == 0:
+    json.dump(result, open(sys.argv[3], "w"))
+"""
+
+
+def test_two_processes_take_one_decision_and_keep_identical_weights(tmp_path):
+    driver, out = tmp_path / "two_ranks.py", tmp_path / "result.json"
+    driver.write_text(TWO_RANKS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", "2", str(driver), EXAMPLES, str(tmp_path / "run"), str(out)],
+                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["world"] == 2
+    (kept_0, w_0), (kept_1, w_1) = result["raw"]  # each rank scoring alone: the ranks drift apart
+    assert (kept_0, kept_1) == (4, 0) and w_0 != w_1
+    (kept_0, w_0), (kept_1, w_1) = result["rank0"]  # rank 0's score broadcast: one decision
+    assert kept_0 == kept_1 == 4 and w_0 == w_1 == [[5.0] * 3] * 3  # W + 4 D = 1 + 4 * 1
+    assert result["equal"] == {"1": True, "2": True, "4": True}  # the TRL run, after each trigger
+    assert sorted(result["kept"]) == ["1", "2", "4"] and max(result["kept"].values()) > 0

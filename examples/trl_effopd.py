@@ -1,0 +1,159 @@
+"""
+EffOPD in TRL: distill the tiny student from the tiny teacher with TRL's DistillationTrainer, once
+plainly and once with effopd.EffOPDCallback, and print both accuracy curves.
+
+DistillationTrainer (TRL 1.16) is fully on-policy: every step the student samples one completion
+per prompt (plain softmax at temperature 1: top_k=0, top_p=1), the teacher scores the same tokens,
+and the loss is TRL's generalized JSD over the full vocabulary; beta=1 makes it the reverse
+KL(student || teacher), the loss of effopd.opd_loss. The settings are those of `effopd.py --tiny`:
+128 responses per step, AdamW at a constant 1e-5, gradient clipping at 1, 64 steps.
+
+Run (from the repository root or anywhere):
+    python examples/trl_effopd.py                                          # one process
+    torchrun --standalone --nproc_per_node 2 examples/trl_effopd.py        # two: DDP over gloo
+    accelerate launch --multi_gpu --num_processes 2 examples/trl_effopd.py # the same, no GPU here
+Careful: `accelerate launch --num_processes 2 --cpu` starts ONE process (accelerate 1.15's CPU
+launcher is single-process unless given an MPI hostfile); the first line of each run says how many.
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from trl import DistillationConfig, DistillationTrainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
+import effopd  # noqa: E402
+
+TINY = os.path.join(ROOT, "data", "tiny")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=64, help="optimizer steps per run")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="prompts (= responses) per step, over all processes")
+    parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant)")
+    parser.add_argument("--max-candidates", type=int, default=5, help="EffOPD: W+2D, W+4D, ...")
+    parser.add_argument("--eval-every", type=int, default=4, help="accuracy every N steps")
+    parser.add_argument("--val-size", type=int, default=50, help="validation prompts (EffOPD)")
+    parser.add_argument("--test-size", type=int, default=500, help="held-out test prompts")
+    parser.add_argument("--runs", nargs="+", default=["opd", "effopd"], choices=["opd", "effopd"])
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "trl"), help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def unwrapped(trainer) -> torch.nn.Module:
+    """The student as it is trained now, without its DDP wrapper."""
+    return trainer.accelerator.unwrap_model(trainer.model_wrapped)
+
+
+class AccuracyCurve(TrainerCallback):
+    """Greedy validation and test accuracy at step 0, every eval_every steps and at the end, on
+    rank 0 (the others wait at their next collective); also prints each EffOPD ladder it sees logged.
+    Added after EffOPDCallback, so that it sees the weights EffOPD kept."""
+
+    def __init__(self, trainer, tokenizer, val, test, eval_every: int):
+        self.trainer, self.tokenizer, self.val, self.test = trainer, tokenizer, val, test
+        self.eval_every, self.eos = eval_every, effopd.eos_ids(tokenizer, unwrapped(trainer))
+        self.curve, self.eval_s = [], 0.0  # (step, val, test); seconds spent here
+
+    def evaluate(self, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        t0, model = time.time(), unwrapped(self.trainer)
+        was_training = model.training
+        model.eval()
+        val, test = (effopd.accuracy(model, self.tokenizer, records, 6, self.eos)
+                     for records in (self.val, self.test))
+        model.train(was_training)
+        self.curve.append((state.global_step, val, test))
+        print(f"eval {state.global_step:4d} | val {val:.3f} | test {test:.3f}", flush=True)
+        self.eval_s += time.time() - t0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.evaluate(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.eval_every == 0 or state.global_step == state.max_steps:
+            self.evaluate(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and "effopd/kept_multiple" in logs:
+            ladder = " ".join(f"{k.split('_')[-1]}:{v:.3f}" for k, v in logs.items()
+                              if k.startswith("effopd/score_"))
+            print(f"effopd {state.global_step:4d} | {ladder} | kept W+{logs['effopd/kept_multiple']}D"
+                  f" | {logs['effopd/val_s']:.2f} s", flush=True)
+
+
+def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer:
+    """The student, the teacher, the prompts and DistillationTrainer; EffOPD is one callback more."""
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(TINY, "student"))
+    student = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "student"))
+    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "teacher"))
+    train, val, test = (effopd.load_jsonl(os.path.join(TINY, f"{split}.jsonl"))
+                        for split in ("train", "val", "test"))
+    if args.batch_size % world_size:
+        sys.exit(f"--batch-size {args.batch_size} does not split over {world_size} processes")
+    config = DistillationConfig(
+        output_dir=os.path.join(args.out, "effopd" if use_effopd else "opd"),
+        max_steps=args.steps, per_device_train_batch_size=args.batch_size // world_size,
+        learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        beta=1.0,                                 # reverse KL(student || teacher): the OPD loss
+        temperature=1.0, top_k=0, top_p=1.0,      # on-policy: the plain softmax
+        max_completion_length=6,                  # "a+b=" answers are at most 3 digits and EOS
+        bf16=False, activation_checkpointing=False, use_cpu=True,  # fp32, CPU, tiny models
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                  processing_class=tokenizer,
+                                  train_dataset=Dataset.from_list(train))  # its "prompt" column
+    trainer.remove_callback(PrinterCallback)  # AccuracyCurve prints what matters here
+    if use_effopd:  # the whole EffOPD integration: one callback, scored by validation accuracy
+        eos = effopd.eos_ids(tokenizer, student)
+        val_set = val[:args.val_size]
+        trainer.add_callback(effopd.EffOPDCallback(
+            trainer, lambda model: effopd.accuracy(model, tokenizer, val_set, 6, eos),
+            max_candidates=args.max_candidates))
+    trainer.add_callback(AccuracyCurve(trainer, tokenizer, val[:args.val_size],
+                                       test[:args.test_size], args.eval_every))
+    return trainer
+
+
+def main(argv=None) -> dict[str, dict]:
+    """Both runs; returns, per run, its accuracy curve and the trainer's log history."""
+    args = parse_args(argv)
+    import transformers
+    transformers.utils.logging.set_verbosity_error()  # the curves are the whole log
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # TRL 1.16 uses names transformers
+                                                                # 5.23 deprecates
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
+    curves, results = {}, {}
+    for run in args.runs:
+        trainer = make_trainer(args, run == "effopd", world_size)
+        curve = next(c for c in trainer.callback_handler.callbacks if isinstance(c, AccuracyCurve))
+        if trainer.is_world_process_zero():
+            print(f"--- {run}: TRL DistillationTrainer, {world_size} process(es)", flush=True)
+        t0 = time.time()
+        trainer.train()
+        if trainer.is_world_process_zero():
+            print(f"{run}: {args.steps} steps in {time.time() - t0 - curve.eval_s:.1f} s "
+                  f"(evaluation excluded)", flush=True)
+        curves[run] = curve.curve
+        results[run] = {"curve": curve.curve, "log_history": trainer.state.log_history}
+    if curves and int(os.environ.get("RANK", "0")) == 0:
+        print("\nstep | " + " | ".join(f"{run:>6} val  test" for run in curves))
+        for rows in zip(*curves.values()):
+            print(f"{rows[0][0]:4d} | " + " | ".join(f"{v:10.3f} {t:.3f}" for _, v, t in rows))
+    return results
+
+
+if __name__ == "__main__":
+    main()

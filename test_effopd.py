@@ -409,6 +409,99 @@ def test_subspace_alignment_known_subspaces():
         effopd.subspace_alignment(a, a, 7)
 
 
+def test_unchanged_fraction_hand_count():
+    base = torch.tensor([[1.0, 1.0, 1.0, 2.0], [0.5, -3.0, 7.0, 0.0]])
+    tuned = torch.tensor([[1.0,               # equal
+                           1.0 + 2 ** -10,    # differs in fp32, rounds to 1.0 in bf16
+                           1.0 + 2 ** -7,     # one bf16 step (2^-7 at 1.0): differs
+                           2.0 + 2 ** -9],    # below half a step at 2.0 (2^-7): equal in bf16
+                          [0.5, -3.0, 7.5, 1e-3]])  # equal, equal, differs, differs
+    assert effopd.unchanged_fraction(base, tuned) == pytest.approx(5 / 8)
+    assert effopd.unchanged_fraction(base, tuned, torch.float32) == pytest.approx(3 / 8)
+    assert effopd.unchanged_fraction(base.bfloat16(), tuned.bfloat16()) == pytest.approx(5 / 8)
+
+
+def base_with_subspaces(m=40, n=30, k=3, seed=0):
+    """W_base = U diag(sigma) V^T with a clear gap after the k-th singular value; U, V (full)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    sigma = torch.cat([torch.tensor([10.0, 9.0, 8.0][:k]), torch.linspace(1.0, 0.1, n - k)])
+    return u[:, :n] @ torch.diag(sigma.double()) @ v.T, u, v
+
+
+def test_top_singular_subspaces_span_the_top_singular_vectors():
+    w, u, v = base_with_subspaces()
+    for x in (w, w.T, w.float()):  # tall, wide, fp32
+        got_u, got_v = effopd.top_singular_subspaces(x, 3)
+        ref_u, ref_v = (u[:, :3], v[:, :3]) if x.shape[0] == 40 else (v[:, :3], u[:, :3])
+        assert torch.allclose(got_u.T.double() @ got_u.double(), torch.eye(3, dtype=torch.float64),
+                              atol=1e-5)  # orthonormal
+        for got, ref in ((got_u, ref_u), (got_v, ref_v)):  # same projector
+            assert torch.allclose(got.double() @ got.T.double(), ref @ ref.T, atol=1e-5)
+
+
+def test_principal_overlap_known_subspaces():
+    w, u, v = base_with_subspaces()  # m, n, k = 40, 30, 3
+    gen = torch.Generator().manual_seed(1)
+    inside = u[:, :3] @ torch.randn(3, 3, generator=gen, dtype=torch.float64) @ v[:, :3].T
+    outside = u[:, 3:] @ torch.randn(37, 27, generator=gen, dtype=torch.float64) @ v[:, 3:].T
+    left_only = u[:, :3] @ torch.randn(3, 27, generator=gen, dtype=torch.float64) @ v[:, 3:].T
+    assert effopd.principal_overlap(w, inside, 3) == pytest.approx(1.0, abs=1e-9)
+    assert effopd.principal_overlap(w, outside, 3) == pytest.approx(0.0, abs=1e-9)
+    assert effopd.principal_overlap(w, left_only, 3) == pytest.approx(0.0, abs=1e-9)  # both sides
+    # mixed, by hand: the energy inside is ||inside||^2, and the three pieces are orthogonal
+    mixed = inside + outside + left_only
+    expect = inside.square().sum() / mixed.square().sum()
+    assert effopd.principal_overlap(w, mixed, 3) == pytest.approx(expect.item(), abs=1e-9)
+    assert effopd.principal_overlap(w.float(), mixed.float(), 3) == pytest.approx(
+        expect.item(), abs=1e-5)
+    subspaces = effopd.top_singular_subspaces(w, 3)  # reused: the same number
+    assert effopd.principal_overlap(w, mixed, 3, subspaces) == pytest.approx(expect.item())
+    assert math.isnan(effopd.principal_overlap(w, torch.zeros_like(w), 3))
+
+
+def test_principal_overlap_of_random_updates_is_about_k2_over_mn():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(60, 80, generator=gen)
+    got = [effopd.principal_overlap(w, torch.randn(60, 80, generator=gen), 6) for _ in range(50)]
+    assert sum(got) / 50 == pytest.approx(6 * 6 / (60 * 80), rel=0.2)
+
+
+def test_principal_rotation_is_one_minus_subspace_alignment():
+    w, u, v = base_with_subspaces()
+    assert effopd.principal_rotation(w, w, 3) == pytest.approx(0.0, abs=1e-9)
+    # swapping the first two singular values keeps the top-3 subspace, swapping with the 4th
+    # replaces one of three directions: 1/3 rotated
+    turned = u[:, :30] @ torch.diag(torch.tensor([10.0, 9.0, 0.5] + [8.0] + [0.1] * 26,
+                                                 dtype=torch.float64)) @ v.T
+    assert effopd.principal_rotation(w, turned, 3) == pytest.approx(1 / 3, abs=1e-9)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 20, generator=gen), torch.randn(50, 20, generator=gen)
+    assert effopd.principal_rotation(a, b, 4) == pytest.approx(
+        1 - effopd.subspace_alignment(a, b, 4), abs=1e-5)
+
+
+def test_singular_part_top_and_bottom():
+    sigma = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # full rank: min(m, n) = 9
+    delta = with_spectrum(sigma, 12, 9)
+    fro = math.sqrt(sum(s * s for s in sigma))
+    for part, kept in ((effopd.singular_part(delta, 2), [9.0, 8.0]),
+                       (effopd.singular_part(delta, 2, bottom=True), [2.0, 1.0])):
+        got = torch.linalg.svdvals(part.double())
+        assert part.norm() == pytest.approx(fro, rel=1e-5)  # rescaled to ||dW||_F
+        scale = fro / math.hypot(*kept)
+        assert got[:2].tolist() == pytest.approx([scale * s for s in kept], rel=1e-5)
+        assert got[2:].abs().max() < 1e-4
+    svd = torch.linalg.svd(delta.float(), full_matrices=False)
+    for k in range(10):  # unrescaled, top-k + bottom-(r - k) = dW, whatever k
+        parts = (effopd.singular_part(delta, k, rescale=False, svd=svd)
+                 + effopd.singular_part(delta, 9 - k, bottom=True, rescale=False, svd=svd))
+        assert torch.allclose(parts.double(), delta, atol=1e-5)
+    assert torch.allclose(effopd.singular_part(delta, 9).double(), delta, atol=1e-5)  # k = r
+    low_rank = with_spectrum([5.0, 4.0], 12, 9)  # its bottom singular values are 0: so is the part
+    assert effopd.singular_part(low_rank, 3, bottom=True).abs().max() == 0
+
 # ------------------------------------------------------------------------------------------------
 # The quadratic toy of analyze.py
 

@@ -527,7 +527,7 @@ def principal_rotation(w_base: torch.Tensor, w_tuned: torch.Tensor, k: int,
     u_base = (base_subspaces if base_subspaces is not None
               else top_singular_subspaces(w_base, k))[0]  # (m, k)
     u_tuned = top_singular_subspaces(w_tuned, k)[0].to(u_base.dtype)
-    return 1.0 - ((u_base.T @ u_tuned).square().sum() / k).item()
+    return max(0.0, 1.0 - ((u_base.T @ u_tuned).square().sum() / k).item())  # no -1e-7 round-off
 
 
 def singular_part(delta: torch.Tensor, k: int, bottom: bool = False, rescale: bool = True,

@@ -502,6 +502,88 @@ def test_singular_part_top_and_bottom():
     low_rank = with_spectrum([5.0, 4.0], 12, 9)  # its bottom singular values are 0: so is the part
     assert effopd.singular_part(low_rank, 3, bottom=True).abs().max() == 0
 
+
+def save_pair(tmp_path, base_vocab=40, tuned_vocab=40):
+    """A tiny base model saved in 20 kB shards, and a tuned copy (its MLP and q_proj moved, the
+    first rows of its embedding moved by 0.01) saved in one bf16 file; returns both paths."""
+    base = tiny_model("qwen2", base_vocab)
+    tuned = tiny_model("qwen2", tuned_vocab, seed=1)
+    state = {n: p.clone() for n, p in base.state_dict().items()}
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if p.shape != state[n].shape:  # a padded vocabulary: the common rows move by 0.01
+                p[:base_vocab] = state[n] + 0.01
+            elif "mlp" in n or "q_proj" in n:
+                p.copy_(state[n] + 0.01 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(state[n])
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    tuned.to(torch.bfloat16).save_pretrained(tmp_path / "tuned")
+    return str(tmp_path / "base"), str(tmp_path / "tuned")
+
+
+def test_streamed_geometry_equals_loading_whole_models(tmp_path):
+    base, tuned = save_pair(tmp_path)
+    files = analyze.checkpoint_files(base)
+    assert len(set(files.values())) > 2  # really sharded, through model.safetensors.index.json
+    got = analyze.checkpoint_geometry(base, {"tuned": tuned}, 0.01, "cpu")["tuned"]
+    w0, wt = analyze.load_weights(base), analyze.load_weights(tuned)  # whole, in fp32
+    names = [n for n in w0 if w0[n].dim() == 2 and analyze.module_type(n) in ("attention", "mlp")]
+    assert sorted(got["matrices"]) == sorted(names) and len(names) == 14  # 2 layers x 7
+    for n in names:
+        assert got["matrices"][n] == pytest.approx(analyze.matrix_geometry(w0[n], wt[n], 1))
+    moved = got["matrices"]["model.layers.0.mlp.up_proj.weight"]
+    still = got["matrices"]["model.layers.0.self_attn.k_proj.weight"]
+    assert moved["unchanged_bf16"] < 0.5 and still["unchanged_bf16"] == 1.0
+    # fp32 base, bf16 tuned: an unchanged matrix differs by bf16 rounding only, |dw| <= 2^-9 |w|
+    w = w0["model.layers.0.self_attn.k_proj.weight"]
+    assert 0 < still["frobenius_norm"] <= 2 ** -9 * w.norm().item()
+    assert sorted(got["embeddings"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+
+
+def test_checkpoint_pairs_are_checked_and_a_padded_vocabulary_is_cut(tmp_path):
+    base, padded = save_pair(tmp_path / "a", tuned_vocab=48)  # embedding rows: 40 vs 48
+    got = analyze.checkpoint_geometry(base, {"t": padded}, 0.01, "cpu")["t"]["embeddings"]
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):  # bf16(x + 0.01) - x, 40 rows
+        w0 = analyze.load_weights(base)[name]
+        expect = ((w0 + 0.01).bfloat16().float() - w0).norm().item()
+        assert got[name] == {"frobenius_norm": pytest.approx(expect, rel=1e-5), "rows": 40}
+    shape = dict(vocab_size=40, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(Qwen2Config(intermediate_size=64, num_hidden_layers=3, **shape)
+                     ).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(SystemExit, match=r"^analyze: error: \S+base lacks 7 matrices of \S+deeper, "
+                                         r"e\.g\. model\.layers\.2\.mlp\.down_proj\.weight$"):
+        analyze.checkpoint_geometry(base, {"d": str(tmp_path / "deeper")}, 0.01, "cpu")
+    Qwen2ForCausalLM(Qwen2Config(intermediate_size=48, num_hidden_layers=2, **shape)
+                     ).save_pretrained(tmp_path / "wider")
+    with pytest.raises(SystemExit, match=r"^analyze: error: model\.layers\.0\.mlp\.down_proj"
+                                         r"\.weight: shape \(32, 64\) in \S+, \(32, 48\) in \S+$"):
+        analyze.checkpoint_geometry(base, {"w": str(tmp_path / "wider")}, 0.01, "cpu")
+    with pytest.raises(SystemExit, match="no such folder or file, and not a hub name"):
+        analyze.checkpoint_files(str(tmp_path / "nowhere" / "x"))
+    with pytest.raises(SystemExit, match="no .safetensors file"):
+        analyze.checkpoint_files(str(tmp_path))
+
+
+def test_any_checkpoint_report_end_to_end(tmp_path, capsys):
+    base, tuned = save_pair(tmp_path)
+    out = tmp_path / "out" / "geometry.json"
+    analyze.main(["--base", base, tuned, base, "--json", str(out)])  # tuned, and base itself
+    printed = capsys.readouterr().out
+    for key in analyze.METRICS:
+        assert re.search(rf"\n\s+{key} \|", printed)
+    saved = json.loads(out.read_text())  # standard JSON: a zero update's NaN ratios are null
+    assert saved["tuned"] == {"tuned": tuned, "base": base}
+    itself = saved["checkpoints"]["base"]["matrices"]["model.layers.1.mlp.gate_proj.weight"]
+    assert itself["unchanged_bf16"] == 1.0 and itself["principal_overlap"] is None
+    row = saved["checkpoints"]["tuned"]["matrices"]["model.layers.1.mlp.gate_proj.weight"]
+    assert row["overlap_random"] == pytest.approx(1 / (64 * 32))  # k = ceil(0.32) = 1
+    assert 0 < row["unchanged_bf16"] < 1 and 0 <= row["principal_rotation"] <= 1
+    assert out.with_suffix(".png").exists()
+    with pytest.raises(SystemExit):
+        analyze.main(["--base", base])  # no TUNED
+
 # ------------------------------------------------------------------------------------------------
 # The quadratic toy of analyze.py
 

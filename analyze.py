@@ -1,7 +1,7 @@
 """
 analyze: why on-policy distillation (OPD) updates lock into a low-rank subspace from the first
 steps, shown on a quadratic toy; and the same geometry measured on the checkpoints of effopd.py
-runs.
+runs and on any two checkpoints (a base model and its tuned release).
 
 The report (python analyze.py RUN_DIR [RUN_DIR ...]). For each run, dW_t = W_t - W_0 from its saved
 checkpoints: update_metrics averaged over the attention and MLP matrices of the final update (the
@@ -42,9 +42,24 @@ closed form; and the steps EffOPD (effopd_extrapolate, scored on held-out inputs
 plain gradient descent's final loss. Simplifications: the exact population gradient for OPD (no
 sampling noise at all), float64 throughout, a Gaussian input distribution.
 
+Any two checkpoints (python analyze.py --base BASE TUNED [TUNED ...] [--json PATH]): the same
+geometry for dW = W_tuned - W_base of public models (hub names, folders or .safetensors files,
+sharded or not), every 2-D attention and MLP matrix, each TUNED a column: means, by module type
+and by layer, and the norm of the embeddings' update (a differently padded vocabulary cut to the
+common rows). One tensor of each checkpoint is read at a time (safetensors.safe_open), so a 14B
+pair needs no more memory than its largest matrix; --device cuda runs the SVDs on a GPU.
+
+Paper 2's diagnostics ("On the Geometry of On-Policy Distillation"), in both reports: the share of
+bf16 weights left unchanged, the principal overlap (the share of ||dW||_F^2 inside the base
+weight's top-k singular subspaces, k = ceil(--principal-frac * min(m, n)), beside its value for a
+random dW, k^2 / (m n)) and the principal rotation; in the run report also the rank dynamics
+(effective rank of dW_t at every checkpoint) and, with --interventions, the EffOPD paper's Fig. 4
+(the top-k and the bottom-k singular part of each matrix's dW_T, rescaled to ||dW_T||_F, on W_0).
+
 Run:
     python analyze.py                    # the toy: a table and figures/toy.png, seconds on a CPU
     python analyze.py RUN_DIR [RUN_DIR]  # checkpoint-geometry report of effopd.py runs
+    python analyze.py --base BASE TUNED --json geometry.json   # any two checkpoints
 """
 import argparse
 import json
@@ -319,14 +334,14 @@ def matrix_geometry(w_base: torch.Tensor, w_tuned: torch.Tensor, k: int,
     """Every metric of one matrix pair: update_metrics of dW = W_tuned - W_base (fp32), its
     Frobenius norm, the share of bf16 entries unchanged, the top-k principal overlap with its
     random-matrix value k^2 / (m n), and the principal rotation."""
-    base = w_base.float()
-    delta = w_tuned.float() - base  # (m, n), in fp32 even for bf16 checkpoints
+    base, tuned = w_base.float(), w_tuned.float()
+    delta = tuned - base  # (m, n), in fp32 even for bf16 checkpoints
     m, n = delta.shape
     return {**update_metrics(delta), "frobenius_norm": delta.norm().item(),
             "unchanged_bf16": unchanged_fraction(w_base, w_tuned),
             "principal_overlap": principal_overlap(base, delta, k, base_subspaces),
             "overlap_random": k * k / (m * n),
-            "principal_rotation": principal_rotation(base, w_tuned.float(), k, base_subspaces)}
+            "principal_rotation": principal_rotation(base, tuned, k, base_subspaces)}
 
 
 def nanmean(values) -> float:
@@ -497,7 +512,7 @@ def plot_report(runs: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ((ax1, ax3), (ax2, ax4)) = plt.subplots(2, 2, figsize=(10, 7.6))
-    for i, (name, run) in enumerate(runs.items()):
+    for column, (name, run) in enumerate(runs.items()):
         steps = sorted(run["alignment"])
         ax1.plot(steps, [run["alignment"][s] for s in steps], marker="o", label=name)
         ax3.plot(steps, [run["rank"][s] for s in steps], marker="o", label=name)
@@ -505,7 +520,7 @@ def plot_report(runs: dict, path: str) -> None:
         ax2.plot(layers, [math.hypot(run["norms"].get(("attention", i), 0),
                                      run["norms"].get(("mlp", i), 0)) for i in layers],
                  marker="o", label=name)
-        plot_paper2_bars(ax4, run["geometry"], i, len(runs), name)
+        plot_paper2_bars(ax4, run["geometry"], column, len(runs), name)
     ax1.set(xscale="log", xlabel="step", ylabel="alignment with final update",
             title="subspace alignment of dW_t with dW_T")
     ax3.set(xscale="log", xlabel="step", ylabel="effective rank (mean)",
@@ -528,6 +543,7 @@ def plot_paper2_bars(ax, geometry: dict[str, float], i: int, count: int, label: 
            [geometry[key] for key in PAPER2], width, label=label)
     ax.set_xticks(range(len(PAPER2)), ["unchanged\n(bf16)", "principal\noverlap",
                                        "overlap of a\nrandom dW", "principal\nrotation"])
+    ax.set_yscale("symlog", linthresh=1e-6)  # overlaps of 1e-4 beside unchanged shares of 0.5
     ax.set(ylabel="share (mean over matrices)", title="paper 2's diagnostics of dW")
     ax.legend(fontsize=8)
 
@@ -669,7 +685,7 @@ def checkpoint_geometry(base: str, tuned: dict[str, str], fraction: float, devic
     base_shapes = tensor_shapes(base_files)
     rows = {label: pair_matrices(base, tuned[label], base_shapes, tensor_shapes(f))
             for label, f in files.items()}
-    names = sorted(base_shapes.keys() & next(iter(rows.values())).keys(),
+    names = sorted(next(iter(rows.values())),  # the same for every pair: the base's matrices
                    key=lambda n: (layer_of(n) is not None, layer_of(n) or 0, n))
     out = {label: {"matrices": {}, "embeddings": {}} for label in tuned}
     t0 = time.time()
@@ -690,6 +706,8 @@ def checkpoint_geometry(base: str, tuned: dict[str, str], fraction: float, devic
         if sys.stderr.isatty():  # progress, on a terminal only
             print(f"\r{i + 1}/{len(names)} matrices | {time.time() - t0:.0f} s", end="",
                   file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     return out
 
 
@@ -841,6 +859,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "beside it (same name, .png)")
     pair.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                       help="where the SVDs run")
+    pair.add_argument("--threads", type=int, default=0,
+                      help="torch CPU threads; 0: one per core (1 is steadier when other work "
+                           "shares the cores)")
     args = parser.parse_args(argv)
     if args.base and not args.run_dirs:
         parser.error("--base needs at least one TUNED checkpoint: --base BASE TUNED [TUNED ...]")
@@ -859,6 +880,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.base:
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)  # __main__ set 1, for the toy
         checkpoint_report(args.base, args.run_dirs, args)
     elif args.run_dirs:
         import transformers

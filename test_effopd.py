@@ -779,14 +779,34 @@ def test_norms_by_module_hand_computed():
         {("embedding", None): 1.0, ("attention", 0): 5.0, ("mlp", 1): 2.0})
 
 
+def test_mean_effective_rank_hand_computed():
+    w0 = {"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32),
+          "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32),
+          "model.embed_tokens.weight": torch.zeros(10, 32)}  # not a matrix of the report
+    wt = {"model.layers.0.mlp.up_proj.weight": with_spectrum([3.0], 64, 32).float(),  # erank 1
+          "model.layers.0.self_attn.q_proj.weight": with_spectrum([1.0] * 4, 32, 32).float(),
+          "model.embed_tokens.weight": torch.randn(10, 32)}
+    assert analyze.mean_effective_rank(w0, wt) == pytest.approx((1 + 4) / 2, rel=1e-4)
+
+
 def test_checkpoint_report_end_to_end(tmp_path, capsys):
     run = str(tmp_path / "run")
     effopd.main(["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10", "--out", run])
     png = tmp_path / "fig" / "report.png"
-    analyze.main([run, "--interventions", "--alphas", "0", "1", "--report-png", str(png)])
+    analyze.main([run, "--interventions", "--alphas", "0", "1", "--singular-fracs", "0.01", "1",
+                  "--report-png", str(png)])
     printed = capsys.readouterr().out
     assert "effective_rank" in printed and "norm scaling of step 1" in printed
     assert re.search(r"\n\s+2 \| 1\.000\n", printed)  # dW_T is aligned with itself
+    for key in analyze.METRICS:  # Table 1 and paper 2's rows
+        assert re.search(rf"\n\s+{key} \|\s+[\d.e-]+\n", printed)
+    ranks = re.search(r"Rank dynamics.*\n.*\n\s+1 \|\s+([\d.]+)\n\s+2 \|\s+([\d.]+)\n", printed)
+    assert float(ranks.group(2)) == pytest.approx(  # the final update's effective rank
+        float(re.search(r"effective_rank \|\s+([\d.]+)", printed).group(1)), abs=0.01)
+    # Fig. 4: the top-k part with k = min(m, n) is all of dW_T on those matrices, the bottom-k too
+    fig4 = printed.split("(EffOPD paper Fig. 4); all of dW_T on these matrices: ")[1]
+    everything = fig4[:5]
+    assert re.search(rf"\n\s+1 \|\s+{everything} \|\s+\S+ \|\s+{everything} \|", fig4)
     scaling_table, norm_table = printed.split("scaling, W_0")[1].split("norm scaling")
     scaling = dict(re.findall(r"\n\s+(0|1) \|\s+([\d.]+)", scaling_table))
     assert scaling["0"] == re.search(r"W_0 \|\s+([\d.]+)", norm_table).group(1)   # alpha 0 = W_0

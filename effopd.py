@@ -480,8 +480,9 @@ def top_singular_subspaces(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     """Orthonormal bases of the top-k left and right singular subspaces of w (m, n): (m, k), (n, k).
 
     From the eigenvectors of the smaller Gram matrix (w^T w or w w^T, N = min(m, n)): one N x N
-    eigh instead of a full SVD, 3-4x faster on a CPU. Squaring the matrix costs precision only in
-    the smallest singular values, which this never uses. fp32 (float64 stays float64).
+    eigh instead of a full SVD, 2-4x faster on a CPU for Qwen2.5's matrix shapes. Squaring the
+    matrix costs precision only in the smallest singular values, which this never uses. fp32
+    (float64 stays float64).
     """
     if w.dim() != 2 or not 1 <= k <= min(w.shape):
         raise ValueError(f"need a 2-D matrix and k in [1, min(m, n)], got {tuple(w.shape)}, k={k}")

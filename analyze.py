@@ -665,14 +665,14 @@ def pair_matrices(base: str, tuned: str, base_shapes: dict, tuned_shapes: dict
 
 
 def difference_norm(base_files: dict, tuned_files: dict, name: str, rows: int, device: str,
-                    block: int = 16384) -> float:
+                    block: int = 4096) -> float:
     """||W_tuned - W_base||_F over the first `rows` rows, a block of rows at a time."""
     total = 0.0
     for i in range(0, rows, block):
         block_rows = slice(i, min(rows, i + block))
-        delta = (read_tensor(tuned_files, name, device, block_rows).float()
-                 - read_tensor(base_files, name, device, block_rows).float())  # (block, n)
-        total += delta.square().sum().item()
+        delta = read_tensor(tuned_files, name, device, block_rows).float()  # (block, n)
+        delta -= read_tensor(base_files, name, device, block_rows).float()
+        total += torch.linalg.vector_norm(delta).item() ** 2
     return math.sqrt(total)
 
 

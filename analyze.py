@@ -46,8 +46,8 @@ Any two checkpoints (python analyze.py --base BASE TUNED [TUNED ...] [--json PAT
 geometry for dW = W_tuned - W_base of public models (hub names, folders or .safetensors files,
 sharded or not), every 2-D attention and MLP matrix, each TUNED a column: means, by module type
 and by layer, and the norm of the embeddings' update (a differently padded vocabulary cut to the
-common rows). One tensor of each checkpoint is read at a time (safetensors.safe_open), so a 14B
-pair needs no more memory than its largest matrix; --device cuda runs the SVDs on a GPU.
+common rows). One tensor of each checkpoint is read at a time (safetensors.safe_open), so the
+memory grows with the largest matrix, not with the model; --device cuda runs the SVDs on a GPU.
 
 Paper 2's diagnostics ("On the Geometry of On-Policy Distillation"), in both reports: the share of
 bf16 weights left unchanged, the principal overlap (the share of ||dW||_F^2 inside the base

@@ -1,7 +1,7 @@
 """
 analyze: why on-policy distillation (OPD) updates lock into a low-rank subspace from the first
 steps, shown on a quadratic toy; and the same geometry measured on the checkpoints of effopd.py
-runs.
+runs and on any two checkpoints (a base model and its tuned release).
 
 The report (python analyze.py RUN_DIR [RUN_DIR ...]). For each run, dW_t = W_t - W_0 from its saved
 checkpoints: update_metrics averaged over the attention and MLP matrices of the final update (the
@@ -42,21 +42,40 @@ closed form; and the steps EffOPD (effopd_extrapolate, scored on held-out inputs
 plain gradient descent's final loss. Simplifications: the exact population gradient for OPD (no
 sampling noise at all), float64 throughout, a Gaussian input distribution.
 
+Any two checkpoints (python analyze.py --base BASE TUNED [TUNED ...] [--json PATH]): the same
+geometry for dW = W_tuned - W_base of public models (hub names, folders or .safetensors files,
+sharded or not), every 2-D attention and MLP matrix, each TUNED a column: means, by module type
+and by layer, and the norm of the embeddings' update (a differently padded vocabulary cut to the
+common rows). One tensor of each checkpoint is read at a time (safetensors.safe_open), so the
+memory grows with the largest matrix, not with the model; --device cuda runs the SVDs on a GPU.
+
+Paper 2's diagnostics ("On the Geometry of On-Policy Distillation"), in both reports: the share of
+bf16 weights left unchanged, the principal overlap (the share of ||dW||_F^2 inside the base
+weight's top-k singular subspaces, k = ceil(--principal-frac * min(m, n)), beside its value for a
+random dW, k^2 / (m n)) and the principal rotation; in the run report also the rank dynamics
+(effective rank of dW_t at every checkpoint) and, with --interventions, the EffOPD paper's Fig. 4
+(the top-k and the bottom-k singular part of each matrix's dW_T, rescaled to ||dW_T||_F, on W_0).
+
 Run:
     python analyze.py                    # the toy: a table and runs/toy.png, seconds on a CPU
     python analyze.py RUN_DIR [RUN_DIR]  # checkpoint-geometry report of effopd.py runs
+    python analyze.py --base BASE TUNED --json geometry.json   # any two checkpoints
 """
 import argparse
 import json
 import math
 import os
 import re
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from effopd import (PROJECT, accuracy, effopd_extrapolate, eos_ids, is_power_of_two, load_jsonl,
-                    subspace_alignment, update_metrics)
+from effopd import (PROJECT, accuracy, effopd_extrapolate, eos_ids, is_power_of_two,
+                    load_jsonl, principal_overlap, principal_rotation, singular_part,
+                    subspace_alignment, top_singular_subspaces, unchanged_fraction,
+                    update_metrics)
 
 # ------------------------------------------------------------------------------------------------
 # The quadratic toy: problem, OPD by gradient descent, its closed form, and an RL-like run
@@ -266,9 +285,9 @@ def module_type(name: str) -> str:
     """embedding (token embedding and output head), attention, mlp or norm."""
     if "norm" in name:
         return "norm"
-    if "attn" in name:
+    if "attn" in name or "attention" in name:
         return "attention"
-    if "mlp" in name:
+    if any(s in name for s in ("mlp", "ffn", "feed_forward", "dense_h_to_4h", "dense_4h_to_h")):
         return "mlp"
     return "embedding"
 
@@ -309,11 +328,51 @@ def load_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def update_geometry(w0: dict, wt: dict) -> dict[str, float]:
-    """update_metrics averaged over the attention and MLP matrices of W_t - W_0."""
-    rows = [update_metrics(wt[n] - w0[n]) for n in w0
+def principal_k(shape: tuple[int, int], fraction: float) -> int:
+    """The k of the principal subspaces: ceil(fraction * min(m, n)), at least 1."""
+    return max(1, math.ceil(fraction * min(shape)))
+
+
+def matrix_geometry(w_base: torch.Tensor, w_tuned: torch.Tensor, k: int,
+                    base_subspaces: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> dict[str, float]:
+    """Every metric of one matrix pair: update_metrics of dW = W_tuned - W_base (fp32), its
+    Frobenius norm, the share of bf16 entries unchanged, the top-k principal overlap with its
+    random-matrix value k^2 / (m n), and the principal rotation."""
+    base, tuned = w_base.float(), w_tuned.float()
+    delta = tuned - base  # (m, n), in fp32 even for bf16 checkpoints
+    m, n = delta.shape
+    return {**update_metrics(delta), "frobenius_norm": delta.norm().item(),
+            "unchanged_bf16": unchanged_fraction(w_base, w_tuned),
+            "principal_overlap": principal_overlap(base, delta, k, base_subspaces),
+            "overlap_random": k * k / (m * n),
+            "principal_rotation": principal_rotation(base, tuned, k, base_subspaces)}
+
+
+def nanmean(values) -> float:
+    """Mean of the numbers that are not NaN (a zero update has NaN ratios); NaN if none."""
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+# the rows of the geometry tables, in order
+METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1_ratio", "unchanged_bf16",
+           "principal_overlap", "overlap_random", "principal_rotation", "frobenius_norm")
+
+
+def update_geometry(w0: dict, wt: dict, fraction: float = 0.01) -> dict[str, float]:
+    """matrix_geometry averaged over the attention and MLP matrices of W_t - W_0 (principal
+    subspaces: the top ceil(fraction * min(m, n)) singular vectors)."""
+    rows = [matrix_geometry(w0[n], wt[n], principal_k(w0[n].shape, fraction)) for n in w0
             if w0[n].dim() == 2 and module_type(n) in ("attention", "mlp")]
-    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+    return {key: nanmean(r[key] for r in rows) for key in rows[0]}
+
+
+def mean_effective_rank(w0: dict, wt: dict) -> float:
+    """Effective rank of dW_t averaged over the attention and MLP matrices: the rank dynamics of
+    paper 2's subspace locking (it rises fast, then plateaus)."""
+    return nanmean(update_metrics(wt[n] - w0[n])["effective_rank"] for n in w0
+                   if w0[n].dim() == 2 and module_type(n) in ("attention", "mlp"))
 
 
 def alignment_with_final(w0: dict, wt: dict, wT: dict, k: int) -> float:
@@ -346,23 +405,27 @@ def report(run_dirs: list[str], args) -> None:
         name = os.path.basename(os.path.normpath(run_dir))
         final = max(checkpoints)
         w0, wT = load_weights(checkpoints[0]), load_weights(checkpoints[final])
-        runs[name] = dict(dir=run_dir, config=config, checkpoints=checkpoints, w0=w0, wT=wT,
-                          final=final,
-                          geometry=update_geometry(w0, wT), norms=norms_by_module(w0, wT))
-        # alignment of each checkpoint's update with the final one, loading one at a time
-        runs[name]["alignment"] = {
-            step: alignment_with_final(w0, load_weights(path), wT, args.k)
-            for step, path in sorted(checkpoints.items()) if 0 < step}
+        runs[name] = dict(dir=run_dir, config=config, checkpoints=checkpoints, w0=w0, wT=wT, final=final,
+                          geometry=update_geometry(w0, wT, args.principal_frac),
+                          norms=norms_by_module(w0, wT), alignment={}, rank={})
+        for step, path in sorted(checkpoints.items()):  # one checkpoint in memory at a time
+            if step > 0:
+                wt = load_weights(path)
+                runs[name]["alignment"][step] = alignment_with_final(w0, wt, wT, args.k)
+                runs[name]["rank"][step] = mean_effective_rank(w0, wt)
     names = list(runs)
     print_rows("Update geometry of W_T - W_0, mean over attention and MLP matrices "
-               "(paper, Table 1)",
+               f"(paper, Table 1; paper 2: unchanged, principal top-{args.principal_frac:.0%})",
                 ["metric", *names],
-                [[key, *(f"{runs[n]['geometry'][key]:.4g}" for n in names)]
-                 for key in ("spectral_norm", "spectral_ratio", "effective_rank", "top1_ratio")])
+                [[key, *(f"{runs[n]['geometry'][key]:.4g}" for n in names)] for key in METRICS])
     steps = sorted(set().union(*(runs[n]["alignment"] for n in names)))
     print_rows(f"Alignment of dW_t with the final dW_T (top-{args.k} left singular subspaces)",
                 ["step", *names],
                 [[s, *(f"{runs[n]['alignment'][s]:.3f}" if s in runs[n]["alignment"] else "-"
+                       for n in names)] for s in steps])
+    print_rows("Rank dynamics: effective rank of dW_t, mean over attention and MLP matrices",
+                ["step", *names],
+                [[s, *(f"{runs[n]['rank'][s]:.2f}" if s in runs[n]["rank"] else "-"
                        for n in names)] for s in steps])
     for n in names:
         norms = runs[n]["norms"]
@@ -431,7 +494,22 @@ def interventions(name: str, run: dict, args) -> None:
     print_rows(f"{name}: dW_T applied to layers [i, i+{args.window}) only",
                ["first layer", "val acc"],
                 [[i, f"{acc:.3f}"] for i, acc in window])
-    plot_interventions(name, scaling, window, args.window,
+    # EffOPD paper Fig. 4: each matrix's top-k or bottom-k singular part of dW_T, rescaled to
+    # ||dW_T||_F, on W_0; everything else (norms, embedding, biases) stays at W_0
+    matrices = [n for n in params if wT[n].dim() == 2 and module_type(n) in ("attention", "mlp")]
+    svds = {n: torch.linalg.svd(d_final[n].float(), full_matrices=False)  # one SVD per matrix,
+            for n in matrices}                                             # reused for every k
+    acc_matrices = score({n: d_final[n] for n in matrices})
+    parts = [(f, *(score({n: singular_part(d_final[n], principal_k(d_final[n].shape, f), bottom,
+                                           svd=svds[n]) for n in matrices})
+                   for bottom in (False, True))) for f in args.singular_fracs]
+    print_rows(f"{name}: top-k vs bottom-k singular part of each matrix's dW_T, rescaled to "
+               f"||dW_T||_F (EffOPD paper Fig. 4); all of dW_T on these matrices: "
+               f"{acc_matrices:.3f} ({share(acc_matrices)} of the final gain)",
+               ["k / min(m, n)", "top-k val acc", "share", "bottom-k val acc", "share"],
+               [[f"{f:g}", f"{top:.3f}", share(top), f"{bottom:.3f}", share(bottom)]
+                for f, top, bottom in parts])
+    plot_interventions(name, scaling, window, args.window, parts, (acc0, accT),
                        os.path.join(os.path.dirname(args.png) if args.png else run["dir"],
                                     f"interventions-{name}.png"))
 
@@ -440,16 +518,20 @@ def plot_report(runs: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, run in runs.items():
+    fig, ((ax1, ax3), (ax2, ax4)) = plt.subplots(2, 2, figsize=(10, 7.6))
+    for column, (name, run) in enumerate(runs.items()):
         steps = sorted(run["alignment"])
         ax1.plot(steps, [run["alignment"][s] for s in steps], marker="o", label=name)
+        ax3.plot(steps, [run["rank"][s] for s in steps], marker="o", label=name)
         layers = sorted({layer for _, layer in run["norms"] if layer is not None})
         ax2.plot(layers, [math.hypot(run["norms"].get(("attention", i), 0),
                                      run["norms"].get(("mlp", i), 0)) for i in layers],
                  marker="o", label=name)
+        plot_paper2_bars(ax4, run["geometry"], column, len(runs), name)
     ax1.set(xscale="log", xlabel="step", ylabel="alignment with final update",
             title="subspace alignment of dW_t with dW_T")
+    ax3.set(xscale="log", xlabel="step", ylabel="effective rank (mean)",
+            title="rank dynamics: effective rank of dW_t")
     ax2.set(xlabel="layer", ylabel="||dW_T||_F (attention + MLP)", title="update norm by layer")
     ax1.legend()
     fig.tight_layout()
@@ -458,11 +540,35 @@ def plot_report(runs: dict, path: str) -> None:
     print(f"\nwrote {path}")
 
 
-def plot_interventions(name, scaling, window, width, path: str) -> None:
+PAPER2 = ("unchanged_bf16", "principal_overlap", "overlap_random", "principal_rotation")
+
+
+def plot_paper2_bars(ax, geometry: dict[str, float], i: int, count: int, label: str) -> None:
+    """Paper 2's diagnostics (means over matrices) as bars, column i of count side by side."""
+    width = 0.8 / count
+    ax.bar([j + (i - (count - 1) / 2) * width for j in range(len(PAPER2))],
+           [geometry[key] for key in PAPER2], width, label=label)
+    ax.set_xticks(range(len(PAPER2)), ["unchanged\n(bf16)", "principal\noverlap",
+                                       "overlap of a\nrandom dW", "principal\nrotation"])
+    ax.set_yscale("symlog", linthresh=1e-6)  # overlaps of 1e-4 beside unchanged shares of 0.5
+    ax.set(ylabel="share (mean over matrices)", title="paper 2's diagnostics of dW")
+    ax.legend(fontsize=8)
+
+
+def plot_interventions(name, scaling, window, width, parts, accs, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 3.5))
+    fracs, top, bottom = zip(*parts)
+    ax3.bar([i - 0.2 for i in range(len(fracs))], top, 0.4, label="top-k")
+    ax3.bar([i + 0.2 for i in range(len(fracs))], bottom, 0.4, label="bottom-k")
+    for acc, label, style in ((accs[0], "W_0", ":"), (accs[1], "W_T", "--")):
+        ax3.axhline(acc, color="gray", ls=style, label=label)
+    ax3.set_xticks(range(len(fracs)), [f"{f:g}" for f in fracs])
+    ax3.set(xlabel="k / min(m, n)", ylabel="validation accuracy",
+            title=f"{name}: singular parts of dW_T, norm kept")
+    ax3.legend(fontsize=8)
     ax1.plot(*zip(*scaling), marker="o")
     ax1.set(xlabel="alpha", ylabel="validation accuracy", title=f"{name}: W_0 + alpha dW_T")
     ax2.bar(*zip(*window))
@@ -474,13 +580,263 @@ def plot_interventions(name, scaling, window, width, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Any two checkpoints: dW = W_tuned - W_base, streamed one tensor pair at a time from safetensors
+
+
+def fail(message: str) -> SystemExit:
+    return SystemExit(f"analyze: error: {message}")
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Tensor name -> .safetensors file of a checkpoint: a local folder (its model.safetensors,
+    or the shards that model.safetensors.index.json lists), one .safetensors file, or a hub name
+    (fetched by huggingface_hub.snapshot_download, safetensors and JSON files only)."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            raise fail(f"{path}: no such folder or file, and not a hub name")
+        from huggingface_hub import snapshot_download
+        try:
+            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+        except Exception as e:  # offline, unknown repository, gated model, ...
+            raise fail(f"{path}: not a local folder, and the hub download failed "
+                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {n: os.path.join(path, file) for n, file in json.load(f)["weight_map"].items()}
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        files = [path]
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith(".safetensors"))
+    else:
+        files = []
+    if not files:
+        raise fail(f"{path}: no .safetensors file (save the model with save_pretrained)")
+    names = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update({n: file for n in f.keys()})
+    return names
+
+
+def tensor_shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor, from the safetensors headers alone (nothing is read)."""
+    from safetensors import safe_open
+    shapes = {}
+    for file in sorted(set(files.values())):
+        if not os.path.isfile(file):
+            raise fail(f"{file}: not found (listed in the checkpoint's index)")
+        with safe_open(file, framework="pt") as f:
+            shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()
+                           if files.get(n) == file})
+    return shapes
+
+
+def read_tensor(files: dict[str, str], name: str, device: str, rows: slice | None = None
+                ) -> torch.Tensor:
+    """One tensor (or a block of its rows) in its stored dtype; the file is closed after it."""
+    from safetensors import safe_open
+    with safe_open(files[name], framework="pt") as f:
+        tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+    return tensor.to(device)
+
+
+def in_report(name: str, shape: tuple[int, ...]) -> bool:
+    """2-D attention and MLP matrices, and the token embedding / output head (norm only)."""
+    return len(shape) == 2 and (module_type(name) in ("attention", "mlp")
+                                or "embed" in name or "lm_head" in name)
+
+
+def pair_matrices(base: str, tuned: str, base_shapes: dict, tuned_shapes: dict
+                  ) -> dict[str, int]:
+    """Matrix name -> rows to compare, for the matrices of the report; refuses, in one line, a
+    pair whose names or shapes differ. An embedding or output head with a different padding of
+    the vocabulary is cut to the common rows, as in training."""
+    names = {n for n, s in base_shapes.items() if in_report(n, s)}
+    other = {n for n, s in tuned_shapes.items() if in_report(n, s)}
+    for a, b, missing in ((base, tuned, sorted(names - other)),
+                          (tuned, base, sorted(other - names))):
+        if missing:
+            raise fail(f"{b} lacks {len(missing)} matrices of {a}, e.g. {missing[0]}")
+    rows = {}
+    for n in sorted(names):
+        (m1, n1), (m2, n2) = base_shapes[n], tuned_shapes[n]
+        vocab_padding = module_type(n) == "embedding" and n1 == n2
+        if (m1, n1) != (m2, n2) and not vocab_padding:
+            raise fail(f"{n}: shape {(m1, n1)} in {base}, {(m2, n2)} in {tuned}")
+        rows[n] = min(m1, m2)
+    return rows
+
+
+def difference_norm(base_files: dict, tuned_files: dict, name: str, rows: int, device: str,
+                    block: int = 4096) -> float:
+    """||W_tuned - W_base||_F over the first `rows` rows, a block of rows at a time."""
+    total = 0.0
+    for i in range(0, rows, block):
+        block_rows = slice(i, min(rows, i + block))
+        delta = read_tensor(tuned_files, name, device, block_rows).float()  # (block, n)
+        delta -= read_tensor(base_files, name, device, block_rows).float()
+        total += torch.linalg.vector_norm(delta).item() ** 2
+    return math.sqrt(total)
+
+
+def checkpoint_geometry(base: str, tuned: dict[str, str], fraction: float, device: str,
+                        workers: int = 1) -> dict:
+    """For each tuned checkpoint (label -> path): matrix_geometry of every 2-D attention and MLP
+    matrix of W_tuned - W_base, and ||dW||_F of the embeddings. Every pair is checked before any
+    work; then each of `workers` threads holds one base matrix and one tuned matrix at a time,
+    and the base matrix's top-k singular subspaces are computed once for all tuned checkpoints.
+    (Two one-thread workers beat one two-thread worker by ~15% on 2 cores: LAPACK's eigh and
+    SVD scale poorly across threads, and torch releases the GIL inside them.)"""
+    base_files = checkpoint_files(base)
+    files = {label: checkpoint_files(path) for label, path in tuned.items()}
+    base_shapes = tensor_shapes(base_files)
+    rows = {label: pair_matrices(base, tuned[label], base_shapes, tensor_shapes(f))
+            for label, f in files.items()}
+    names = sorted(next(iter(rows.values())),  # the same for every pair: the base's matrices
+                   key=lambda n: (layer_of(n) is not None, layer_of(n) or 0, n))
+    out = {label: {"matrices": {}, "embeddings": {}} for label in tuned}
+    for name in names:
+        if module_type(name) not in ("attention", "mlp"):  # an embedding: its norm only
+            for label in tuned:
+                out[label]["embeddings"][name] = {
+                    "frobenius_norm": difference_norm(base_files, files[label], name,
+                                                      rows[label][name], device),
+                    "rows": rows[label][name]}
+
+    def one_matrix(name: str) -> dict[str, dict[str, float]]:  # label -> matrix_geometry
+        w_base = read_tensor(base_files, name, device).float()  # (m, n); bf16 -> fp32 is exact
+        k = principal_k(w_base.shape, fraction)
+        subspaces = top_singular_subspaces(w_base, k)
+        return {label: matrix_geometry(w_base, read_tensor(files[label], name, device).float(),
+                                       k, subspaces) for label in tuned}
+
+    matrices, t0 = [n for n in names if module_type(n) in ("attention", "mlp")], time.time()
+    with ThreadPoolExecutor(workers) as pool:
+        for i, (name, result) in enumerate(zip(matrices, pool.map(one_matrix, matrices))):
+            for label, row in result.items():
+                out[label]["matrices"][name] = row
+            if sys.stderr.isatty():  # progress, on a terminal only
+                print(f"\r{i + 1}/{len(matrices)} matrices | {time.time() - t0:.0f} s", end="",
+                      file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    return out
+
+
+def means(matrices: dict[str, dict], keep=lambda name: True) -> dict[str, float]:
+    """nanmean of every metric over the matrices whose name passes keep."""
+    return {key: nanmean(r[key] for n, r in matrices.items() if keep(n)) for key in METRICS}
+
+
+def by_layer(matrices: dict[str, dict]) -> dict[int, dict[str, float]]:
+    """Per layer: the mean of every metric, and ||dW||_F of its attention and of its MLP
+    matrices (their norms added in quadrature) as "norm_attention", "norm_mlp"."""
+    layers = sorted({layer_of(n) for n in matrices if layer_of(n) is not None})
+    out = {}
+    for layer in layers:
+        out[layer] = means(matrices, lambda n: layer_of(n) == layer)
+        for m in ("attention", "mlp"):
+            out[layer][f"norm_{m}"] = math.hypot(*(
+                r["frobenius_norm"] for n, r in matrices.items()
+                if layer_of(n) == layer and module_type(n) == m))
+    return out
+
+
+def without_nan(x):
+    """NaN -> None, all the way down, so that the JSON file is standard JSON (NaN -> null)."""
+    if isinstance(x, dict):
+        return {k: without_nan(v) for k, v in x.items()}
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def checkpoint_report(base: str, tuned_paths: list[str], args, workers: int = 1) -> dict:
+    """Print (and with --json write, with a figure beside it) the geometry of W_tuned - W_base for
+    each tuned checkpoint. Returns {label: {"matrices", "embeddings", "mean", "layers"}}."""
+    labels = [os.path.basename(os.path.normpath(p)) for p in tuned_paths]
+    if len(set(labels)) < len(labels):
+        labels = tuned_paths
+    t0 = time.time()
+    out = checkpoint_geometry(base, dict(zip(labels, tuned_paths)), args.principal_frac,
+                              args.device, workers)
+    for t in labels:
+        out[t]["mean"] = means(out[t]["matrices"])
+        out[t]["layers"] = by_layer(out[t]["matrices"])
+    count = len(out[labels[0]]["matrices"])
+    print_rows(f"Geometry of W_tuned - W_base ({base}), mean over {count} attention and MLP "
+               f"matrices (EffOPD paper, Table 1; paper 2: unchanged, principal "
+               f"top-{args.principal_frac:.0%})",
+               ["metric", *labels],
+               [[key, *(f"{out[t]['mean'][key]:.4g}" for t in labels)] for key in METRICS])
+    types = {(t, m): means(out[t]["matrices"], lambda n: module_type(n) == m)
+             for t in labels for m in ("attention", "mlp")}
+    print_rows("By module type, mean over its matrices",
+               ["metric", *(f"{t}: {m}" for t, m in types)],
+               [[key, *(f"{types[c][key]:.4g}" for c in types)] for key in METRICS])
+    columns = {"|dW| attention": ("norm_attention", ".4g"), "|dW| mlp": ("norm_mlp", ".4g"),
+               "erank": ("effective_rank", ".4g"), "unchanged": ("unchanged_bf16", ".3f"),
+               "overlap": ("principal_overlap", ".3g"), "rotation": ("principal_rotation", ".3g")}
+    for t in labels:
+        embeddings = ", ".join(f"{name} {e['frobenius_norm']:.4g} ({e['rows']} rows)"
+                               for name, e in out[t]["embeddings"].items())
+        print_rows(f"{t} by layer: ||dW||_F of the attention and of the MLP matrices (in "
+                   f"quadrature), then means (||dW||_F of the embeddings: {embeddings or '-'})",
+                   ["layer", *columns],
+                   [[layer, *(format(row[key], fmt) for key, fmt in columns.values())]
+                    for layer, row in out[t]["layers"].items()])
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(without_nan({"base": base, "tuned": dict(zip(labels, tuned_paths)),
+                                   "principal_frac": args.principal_frac, "checkpoints": out}),
+                      f, indent=1)
+        print(f"wrote {args.json}")
+    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
+    if png:
+        plot_checkpoints(out, png)
+        print(f"wrote {png}")
+    print(f"{time.time() - t0:.1f} s")
+    return out
+
+
+def plot_checkpoints(out: dict, path: str) -> None:
+    """Six panels over layers, one line per tuned checkpoint."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.6))
+    panels = (("norm", "||dW||_F (attention + MLP)"), ("effective_rank", "effective rank"),
+              ("top1_ratio", "top-1% subspace norm ratio"), ("unchanged_bf16", "unchanged (bf16)"),
+              ("principal_overlap", "principal overlap"),
+              ("principal_rotation", "principal rotation"))
+    for label, result in out.items():
+        layers = result["layers"]
+        for ax, (key, title) in zip(axes.flat, panels):
+            values = [math.hypot(v["norm_attention"], v["norm_mlp"]) if key == "norm" else v[key]
+                      for v in layers.values()]
+            ax.plot(list(layers), values, marker="o", label=label)
+            ax.set(xlabel="layer", title=f"{title}, by layer")
+        axes[1, 1].plot(list(layers), [v["overlap_random"] for v in layers.values()], ":",
+                        color="gray", label=f"random dW ({label})")
+    for ax in axes.flat:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dirs", nargs="*",
-                        help="effopd.py run folders to report on; none: run the toy model")
+                        help="effopd.py run folders to report on; with --base, the tuned "
+                             "checkpoints; none: run the toy model")
     toy = parser.add_argument_group("toy model")
     toy.add_argument("--dim", type=int, default=128, help="dW is dim x dim")
     toy.add_argument("--rank", type=int, default=4,
@@ -497,7 +853,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="held-out inputs that score EffOPD's candidates")
     toy.add_argument("--seed", type=int, default=0, help="seed of the problem and of all sampling")
     parser.add_argument("--png", help="where the figure is written (default: runs/toy.png for "
-                        "the toy; for a report, report.png in the first run folder and each "
+                        "the toy; with --base, beside --json; for a report, report.png in the "
+                        "first run folder and each "
                         "run's interventions in its own folder)")
     runs = parser.add_argument_group("checkpoint report")
     runs.add_argument("--k", type=int, default=4,
@@ -507,7 +864,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     runs.add_argument("--alphas", type=float, nargs="+",
                       default=[0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2], help="scaling factors")
     runs.add_argument("--window", type=int, default=1, help="layers per sliding window")
+    runs.add_argument("--singular-fracs", type=float, nargs="+", default=[0.01, 0.1, 0.5],
+                      help="k of the top-k / bottom-k singular parts (Fig. 4), x min(m, n)")
+    runs.add_argument("--principal-frac", type=float, default=0.01,
+                      help="principal overlap and rotation: top ceil(frac x min(m, n)) singular "
+                           "vectors of the base weights (also in --base mode)")
+    pair = parser.add_argument_group("any two checkpoints: dW = W_tuned - W_base")
+    pair.add_argument("--base", default=None,
+                      help="base checkpoint (hub name, folder or .safetensors file): report dW "
+                           "of every TUNED checkpoint given in place of run folders")
+    pair.add_argument("--json", default=None,
+                      help="also write every matrix's numbers to this file, and the figure "
+                           "beside it (same name, .png)")
+    pair.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="where the SVDs run")
+    pair.add_argument("--threads", type=int, default=0,
+                      help="CPU threads, split between two matrices worked on at once; "
+                           "0: one per core")
     args = parser.parse_args(argv)
+    if args.base and not args.run_dirs:
+        parser.error("--base needs at least one TUNED checkpoint: --base BASE TUNED [TUNED ...]")
+    if not 0 < args.principal_frac <= 1 or not all(0 < f <= 1 for f in args.singular_fracs):
+        parser.error("--principal-frac and --singular-fracs must be in (0, 1]")
     if not args.run_dirs:
         if not 1 <= args.rank <= args.dim:
             parser.error(f"--rank must be in [1, --dim = {args.dim}], got {args.rank}")
@@ -520,7 +898,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.run_dirs:
+    if args.base:
+        threads = args.threads or os.cpu_count() or 1
+        workers = min(2, threads) if args.device == "cpu" else 1  # one GPU: one at a time
+        previous = torch.get_num_threads()  # __main__ set 1, for the toy
+        torch.set_num_threads(max(1, threads // workers))
+        checkpoint_report(args.base, args.run_dirs, args, workers)
+        torch.set_num_threads(previous)
+    elif args.run_dirs:
         import transformers
         transformers.utils.logging.disable_progress_bar()
         report(args.run_dirs, args)

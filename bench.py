@@ -4,6 +4,7 @@ bench.py: the measurements behind the cost figures in the README, rerunnable on 
     python bench.py loss       # peak memory and time of effopd.opd_loss vs the plain formula
     python bench.py metrics    # time of effopd.update_metrics on every matrix of Qwen2.5-0.5B
     python bench.py speedup    # vanilla OPD vs EffOPD on the tiny setting, 5 seeds
+    python bench.py geometry   # time and peak RSS of analyze.py --base on Qwen2.5-shaped pairs
 
 loss. Forward plus backward of the OPD loss on (4, 1024, 151936) fp32 logits (4k positions at
 Qwen's vocabulary; the last 10% of each row is padding), by effopd.opd_loss (chunked, with its own
@@ -23,6 +24,14 @@ speedup. Vanilla OPD and EffOPD (`effopd.py --tiny [--effopd]`) from the same st
 test accuracy after every step; steps and seconds (EffOPD's validation counted, test evaluation not)
 until test accuracy first reaches start + 0.95 (vanilla final - start); both curves to a PNG.
 Arguments after `--` go to both runs (e.g. `-- --lr 4e-5`).
+
+geometry. `analyze.py --base BASE TUNED --json ...` (the whole any-checkpoint report) on a pair of
+random-weight checkpoints with the exact configuration of Qwen2.5-0.5B and of Qwen2.5-1.5B, saved
+in bf16 by save_pretrained in shards (--shard-size): a base, and a copy whose attention and MLP
+matrices moved by a small random update (low-rank plus noise; it sets no timing, the shapes do).
+Each report runs in a fresh subprocess, which reads its own peak RSS (VmHWM) at the end (the
+rusage of a child would count this parent's peak, inherited through vfork). The checkpoints are built in a temporary folder, or kept in --keep DIR and reused.
+Goals: 1.5B at most 3 min and 1.5 GiB; 0.5B at most 60 s.
 
 Each command exits 1 when it prints FAIL or a measurement fails. What these printed on the
 project's 2-core machine, and the commands, are in the README.
@@ -185,6 +194,90 @@ def bench_metrics(args) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# geometry: time and peak memory of the any-checkpoint report on Qwen2.5-shaped random pairs
+
+QWEN25 = {  # the configurations of Qwen2.5-0.5B and Qwen2.5-1.5B (both tie the output head)
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12)}
+
+
+def make_random_pair(size: str, folder: str, shard_size: str, seed: int) -> tuple[str, str]:
+    """folder/base: random weights with Qwen2.5-<size>'s configuration, bf16, in shards; and
+    folder/tuned: the same with every attention and MLP matrix moved by a small random update.
+    Reused when both are already there."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    base, tuned = os.path.join(folder, "base"), os.path.join(folder, "tuned")
+    if all(os.path.isfile(os.path.join(p, "config.json")) for p in (base, tuned)):
+        return base, tuned
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True,
+                         **QWEN25[size])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(base, max_shard_size=shard_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and effopd.in_effopd_scope(name):  # rank 8 plus noise, ~1e-4
+                low_rank = torch.randn(p.shape[0], 8) @ torch.randn(8, p.shape[1]) / 8
+                p += (1e-4 * low_rank + 3e-5 * torch.randn(p.shape)).to(p.dtype)
+    model.save_pretrained(tuned, max_shard_size=shard_size)
+    return base, tuned
+
+
+# python -c this, then analyze.py's arguments: runs analyze.py as a script, then prints its peak RSS
+REPORT_AND_PEAK = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__'); "
+                   "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], "
+                   "file=sys.stderr)")
+
+
+def bench_geometry(args) -> bool:
+    import tempfile
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    print(f"geometry: analyze.py --base on random Qwen2.5-shaped bf16 pairs, shards of "
+          f"{args.shard_size}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    print(f"{'size':>5s} | {'shards':>6s} | {'matrices':>8s} | {'seconds':>7s} | peak RSS GiB")
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    ok = True
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
+            folder = os.path.join(args.keep, size) if args.keep else tmp
+            t0 = time.perf_counter()
+            base, tuned = make_random_pair(size, folder, args.shard_size, args.seed)
+            built = time.perf_counter() - t0
+            out = os.path.join(tmp, "geometry.json")
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "analyze.py"),
+                   "--base", base, tuned, "--json", out, "--device", "cpu"]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            t0 = time.perf_counter()
+            run = subprocess.run([sys.executable, "-c", REPORT_AND_PEAK, *cmd[1:]],
+                                 capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if run.returncode != 0:
+                print(f"{size:>5s} | failed: {run.stderr.strip()[-300:]}")
+                ok = False
+                continue
+            peak = int(run.stderr.split()[-1]) * 1024  # VmHWM, kB
+            with open(out) as f:
+                count = len(json.load(f)["checkpoints"]["tuned"]["matrices"])
+            shards = len([f for f in os.listdir(base) if f.endswith(".safetensors")])
+            print(f"{size:>5s} | {shards:6d} | {count:8d} | {seconds:7.1f} | "
+                  f"{peak / GiB:.2f}   (checkpoints made in {built:.0f} s)")
+            limit = {"0.5B": 60, "1.5B": 180}.get(size)
+            if limit:
+                ok &= requirement(f"{size} at most {limit} s: {seconds:.1f} s", seconds <= limit)
+            if size == "1.5B":
+                ok &= requirement(f"1.5B at most 1.5 GiB: {peak / GiB:.2f} GiB", peak <= 1.5 * GiB)
+    print(f"load average now {os.getloadavg()[0]:.2f}")
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------
 # speedup: vanilla OPD vs EffOPD on the tiny setting
 
 
@@ -293,6 +386,15 @@ def main(argv=None) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--layers", type=int, default=24, help="decoder layers (24 in Qwen2.5-0.5B)")
     p.set_defaults(func=bench_metrics)
+
+    p = commands.add_parser("geometry", help="time and peak RSS of analyze.py --base, CPU",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes", nargs="+", choices=list(QWEN25), default=["0.5B", "1.5B"],
+                   help="Qwen2.5 configurations of the random pairs, in this order")
+    p.add_argument("--shard-size", default="1GB", help="max_shard_size of save_pretrained")
+    p.add_argument("--keep", default=None,
+                   help="keep the checkpoints in KEEP/<size> and reuse them when there")
+    p.set_defaults(func=bench_geometry)
 
     p = commands.add_parser("speedup", help="vanilla OPD vs EffOPD on the tiny setting, per seed",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -448,6 +448,181 @@ def test_subspace_alignment_known_subspaces():
         effopd.subspace_alignment(a, a, 7)
 
 
+def test_unchanged_fraction_hand_count():
+    base = torch.tensor([[1.0, 1.0, 1.0, 2.0], [0.5, -3.0, 7.0, 0.0]])
+    tuned = torch.tensor([[1.0,               # equal
+                           1.0 + 2 ** -10,    # differs in fp32, rounds to 1.0 in bf16
+                           1.0 + 2 ** -7,     # one bf16 step (2^-7 at 1.0): differs
+                           2.0 + 2 ** -9],    # below half a step at 2.0 (2^-7): equal in bf16
+                          [0.5, -3.0, 7.5, 1e-3]])  # equal, equal, differs, differs
+    assert effopd.unchanged_fraction(base, tuned) == pytest.approx(5 / 8)
+    assert effopd.unchanged_fraction(base, tuned, torch.float32) == pytest.approx(3 / 8)
+    assert effopd.unchanged_fraction(base.bfloat16(), tuned.bfloat16()) == pytest.approx(5 / 8)
+
+
+def base_with_subspaces(m=40, n=30, k=3, seed=0):
+    """W_base = U diag(sigma) V^T with a clear gap after the k-th singular value; U, V (full)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    sigma = torch.cat([torch.tensor([10.0, 9.0, 8.0][:k]), torch.linspace(1.0, 0.1, n - k)])
+    return u[:, :n] @ torch.diag(sigma.double()) @ v.T, u, v
+
+
+def test_top_singular_subspaces_span_the_top_singular_vectors():
+    w, u, v = base_with_subspaces()
+    for x in (w, w.T, w.float()):  # tall, wide, fp32
+        got_u, got_v = effopd.top_singular_subspaces(x, 3)
+        ref_u, ref_v = (u[:, :3], v[:, :3]) if x.shape[0] == 40 else (v[:, :3], u[:, :3])
+        assert torch.allclose(got_u.T.double() @ got_u.double(), torch.eye(3, dtype=torch.float64),
+                              atol=1e-5)  # orthonormal
+        for got, ref in ((got_u, ref_u), (got_v, ref_v)):  # same projector
+            assert torch.allclose(got.double() @ got.T.double(), ref @ ref.T, atol=1e-5)
+
+
+def test_principal_overlap_known_subspaces():
+    w, u, v = base_with_subspaces()  # m, n, k = 40, 30, 3
+    gen = torch.Generator().manual_seed(1)
+    inside = u[:, :3] @ torch.randn(3, 3, generator=gen, dtype=torch.float64) @ v[:, :3].T
+    outside = u[:, 3:] @ torch.randn(37, 27, generator=gen, dtype=torch.float64) @ v[:, 3:].T
+    left_only = u[:, :3] @ torch.randn(3, 27, generator=gen, dtype=torch.float64) @ v[:, 3:].T
+    assert effopd.principal_overlap(w, inside, 3) == pytest.approx(1.0, abs=1e-9)
+    assert effopd.principal_overlap(w, outside, 3) == pytest.approx(0.0, abs=1e-9)
+    assert effopd.principal_overlap(w, left_only, 3) == pytest.approx(0.0, abs=1e-9)  # both sides
+    # mixed, by hand: the energy inside is ||inside||^2, and the three pieces are orthogonal
+    mixed = inside + outside + left_only
+    expect = inside.square().sum() / mixed.square().sum()
+    assert effopd.principal_overlap(w, mixed, 3) == pytest.approx(expect.item(), abs=1e-9)
+    assert effopd.principal_overlap(w.float(), mixed.float(), 3) == pytest.approx(
+        expect.item(), abs=1e-5)
+    subspaces = effopd.top_singular_subspaces(w, 3)  # reused: the same number
+    assert effopd.principal_overlap(w, mixed, 3, subspaces) == pytest.approx(expect.item())
+    assert math.isnan(effopd.principal_overlap(w, torch.zeros_like(w), 3))
+
+
+def test_principal_overlap_of_random_updates_is_about_k2_over_mn():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(60, 80, generator=gen)
+    got = [effopd.principal_overlap(w, torch.randn(60, 80, generator=gen), 6) for _ in range(50)]
+    assert sum(got) / 50 == pytest.approx(6 * 6 / (60 * 80), rel=0.2)
+
+
+def test_principal_rotation_is_one_minus_subspace_alignment():
+    w, u, v = base_with_subspaces()
+    assert effopd.principal_rotation(w, w, 3) == pytest.approx(0.0, abs=1e-9)
+    # swapping the first two singular values keeps the top-3 subspace, swapping with the 4th
+    # replaces one of three directions: 1/3 rotated
+    turned = u[:, :30] @ torch.diag(torch.tensor([10.0, 9.0, 0.5] + [8.0] + [0.1] * 26,
+                                                 dtype=torch.float64)) @ v.T
+    assert effopd.principal_rotation(w, turned, 3) == pytest.approx(1 / 3, abs=1e-9)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 20, generator=gen), torch.randn(50, 20, generator=gen)
+    assert effopd.principal_rotation(a, b, 4) == pytest.approx(
+        1 - effopd.subspace_alignment(a, b, 4), abs=1e-5)
+
+
+def test_singular_part_top_and_bottom():
+    sigma = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # full rank: min(m, n) = 9
+    delta = with_spectrum(sigma, 12, 9)
+    fro = math.sqrt(sum(s * s for s in sigma))
+    for part, kept in ((effopd.singular_part(delta, 2), [9.0, 8.0]),
+                       (effopd.singular_part(delta, 2, bottom=True), [2.0, 1.0])):
+        got = torch.linalg.svdvals(part.double())
+        assert part.norm() == pytest.approx(fro, rel=1e-5)  # rescaled to ||dW||_F
+        scale = fro / math.hypot(*kept)
+        assert got[:2].tolist() == pytest.approx([scale * s for s in kept], rel=1e-5)
+        assert got[2:].abs().max() < 1e-4
+    svd = torch.linalg.svd(delta.float(), full_matrices=False)
+    for k in range(10):  # unrescaled, top-k + bottom-(r - k) = dW, whatever k
+        parts = (effopd.singular_part(delta, k, rescale=False, svd=svd)
+                 + effopd.singular_part(delta, 9 - k, bottom=True, rescale=False, svd=svd))
+        assert torch.allclose(parts.double(), delta, atol=1e-5)
+    assert torch.allclose(effopd.singular_part(delta, 9).double(), delta, atol=1e-5)  # k = r
+    low_rank = with_spectrum([5.0, 4.0], 12, 9)  # its bottom singular values are 0: so is the part
+    assert effopd.singular_part(low_rank, 3, bottom=True).abs().max() == 0
+
+
+def save_pair(tmp_path, base_vocab=40, tuned_vocab=40):
+    """A tiny base model saved in 20 kB shards, and a tuned copy (its MLP and q_proj moved, the
+    first rows of its embedding moved by 0.01) saved in one bf16 file; returns both paths."""
+    base = tiny_model("qwen2", base_vocab)
+    tuned = tiny_model("qwen2", tuned_vocab, seed=1)
+    state = {n: p.clone() for n, p in base.state_dict().items()}
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if p.shape != state[n].shape:  # a padded vocabulary: the common rows move by 0.01
+                p[:base_vocab] = state[n] + 0.01
+            elif "mlp" in n or "q_proj" in n:
+                p.copy_(state[n] + 0.01 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(state[n])
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    tuned.to(torch.bfloat16).save_pretrained(tmp_path / "tuned")
+    return str(tmp_path / "base"), str(tmp_path / "tuned")
+
+
+def test_streamed_geometry_equals_loading_whole_models(tmp_path):
+    base, tuned = save_pair(tmp_path)
+    files = analyze.checkpoint_files(base)
+    assert len(set(files.values())) > 2  # really sharded, through model.safetensors.index.json
+    got = analyze.checkpoint_geometry(base, {"tuned": tuned}, 0.01, "cpu")["tuned"]
+    w0, wt = analyze.load_weights(base), analyze.load_weights(tuned)  # whole, in fp32
+    names = [n for n in w0 if w0[n].dim() == 2 and analyze.module_type(n) in ("attention", "mlp")]
+    assert sorted(got["matrices"]) == sorted(names) and len(names) == 14  # 2 layers x 7
+    for n in names:
+        assert got["matrices"][n] == pytest.approx(analyze.matrix_geometry(w0[n], wt[n], 1))
+    moved = got["matrices"]["model.layers.0.mlp.up_proj.weight"]
+    still = got["matrices"]["model.layers.0.self_attn.k_proj.weight"]
+    assert moved["unchanged_bf16"] < 0.5 and still["unchanged_bf16"] == 1.0
+    # fp32 base, bf16 tuned: an unchanged matrix differs by bf16 rounding only, |dw| <= 2^-9 |w|
+    w = w0["model.layers.0.self_attn.k_proj.weight"]
+    assert 0 < still["frobenius_norm"] <= 2 ** -9 * w.norm().item()
+    assert sorted(got["embeddings"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+
+
+def test_checkpoint_pairs_are_checked_and_a_padded_vocabulary_is_cut(tmp_path):
+    base, padded = save_pair(tmp_path / "a", tuned_vocab=48)  # embedding rows: 40 vs 48
+    got = analyze.checkpoint_geometry(base, {"t": padded}, 0.01, "cpu")["t"]["embeddings"]
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):  # bf16(x + 0.01) - x, 40 rows
+        w0 = analyze.load_weights(base)[name]
+        expect = ((w0 + 0.01).bfloat16().float() - w0).norm().item()
+        assert got[name] == {"frobenius_norm": pytest.approx(expect, rel=1e-5), "rows": 40}
+    shape = dict(vocab_size=40, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(Qwen2Config(intermediate_size=64, num_hidden_layers=3, **shape)
+                     ).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(SystemExit, match=r"^analyze: error: \S+base lacks 7 matrices of \S+deeper, "
+                                         r"e\.g\. model\.layers\.2\.mlp\.down_proj\.weight$"):
+        analyze.checkpoint_geometry(base, {"d": str(tmp_path / "deeper")}, 0.01, "cpu")
+    Qwen2ForCausalLM(Qwen2Config(intermediate_size=48, num_hidden_layers=2, **shape)
+                     ).save_pretrained(tmp_path / "wider")
+    with pytest.raises(SystemExit, match=r"^analyze: error: model\.layers\.0\.mlp\.down_proj"
+                                         r"\.weight: shape \(32, 64\) in \S+, \(32, 48\) in \S+$"):
+        analyze.checkpoint_geometry(base, {"w": str(tmp_path / "wider")}, 0.01, "cpu")
+    with pytest.raises(SystemExit, match="no such folder or file, and not a hub name"):
+        analyze.checkpoint_files(str(tmp_path / "nowhere" / "x"))
+    with pytest.raises(SystemExit, match="no .safetensors file"):
+        analyze.checkpoint_files(str(tmp_path))
+
+
+def test_any_checkpoint_report_end_to_end(tmp_path, capsys):
+    base, tuned = save_pair(tmp_path)
+    out = tmp_path / "out" / "geometry.json"
+    analyze.main(["--base", base, tuned, base, "--json", str(out)])  # tuned, and base itself
+    printed = capsys.readouterr().out
+    for key in analyze.METRICS:
+        assert re.search(rf"\n\s+{key} \|", printed)
+    saved = json.loads(out.read_text())  # standard JSON: a zero update's NaN ratios are null
+    assert saved["tuned"] == {"tuned": tuned, "base": base}
+    itself = saved["checkpoints"]["base"]["matrices"]["model.layers.1.mlp.gate_proj.weight"]
+    assert itself["unchanged_bf16"] == 1.0 and itself["principal_overlap"] is None
+    row = saved["checkpoints"]["tuned"]["matrices"]["model.layers.1.mlp.gate_proj.weight"]
+    assert row["overlap_random"] == pytest.approx(1 / (64 * 32))  # k = ceil(0.32) = 1
+    assert 0 < row["unchanged_bf16"] < 1 and 0 <= row["principal_rotation"] <= 1
+    assert out.with_suffix(".png").exists()
+    with pytest.raises(SystemExit):
+        analyze.main(["--base", base])  # no TUNED
+
 # ------------------------------------------------------------------------------------------------
 # The quadratic toy of analyze.py
 
@@ -649,14 +824,34 @@ def test_norms_by_module_hand_computed():
         {("embedding", None): 1.0, ("attention", 0): 5.0, ("mlp", 1): 2.0})
 
 
+def test_mean_effective_rank_hand_computed():
+    w0 = {"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32),
+          "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32),
+          "model.embed_tokens.weight": torch.zeros(10, 32)}  # not a matrix of the report
+    wt = {"model.layers.0.mlp.up_proj.weight": with_spectrum([3.0], 64, 32).float(),  # erank 1
+          "model.layers.0.self_attn.q_proj.weight": with_spectrum([1.0] * 4, 32, 32).float(),
+          "model.embed_tokens.weight": torch.randn(10, 32)}
+    assert analyze.mean_effective_rank(w0, wt) == pytest.approx((1 + 4) / 2, rel=1e-4)
+
+
 def test_checkpoint_report_end_to_end(tmp_path, capsys):
     run = str(tmp_path / "run")
     effopd.main(["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10", "--out", run])
     png = tmp_path / "fig" / "report.png"
-    analyze.main([run, "--interventions", "--alphas", "0", "1", "--png", str(png)])
+    analyze.main([run, "--interventions", "--alphas", "0", "1", "--singular-fracs", "0.01", "1",
+                  "--png", str(png)])
     printed = capsys.readouterr().out
     assert "effective_rank" in printed and "norm scaling of step 1" in printed
     assert re.search(r"\n\s+2 \| 1\.000\n", printed)  # dW_T is aligned with itself
+    for key in analyze.METRICS:  # Table 1 and paper 2's rows
+        assert re.search(rf"\n\s+{key} \|\s+[\d.e-]+\n", printed)
+    ranks = re.search(r"Rank dynamics.*\n.*\n\s+1 \|\s+([\d.]+)\n\s+2 \|\s+([\d.]+)\n", printed)
+    assert float(ranks.group(2)) == pytest.approx(  # the final update's effective rank
+        float(re.search(r"effective_rank \|\s+([\d.]+)", printed).group(1)), abs=0.01)
+    # Fig. 4: the top-k part with k = min(m, n) is all of dW_T on those matrices, the bottom-k too
+    fig4 = printed.split("(EffOPD paper Fig. 4); all of dW_T on these matrices: ")[1]
+    everything = fig4[:5]
+    assert re.search(rf"\n\s+1 \|\s+{everything} \|\s+\S+ \|\s+{everything} \|", fig4)
     scaling_table, norm_table = printed.split("scaling, W_0")[1].split("norm scaling")
     scaling = dict(re.findall(r"\n\s+(0|1) \|\s+([\d.]+)", scaling_table))
     assert scaling["0"] == re.search(r"W_0 \|\s+([\d.]+)", norm_table).group(1)   # alpha 0 = W_0
@@ -948,18 +1143,6 @@ def test_projection_keeps_what_is_inside_removes_what_is_outside_and_is_idempote
     assert effopd.project_update(x, e1, e1).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
 
 
-def test_top_singular_vectors_of_a_known_spectrum():
-    u, v = orthonormal(10, 4, 2), orthonormal(7, 4, 3)
-    delta = u @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)) @ v.T
-    u2, v2 = effopd.top_singular_vectors(delta, 2)
-    assert u2.shape == (10, 2) and v2.shape == (7, 2)
-    # the same subspaces as the first two known vectors (signs are free)
-    assert torch.allclose((u2.double().T @ u[:, :2]).abs(), torch.eye(2, dtype=torch.float64),
-                          atol=1e-5)
-    assert torch.allclose((v2.double().T @ v[:, :2]).abs(), torch.eye(2, dtype=torch.float64),
-                          atol=1e-5)
-
-
 def test_lock_to_subspace_moves_only_the_named_matrices():
     model = Block()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -997,7 +1180,7 @@ def test_locked_training_keeps_every_update_in_the_early_subspace(tmp_path, caps
     w1 = Qwen2ForCausalLM.from_pretrained(early / "step_000001").state_dict()
     w3 = Qwen2ForCausalLM.from_pretrained(locked / "step_000003").state_dict()
     name = "model.layers.2.mlp.down_proj.weight"
-    u, v = effopd.top_singular_vectors(w1[name] - w0[name], 2)
+    u, v = effopd.top_singular_subspaces(w1[name] - w0[name], 2)
     delta = w3[name] - w0[name]
     assert delta.norm() > 0
     assert torch.allclose(effopd.project_update(delta, u, v), delta, atol=1e-6)

@@ -405,7 +405,8 @@ def report(run_dirs: list[str], args) -> None:
         name = os.path.basename(os.path.normpath(run_dir))
         final = max(checkpoints)
         w0, wT = load_weights(checkpoints[0]), load_weights(checkpoints[final])
-        runs[name] = dict(dir=run_dir, config=config, checkpoints=checkpoints, w0=w0, wT=wT, final=final,
+        runs[name] = dict(dir=run_dir, config=config, checkpoints=checkpoints, w0=w0, wT=wT,
+                          final=final,
                           geometry=update_geometry(w0, wT, args.principal_frac),
                           norms=norms_by_module(w0, wT), alignment={}, rank={})
         for step, path in sorted(checkpoints.items()):  # one checkpoint in memory at a time

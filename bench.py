@@ -30,7 +30,8 @@ random-weight checkpoints with the exact configuration of Qwen2.5-0.5B and of Qw
 in bf16 by save_pretrained in shards (--shard-size): a base, and a copy whose attention and MLP
 matrices moved by a small random update (low-rank plus noise; it sets no timing, the shapes do).
 Each report runs in a fresh subprocess, which reads its own peak RSS (VmHWM) at the end (the
-rusage of a child would count this parent's peak, inherited through vfork). The checkpoints are built in a temporary folder, or kept in --keep DIR and reused.
+rusage of a child would count this parent's peak, inherited through vfork). The checkpoints are
+built in a temporary folder, or kept in --keep DIR and reused.
 Goals: 1.5B at most 3 min and 1.5 GiB; 0.5B at most 60 s.
 
 Each command exits 1 when it prints FAIL or a measurement fails. What these printed on the

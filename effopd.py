@@ -15,7 +15,12 @@ OPD trainers, we keep only this immediate per-token term and drop the gradient t
 EffOPD. After the optimizer step at t = 1, 2, 4, 8, ..., extrapolate along the update direction
 D = W_t - B (B: the weights kept at the previous trigger, at first the initial student) and try
 W_t + 2D, W_t + 4D, ... (at most 5), keeping a candidate only while its validation accuracy is
-strictly higher than the best so far. Only attention and MLP weights move.
+strictly higher than the best so far. Only attention and MLP weights move. EffOPDCallback does
+the same inside any Hugging Face Trainer (TRL's among them; examples/trl_effopd.py).
+
+Baselines for the geometry comparisons: --loss grpo (RL with a 0/1 answer reward), --loss sft
+(cross-entropy on the teacher's own samples: off-policy) and --lock-subspace (every update projected
+onto an early update's top singular subspaces: "subspace locking").
 
 Geometry. For every weight matrix, dW = W_t - W_0: spectral norm, sigma_1/||dW||_F, effective rank,
 top-1% subspace norm ratio, and the overlap of top-k singular subspaces between two updates. The
@@ -205,7 +210,8 @@ def check_run_folder(out: str, resume: bool) -> None:
     Leftover *.tmp files of a crashed write do not count (the next write replaces them)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out}: exists and is not a folder")
-    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp")) if os.path.isdir(out) else []
+    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp")) if os.path.isdir(out) \
+        else []
     if resume and "resume.pt" not in files:
         raise UserError(f"{out}: no resume.pt, so nothing to resume (it is written with every "
                         f"checkpoint; runs with --no-save-checkpoints have none)")
@@ -359,7 +365,8 @@ def grpo_loss(student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Te
     return -masked_mean(advantages[:, None] * token_logprobs(student_logits, tokens), mask)
 
 
-def sft_loss(student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sft_loss(student_logits: torch.Tensor, tokens: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the student on given response tokens, -mean_t log p_s(y_t): SFT, here on
     the teacher's own samples (the off-policy counterpart of OPD). (B, T, V), (B, T), (B, T)."""
     return -masked_mean(token_logprobs(student_logits, tokens), mask)
@@ -562,7 +569,9 @@ def rank0_score(score_fn):
 
 
 class EffOPDCallback(TrainerCallback):
-    """EffOPD inside a transformers Trainer: trainer.add_callback(EffOPDCallback(trainer, score_fn)).
+    """EffOPD inside a transformers Trainer:
+    trainer.add_callback(EffOPDCallback(trainer, score_fn)).
+
 
     After the optimizer step at global steps 1, 2, 4, 8, ... it runs effopd_extrapolate on the model
     the trainer trains at that moment (unwrapped from DDP), in eval mode, scored by
@@ -574,13 +583,13 @@ class EffOPDCallback(TrainerCallback):
 
     Several processes (DDP: accelerate launch, torchrun): every rank holds the full weights; rank 0
     scores, the score is broadcast (rank0_score), every rank makes the same move, so the ranks stay
-    identical. vLLM rollouts: vLLM holds its own copy of the weights, which must be re-synced after a
-    move. TRL's trainers do it themselves: they sync at the first generation after global_step
+    identical. vLLM rollouts: vLLM holds its own copy of the weights, which must be re-synced after
+    a move. TRL's trainers do it themselves: they sync at the first generation after global_step
     changes, which comes after this callback. Elsewhere (verl, OpenRLHF, your own loop) push the
-    weights after every trigger. Not supported yet, refused at train begin: FSDP and DeepSpeed. There
-    each rank holds a shard of W, so B must be sharded identically and W + m (W - B) computed on the
-    shard; DeepSpeed also keeps fp32 master weights in its optimizer, which would overwrite a move
-    of the module's parameters at the next step.
+    weights after every trigger. Not supported yet, refused at train begin: FSDP and DeepSpeed.
+    There each rank holds a shard of W, so B must be sharded identically and W + m (W - B)
+    computed on the shard; DeepSpeed also keeps fp32 master weights in its optimizer, which would
+    overwrite a move of the module's parameters at the next step.
     """
 
     def __init__(self, trainer, score_fn, max_candidates: int = 5, anchor_device: str = "cpu"):
@@ -589,7 +598,7 @@ class EffOPDCallback(TrainerCallback):
         self.anchor = None  # parameter name -> B, from on_train_begin
 
     def model(self) -> torch.nn.Module:
-        """The module the trainer trains now (it may have wrapped or replaced the one it was given)."""
+        """The module the trainer trains now (it may have wrapped or replaced the one it got)."""
         return self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -1040,7 +1049,7 @@ def train(cfg: Config) -> list[dict]:
         record["time/train_s"] = round(clock, 3)
         history.append(record)
         log(metrics_path, record)
-        # 6. Evaluation and checkpoint (the checkpoint last, so that a resumed run starts after both).
+        # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with autocast:
                 evaluate(step)

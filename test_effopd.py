@@ -1228,7 +1228,8 @@ def test_effopd_callback_in_a_plain_trainer_moves_logs_and_leaves_optimizer_alon
     from transformers import Trainer  # slow to import: only here
     model = tiny_model("qwen2", 16)
     gen = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 16, (16, 8), generator=gen)]
+    data = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(2, 16, (16, 8), generator=gen)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-2, lr_scheduler_type="linear", use_cpu=True,
                              logging_steps=1, report_to="none", save_strategy="no",
@@ -1286,7 +1287,7 @@ def test_importing_effopd_does_not_import_trl():
 
 
 def test_trl_distillation_loss_with_beta_1_is_opd_loss():
-    """What DistillationTrainer minimizes at beta = 1 (its chunked loss on hidden states and LM heads)
+    """What DistillationTrainer minimizes at beta = 1 (its chunked loss on hidden states and heads)
     is effopd.opd_loss on the logits they make, gradient included."""
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
     torch.manual_seed(0)
@@ -1381,7 +1382,8 @@ def test_two_processes_take_one_decision_and_keep_identical_weights(tmp_path):
     driver.write_text(TWO_RANKS)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", str(driver), EXAMPLES, str(tmp_path / "run"), str(out)],
+                    "--nproc_per_node", "2", str(driver), EXAMPLES, str(tmp_path / "run"),
+                    str(out)],
                    cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["world"] == 2

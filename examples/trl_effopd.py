@@ -57,7 +57,7 @@ def unwrapped(trainer) -> torch.nn.Module:
 
 class AccuracyCurve(TrainerCallback):
     """Greedy validation and test accuracy at step 0, every eval_every steps and at the end, on
-    rank 0 (the others wait at their next collective); also prints each EffOPD ladder it sees logged.
+    rank 0 (the others wait at their next collective); also prints each EffOPD ladder it logs.
     Added after EffOPDCallback, so that it sees the weights EffOPD kept."""
 
     def __init__(self, trainer, tokenizer, val, test, eval_every: int):
@@ -89,12 +89,13 @@ class AccuracyCurve(TrainerCallback):
         if state.is_world_process_zero and "effopd/kept_multiple" in logs:
             ladder = " ".join(f"{k.split('_')[-1]}:{v:.3f}" for k, v in logs.items()
                               if k.startswith("effopd/score_"))
-            print(f"effopd {state.global_step:4d} | {ladder} | kept W+{logs['effopd/kept_multiple']}D"
+            kept = logs["effopd/kept_multiple"]
+            print(f"effopd {state.global_step:4d} | {ladder} | kept W+{kept}D"
                   f" | {logs['effopd/val_s']:.2f} s", flush=True)
 
 
 def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer:
-    """The student, the teacher, the prompts and DistillationTrainer; EffOPD is one callback more."""
+    """The student, the teacher, the prompts and DistillationTrainer; EffOPD: one callback more."""
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(TINY, "student"))
     student = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "student"))
     teacher = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "teacher"))

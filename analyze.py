@@ -293,7 +293,9 @@ def module_type(name: str) -> str:
 
 
 def layer_of(name: str) -> int | None:
-    match = re.search(r"layers\.(\d+)\.", name)
+    """The decoder layer of a parameter: model.layers.N. (Qwen, Llama, GPT-NeoX) or h.N. (GPT-2,
+    Falcon); None outside the layers."""
+    match = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", name)
     return int(match.group(1)) if match else None
 
 

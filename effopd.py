@@ -124,9 +124,10 @@ TINY.update({k: os.path.join(PROJECT, TINY[k]) for k in ("student", "teacher", "
                                                           "test")})
 SIZES = ("steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "chunk_size",
          "max_candidates", "eval_every", "eval_batch_size", "val_size", "test_size", "lock_rank")
-# What --resume may change: where and in what pieces the work runs (the results agree up to
-# floating-point summation order), and --steps, to train further. Everything else is the run's.
-RESUMABLE = ("resume", "steps", "device", "anchor_device", "micro_batch_size", "chunk_size",
+# What --resume may change: in what pieces the work runs (the results agree up to floating-point
+# summation order), and --steps, to train further. Everything else is the run's (--device too:
+# CPU and CUDA draw different random streams).
+RESUMABLE = ("resume", "steps", "anchor_device", "micro_batch_size", "chunk_size",
              "eval_batch_size")
 
 
@@ -576,7 +577,10 @@ class EffOPDCallback(TrainerCallback):
     After the optimizer step at global steps 1, 2, 4, 8, ... it runs effopd_extrapolate on the model
     the trainer trains at that moment (unwrapped from DDP), in eval mode, scored by
     score_fn(model) -> float (higher is better; greedy validation accuracy in the paper). The anchor
-    B is taken at train begin (on resume: the resumed weights) and kept on anchor_device. The ladder
+    B is taken at train begin and kept on anchor_device. It is not saved: a Trainer run resumed
+    from a checkpoint takes B = the resumed weights, which matches an uninterrupted run only when
+    the checkpoint's step is a power of two (B = W there); elsewhere the next direction D
+    differs. The ladder
     goes through the trainer's own log, so it lands in trainer.state.log_history and in wandb,
     tensorboard, ... when report_to has them: effopd/kept_multiple, effopd/score_+<m>D for every
     candidate scored, effopd/val_s. Optimizer state and learning-rate schedule are left alone.
@@ -676,7 +680,8 @@ def top_singular_subspaces(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     From the eigenvectors of the smaller Gram matrix (w^T w or w w^T, N = min(m, n)): one N x N
     eigh instead of a full SVD, 2-4x faster on a CPU for Qwen2.5's matrix shapes. Squaring the
     matrix costs precision only in the smallest singular values, which this never uses. fp32
-    (float64 stays float64).
+    (float64 stays float64). The columns span the subspaces in ascending order of sigma (column 0
+    is the k-th direction); where w has rank < k, the missing columns are arbitrary.
     """
     if w.dim() != 2 or not 1 <= k <= min(w.shape):
         raise ValueError(f"need a 2-D matrix and k in [1, min(m, n)], got {tuple(w.shape)}, k={k}")
@@ -784,6 +789,7 @@ def write_atomically(path: str, save) -> None:
     try:
         save(tmp)
         if os.path.isdir(path):
+            remove(old)  # a kill during an earlier remove(old) can leave one
             os.replace(path, old)  # a folder cannot be renamed over another
         os.replace(tmp, path)
     except Exception as e:  # safetensors and torch.save raise their own types on a full disk

@@ -72,7 +72,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from effopd import (PROJECT, accuracy, effopd_extrapolate, eos_ids, is_power_of_two,
+from effopd import (ATTENTION, MLP, PROJECT, accuracy, effopd_extrapolate, eos_ids, is_power_of_two,
                     load_jsonl, principal_overlap, principal_rotation, singular_part,
                     subspace_alignment, top_singular_subspaces, unchanged_fraction,
                     update_metrics)
@@ -285,9 +285,9 @@ def module_type(name: str) -> str:
     """embedding (token embedding and output head), attention, mlp or norm."""
     if "norm" in name:
         return "norm"
-    if "attn" in name or "attention" in name:
+    if any(s in name for s in ATTENTION):  # the names EffOPD's scope knows
         return "attention"
-    if any(s in name for s in ("mlp", "ffn", "feed_forward", "dense_h_to_4h", "dense_4h_to_h")):
+    if any(s in name for s in MLP):
         return "mlp"
     return "embedding"
 

@@ -501,8 +501,10 @@ def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, eos: li
 # EffOPD: extrapolation along the update direction, kept only when validation improves
 
 # Attention and MLP module names in Qwen/Llama, GPT-2, GPT-NeoX, Falcon and other families.
-SCOPE = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "ffn", "feed_forward",
-         "gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h")
+ATTENTION = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("mlp", "ffn", "feed_forward", "gate_proj", "up_proj", "down_proj", "dense_h_to_4h",
+       "dense_4h_to_h")
+SCOPE = ATTENTION + MLP
 
 
 def in_effopd_scope(name: str) -> bool:

@@ -400,7 +400,8 @@ def print_rows(title: str, header: list[str], rows: list[list]) -> None:
         print("  " + " | ".join(str(x).rjust(w) for x, w in zip(row, widths)))
 
 
-def report(run_dirs: list[str], args) -> None:
+def report(run_dirs: list[str], args) -> dict[str, dict]:
+    """Print (and plot) the geometry of each run; return it by run name, for bench.py."""
     runs = {}
     for run_dir in run_dirs:
         config, checkpoints = load_run(run_dir)
@@ -441,10 +442,11 @@ def report(run_dirs: list[str], args) -> None:
     plot_report(runs, args.png or os.path.join(run_dirs[0], "report.png"))
     if args.interventions:
         for n in names:
-            interventions(n, runs[n], args)
+            runs[n]["interventions"] = interventions(n, runs[n], args)
+    return runs
 
 
-def interventions(name: str, run: dict, args) -> None:
+def interventions(name: str, run: dict, args) -> dict:
     """The paper's interventions on W_0 + (a transformed dW), each scored by the run's validation
     accuracy (greedy): scaling, norm scaling of an early checkpoint, sliding layer windows. The
     validation file is the run's --val path, read relative to the current folder."""
@@ -515,6 +517,8 @@ def interventions(name: str, run: dict, args) -> None:
     plot_interventions(name, scaling, window, args.window, parts, (acc0, accT),
                        os.path.join(os.path.dirname(args.png) if args.png else run["dir"],
                                     f"interventions-{name}.png"))
+    return dict(acc0=acc0, accT=accT, scaling=scaling, early=early, acc_early=acc_early,
+                acc_rescaled=acc_rescaled, window=window, acc_matrices=acc_matrices, parts=parts)
 
 
 def plot_report(runs: dict, path: str) -> None:

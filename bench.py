@@ -3,7 +3,8 @@ bench.py: the measurements behind the cost figures in the README, rerunnable on 
 
     python bench.py loss       # peak memory and time of effopd.opd_loss vs the plain formula
     python bench.py metrics    # time of effopd.update_metrics on every matrix of Qwen2.5-0.5B
-    python bench.py speedup    # vanilla OPD vs EffOPD on the tiny setting, 5 seeds
+    python bench.py speedup    # vanilla OPD vs EffOPD, each at its best learning rate
+    python bench.py reproduce  # OPD vs GRPO vs SFT on the small setting: both papers' claims
     python bench.py geometry   # time and peak RSS of analyze.py --base on Qwen2.5-shaped pairs
 
 loss. Forward plus backward of the OPD loss on (4, 1024, 151936) fp32 logits (4k positions at
@@ -20,10 +21,11 @@ metrics. effopd.update_metrics on every 2-D matrix of a randomly initialized mod
 Qwen2.5-0.5B's config (24 layers x 7 matrices, plus the 151936 x 896 embedding, tied to lm_head):
 169 singular-value decompositions. Requirement: at most 60 s on a 2-core CPU.
 
-speedup. Vanilla OPD and EffOPD (`effopd.py --tiny [--effopd]`) from the same student and seed,
-test accuracy after every step; steps and seconds (EffOPD's validation counted, test evaluation not)
-until test accuracy first reaches start + 0.95 (vanilla final - start); both curves to a PNG.
-Arguments after `--` go to both runs (e.g. `-- --lr 4e-5`).
+speedup. Vanilla OPD and EffOPD (`effopd.py --tiny [--effopd]`, or --small), each at its own best
+learning rate: both swept over --lrs on the tuning seeds (best: fewest steps to the target, median
+over seeds; then the higher final accuracy), then run at that rate on held-out seeds. Reported:
+steps and seconds (EffOPD's validation counted, test evaluation not) until test accuracy first
+reaches --target, and the final test accuracy; the held-out curves to a PNG.
 
 geometry. `analyze.py --base BASE TUNED --json ...` (the whole any-checkpoint report) on a pair of
 random-weight checkpoints with the exact configuration of Qwen2.5-0.5B and of Qwen2.5-1.5B, saved
@@ -41,6 +43,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -50,6 +53,7 @@ import time
 
 import torch
 
+import analyze
 import effopd
 
 GiB = 2**30
@@ -279,7 +283,7 @@ def bench_geometry(args) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# speedup: vanilla OPD vs EffOPD on the tiny setting
+# speedup: vanilla OPD vs EffOPD, each at its best learning rate
 
 
 def first_reaching(curve: list[tuple[int, float, float]], target: float):
@@ -287,75 +291,187 @@ def first_reaching(curve: list[tuple[int, float, float]], target: float):
     return next(((step, s) for step, acc, s in curve if acc >= target), (None, None))
 
 
+def speedup_run(method: str, lr: float, seed: int, args) -> list[tuple[int, float, float]]:
+    """One effopd.py run in this process: (step, test accuracy, training seconds) per evaluation."""
+    out = os.path.join(args.out, f"{method}-lr{lr:g}-seed{seed}")
+    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
+    argv = [f"--{args.setting}", "--lr", str(lr), "--seed", str(seed), "--steps", str(args.steps),
+            "--eval-every", str(args.eval_every), "--test-size", str(args.test_size),
+            "--no-save-checkpoints", "--out", out] + ["--effopd"] * (method == "effopd")
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        history = effopd.train(effopd.parse_args(argv + args.extra))
+    return [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in history
+            if "eval/test_acc" in r]
+
+
+def sweep_score(curves: list, target: float) -> tuple[float, float]:
+    """Sort key of one learning rate over the tuning seeds: median steps to target (inf when a
+    seed misses it), then the higher mean final accuracy."""
+    steps = [first_reaching(c, target)[0] for c in curves]
+    finals = [c[-1][1] for c in curves]
+    return (statistics.median(s if s is not None else math.inf for s in steps),
+            -statistics.mean(finals))
+
+
 def bench_speedup(args) -> bool:
-    """Vanilla OPD and EffOPD from one start and seed, on the tiny setting; test accuracy at every
-    step. Steps to target: the first step at which test accuracy reaches
-    start + 0.95 (vanilla final - start)."""
+    """Sweep the learning rate of both methods on the tuning seeds; run each at its best on the
+    held-out seeds; compare steps and seconds to a fixed test accuracy, and final accuracy."""
+    print(f"{args.setting} setting, target test accuracy {args.target}, {args.steps} steps, "
+          f"tuning seeds {args.tune_seeds}, held-out seeds {args.seeds}")
+    sweep, best = {}, {}
+    print("\nlr       | vanilla: steps to target (median), final | effopd: the same")
+    for lr in args.lrs:
+        for method in ("vanilla", "effopd"):
+            sweep[method, lr] = [speedup_run(method, lr, seed, args) for seed in args.tune_seeds]
+        cells = []
+        for method in ("vanilla", "effopd"):
+            steps, final = sweep_score(sweep[method, lr], args.target)
+            cells.append(f"{steps:>4} {-final:.3f}")
+        print(f"{lr:<8g} | {cells[0]:>20} | {cells[1]:>20}", flush=True)
+    for method in ("vanilla", "effopd"):
+        best[method] = min(args.lrs, key=lambda lr: sweep_score(sweep[method, lr], args.target))
+    print(f"best learning rate: vanilla {best['vanilla']:g}, effopd {best['effopd']:g}")
     rows, curves = [], {}
     for seed in args.seeds:
-        for name in ("vanilla", "effopd"):
-            out = os.path.join(args.out, f"{name}-seed{seed}")
-            shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
-            argv = ["--tiny", "--seed", str(seed), "--steps", str(args.steps), "--eval-every", "1",
-                    "--no-save-checkpoints", "--out", out]
-            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                history = effopd.train(effopd.parse_args(argv + ["--effopd"] * (name == "effopd")
-                                                         + args.extra))
-            curves[name, seed] = [(r["step"], r["eval/test_acc"], r["time/train_s"])
-                                  for r in history if "eval/test_acc" in r]
-        vanilla, eff = curves["vanilla", seed], curves["effopd", seed]
-        start, final = vanilla[0][1], vanilla[-1][1]
-        target = start + 0.95 * (final - start)
-        (v_step, v_s), (e_step, e_s) = first_reaching(vanilla, target), first_reaching(eff, target)
-        rows.append(dict(seed=seed, start=start, target=target, vanilla_final=final,
-                         effopd_final=eff[-1][1], vanilla_steps=v_step, effopd_steps=e_step,
-                         step_ratio=v_step / e_step if e_step else float("nan"),
-                         vanilla_s=v_s, effopd_s=e_s,
-                         time_ratio=v_s / e_s if e_s else float("nan"),
-                         vanilla_total_s=vanilla[-1][2], effopd_total_s=eff[-1][2]))
+        for method in ("vanilla", "effopd"):
+            curves[method, seed] = speedup_run(method, best[method], seed, args)
+        (v_step, v_s), (e_step, e_s) = (first_reaching(curves[m, seed], args.target)
+                                        for m in ("vanilla", "effopd"))
+        ratio = lambda a, b: a / b if a and b else float("nan")  # noqa: E731
+        rows.append(dict(seed=seed, vanilla_lr=best["vanilla"], effopd_lr=best["effopd"],
+                         vanilla_steps=v_step, effopd_steps=e_step,
+                         step_ratio=ratio(v_step, e_step),
+                         vanilla_s=v_s, effopd_s=e_s, time_ratio=ratio(v_s, e_s),
+                         vanilla_final=curves["vanilla", seed][-1][1],
+                         effopd_final=curves["effopd", seed][-1][1]))
         r = rows[-1]
-        print(f"seed {seed} | start {start:.3f} | target {target:.3f} | steps to target "
-              f"vanilla {v_step} effopd {e_step} ({r['step_ratio']:.1f}x) | seconds "
-              f"{v_s:.2f} vs {e_s:.2f} ({r['time_ratio']:.1f}x) | final {final:.3f} vs "
-              f"{r['effopd_final']:.3f}")
-    print("\nstep | " + " | ".join(f"seed {s}: vanilla effopd" for s in args.seeds))
-    for i in range(args.steps + 1):
-        if i <= 16 or i % 8 == 0:
-            cells = (f"{curves['vanilla', s][i][1]:.3f}   {curves['effopd', s][i][1]:.3f}  "
-                     for s in args.seeds)
-            print(f"{i:4d} | " + " | ".join(cells))
+        print(f"seed {seed} | steps to {args.target}: vanilla {v_step} effopd {e_step} "
+              f"({r['step_ratio']:.2f}x) | seconds {v_s} vs {e_s} ({r['time_ratio']:.2f}x) | "
+              f"final {r['vanilla_final']:.3f} vs {r['effopd_final']:.3f}", flush=True)
     median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
-    worst_gap = min(r["effopd_final"] - r["vanilla_final"] for r in rows)
-    print(f"\nmedian steps to target: vanilla {median('vanilla_steps')}, effopd "
-          f"{median('effopd_steps')} | median step ratio {median('step_ratio'):.2f}x (goal >= 3)")
-    print(f"median seconds to target (EffOPD validation counted): vanilla "
-          f"{median('vanilla_s'):.2f}, "
-          f"effopd {median('effopd_s'):.2f} | median ratio {median('time_ratio'):.2f}x (goal >= 2)")
-    print(f"final test accuracy, effopd - vanilla, worst seed: {100 * worst_gap:+.1f} points "
-          f"(goal >= -1)")
+    print(f"\nheld-out seeds, each method at its best learning rate: median step ratio "
+          f"{median('step_ratio'):.2f}x, median wall-clock ratio (EffOPD's validation counted) "
+          f"{median('time_ratio'):.2f}x; mean final accuracy vanilla "
+          f"{statistics.mean(r['vanilla_final'] for r in rows):.3f}, effopd "
+          f"{statistics.mean(r['effopd_final'] for r in rows):.3f} (the paper: ~3x at equal "
+          f"final accuracy)")
     with open(os.path.join(args.out, "speedup.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    plot_curves(curves, rows, args.seeds, os.path.join(args.out, "speedup.png"))
+        json.dump(dict(sweep={f"{m} {lr:g}": c for (m, lr), c in sweep.items()}, best=best,
+                       rows=rows), f, indent=1)
+    plot_curves(curves, args, os.path.join(args.out, "speedup.png"))
     return True
 
 
-def plot_curves(curves, rows, seeds, path: str) -> None:
+def plot_curves(curves, args, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, seed in enumerate(seeds):
+    for i, seed in enumerate(args.seeds):
         for name, color in (("vanilla", "tab:blue"), ("effopd", "tab:red")):
             steps, acc, _ = zip(*curves[name, seed])
             ax.plot(steps, acc, color=color, alpha=0.6, lw=1,
                     label=("vanilla OPD" if name == "vanilla" else "EffOPD") if i == 0 else None)
-    ax.axhline(statistics.median([r["target"] for r in rows]), color="gray", ls="--", lw=1,
-               label="target (median over seeds)")
-    ax.set(xlabel="step", ylabel="test accuracy", title="tiny setting: vanilla OPD vs EffOPD")
+    ax.axhline(args.target, color="gray", ls="--", lw=1, label="target")
+    ax.set(xlabel="step", ylabel="test accuracy",
+           title=f"{args.setting} setting: vanilla OPD vs EffOPD, each at its best learning rate")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# reproduce: both papers' claims, OPD vs GRPO vs SFT, seed by seed
+
+ARMS = ("opd", "grpo", "sft")
+
+
+def reproduce_run(argv: list[str], out: str, steps: int) -> None:
+    """effopd.py with these flags into out, unless out holds the finished run (its last
+    checkpoint) already: an interrupted benchmark picks up where it stopped."""
+    if os.path.isdir(os.path.join(out, f"step_{steps:06d}")):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"running {' '.join(argv)} --out {out}", flush=True)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        effopd.train(effopd.parse_args(argv + ["--steps", str(steps), "--out", out]))
+
+
+def final_test_accuracy(out: str) -> float:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "eval/test_acc" in r][-1]["eval/test_acc"]
+
+
+def claim_numbers(run: dict, locked_out: str | None) -> dict[str, float]:
+    """The numbers of one run behind the claims of both papers (see the README's table)."""
+    g, norms, iv = run["geometry"], run["norms"], run["interventions"]
+    total = sum(v * v for v in norms.values())
+    layers = sorted({layer for _, layer in norms if layer is not None})
+    edge = max(1, len(layers) // 4)  # the bottom and the top quarter of the layers
+    in_layers = lambda keep: sum(v * v for (kind, layer), v in norms.items()  # noqa: E731
+                                 if layer is not None and keep(kind, layer)) / total
+    steps = sorted(run["alignment"])
+    at = lambda frac: min(steps, key=lambda s: abs(s - frac * run["final"]))  # noqa: E731
+    gain = iv["accT"] - iv["acc0"]
+    recovered = lambda acc: (acc - iv["acc0"]) / gain if gain else float("nan")  # noqa: E731
+    window = [acc for _, acc in iv["window"]]
+    parts = {f: (top, bottom) for f, top, bottom in iv["parts"]}
+    out = {"spectral_ratio": g["spectral_ratio"], "effective_rank": g["effective_rank"],
+           "top1_ratio": g["top1_ratio"],
+           "embedding_share": norms.get(("embedding", None), 0.0) ** 2 / total,
+           "bottom_share": in_layers(lambda kind, layer: layer < layers[edge]),
+           "middle_share": in_layers(lambda kind, layer: layers[edge] <= layer < layers[-edge]),
+           "top_share": in_layers(lambda kind, layer: layer >= layers[-edge]),
+           "mlp_share": in_layers(lambda kind, layer: kind == "mlp"),
+           **{f"alignment_{p:.0%}": run["alignment"][at(p)] for p in (0.01, 0.1, 0.5)},
+           "rescaled_10%_recovery": recovered(iv["acc_rescaled"]),
+           "window_middle_minus_edges": (statistics.mean(window[edge:-edge] or [math.nan])
+                                         - statistics.mean(window[:edge] + window[-edge:])),
+           **{f"top{f:.0%}_recovery": recovered(parts[f][0]) for f in parts},
+           **{f"bottom{f:.0%}_recovery": recovered(parts[f][1]) for f in parts},
+           "unchanged_bf16": g["unchanged_bf16"], "principal_overlap": g["principal_overlap"],
+           "rank_10%_over_final": run["rank"][at(0.1)] / run["rank"][run["final"]],
+           "test_acc": final_test_accuracy(run["dir"])}
+    if locked_out:
+        out["locked_minus_free_test_acc"] = final_test_accuracy(locked_out) - out["test_acc"]
+    return out
+
+
+def bench_reproduce(args) -> bool:
+    """OPD, GRPO and SFT on the small setting, seed by seed, the same budget; subspace-locked OPD
+    and SFT; the geometry of every run (analyze.report); each claim's numbers, mean and standard
+    deviation over seeds, as a Markdown table."""
+    numbers = {arm: [] for arm in ARMS}
+    for seed in args.seeds:
+        dirs = {}
+        for arm in ARMS:
+            dirs[arm] = os.path.join(args.out, f"{arm}-seed{seed}")
+            flags = [f"--{args.setting}", "--loss", arm, "--seed", str(seed),
+                     "--lr", str(getattr(args, f"lr_{arm}"))] + args.extra
+            reproduce_run(flags, dirs[arm], args.steps)
+            if arm in ("opd", "sft"):  # the locking test: the run again, in its early subspace
+                lock = os.path.join(dirs[arm], f"step_{args.lock_step:06d}")
+                reproduce_run(flags + ["--lock-subspace", lock, "--lock-rank",
+                                       str(args.lock_rank)],
+                              dirs[arm] + "-locked", args.steps)
+        report_args = analyze.parse_args([*dirs.values(), "--interventions", "--png",
+                                          os.path.join(args.out, f"report-seed{seed}.png")])
+        runs = analyze.report(list(dirs.values()), report_args)
+        for arm in ARMS:
+            locked = dirs[arm] + "-locked" if arm in ("opd", "sft") else None
+            numbers[arm].append(claim_numbers(runs[os.path.basename(dirs[arm])], locked))
+    with open(os.path.join(args.out, "reproduce.json"), "w") as f:
+        json.dump(numbers, f, indent=1)
+    cell = lambda values: (f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+                           if len(values) > 1 else f"{values[0]:.3g}")  # noqa: E731
+    print(f"\n{args.setting} setting, seeds {args.seeds}, mean ± standard deviation\n")
+    print("| number | " + " | ".join(a.upper() for a in ARMS) + " |")
+    print("|---|" + "---|" * len(ARMS))
+    for key in numbers["opd"][0]:
+        print(f"| {key} | " + " | ".join(cell([n[key] for n in numbers[arm]]) if key in
+                                         numbers[arm][0] else "-" for arm in ARMS) + " |")
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,15 +513,37 @@ def main(argv=None) -> None:
                    help="keep the checkpoints in KEEP/<size> and reuse them when there")
     p.set_defaults(func=bench_geometry)
 
-    p = commands.add_parser("speedup", help="vanilla OPD vs EffOPD on the tiny setting, per seed",
+    p = commands.add_parser("speedup", help="vanilla OPD vs EffOPD, each at its best learning rate",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="one run pair each")
+    p.add_argument("--setting", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
+    p.add_argument("--lrs", type=float, nargs="+",
+                   default=[1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4],
+                   help="learning rates swept for both methods on --tune-seeds")
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=[0], help="seeds of the sweep")
+    p.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13],
+                   help="held-out seeds: each method once at its best learning rate")
     p.add_argument("--steps", type=int, default=64, help="steps of every run")
+    p.add_argument("--eval-every", type=int, default=1, help="test accuracy every N steps")
+    p.add_argument("--test-size", type=int, default=500, help="test prompts per evaluation")
     p.add_argument("--out", default="runs/speedup",
                    help="run folders, speedup.json and speedup.png")
-    p.add_argument("extra", nargs="*", help="more effopd.py flags for both runs, after --")
+    p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
     p.set_defaults(func=bench_speedup)
+
+    p = commands.add_parser("reproduce", help="OPD vs GRPO vs SFT: both papers' claims, seeds",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--setting", choices=["tiny", "small"], default="small")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=64, help="steps of every run")
+    for arm, lr in (("opd", 1e-4), ("grpo", 1e-4), ("sft", 1e-4)):
+        p.add_argument(f"--lr-{arm}", type=float, default=lr, help=f"learning rate of {arm}")
+    p.add_argument("--lock-step", type=int, default=8,
+                   help="the checkpoint whose update fixes the locked runs' subspace")
+    p.add_argument("--lock-rank", type=int, default=8, help="its singular vectors kept")
+    p.add_argument("--out", default="runs/reproduce", help="run folders, reports, JSON")
+    p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
+    p.set_defaults(func=bench_reproduce)
 
     args = parser.parse_args(argv)
     if args.threads:

@@ -41,6 +41,7 @@ Run:
     python effopd.py --tiny              # tiny models, CPU, ~15 s (see README)
     python effopd.py                     # Qwen2.5-0.5B-Instruct <- Qwen2.5-1.5B-Instruct, one GPU
     python effopd.py --tiny --effopd     # with EffOPD
+    python effopd.py --small             # the small setting, CPU, a few minutes
     python effopd.py --resume RUN_DIR    # continue a stopped run from its last checkpoint
 """
 import argparse
@@ -112,16 +113,23 @@ class Config:
     seed: int = arg(0, "seed for data order, sampling and everything else")
     device: str = arg("", "cuda or cpu (default: cuda when available)")
     tiny: bool = arg(False, "the tiny CPU setting: data/tiny models and data (see TINY)")
+    small: bool = arg(False, "the small CPU setting: data/small models and data (see SMALL)")
     resume: str = arg("", "continue the stopped run in this folder from its last checkpoint")
 
 
-# The tiny CPU setting: character-level Qwen2 models made by data/make_data.py, task "a+b=".
-TINY = dict(student="data/tiny/student", teacher="data/tiny/teacher",
-            train="data/tiny/train.jsonl", val="data/tiny/val.jsonl", test="data/tiny/test.jsonl",
-            batch_size=64, group_size=2, max_new_tokens=6, lr=1e-5, steps=64,
-            micro_batch_size=128, eval_every=4, device="cpu")
-TINY.update({k: os.path.join(PROJECT, TINY[k]) for k in ("student", "teacher", "train", "val",
-                                                          "test")})
+def setting(name: str, **defaults) -> dict:
+    """A built-in CPU setting: the models and data that data/make_data.py writes to data/<name>/."""
+    path = lambda file: os.path.join(PROJECT, "data", name, file)  # noqa: E731
+    return dict(student=path("student"), teacher=path("teacher"), train=path("train.jsonl"),
+                val=path("val.jsonl"), test=path("test.jsonl"), device="cpu", **defaults)
+
+
+# Character-level Qwen2 models. tiny: "a+b=", 0.5M parameters, a smoke test. small: "57+8-3+9="
+# worked out step by step, 4M / 6M parameters, wide enough for the papers' comparisons.
+TINY = setting("tiny", batch_size=64, group_size=2, max_new_tokens=6, lr=1e-5, steps=64,
+               micro_batch_size=128, eval_every=4)
+SMALL = setting("small", batch_size=16, group_size=4, max_new_tokens=40, lr=1e-4, steps=64,
+                micro_batch_size=64, eval_every=8)
 SIZES = ("steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "chunk_size",
          "max_candidates", "eval_every", "eval_batch_size", "val_size", "test_size", "lock_rank")
 # What --resume may change: in what pieces the work runs (the results agree up to floating-point
@@ -136,8 +144,8 @@ class UserError(Exception):
 
 
 def parse_args(argv=None) -> Config:
-    """Config from the command line: the defaults (or TINY's, or the resumed run's config.json)
-    with the given flags on top, checked before anything is loaded (argparse's exit 2)."""
+    """Config from the command line: the defaults (or TINY's or SMALL's, or the resumed run's
+    config.json) with the given flags on top, checked before anything loads (argparse's exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      argument_default=argparse.SUPPRESS)
     for f in fields(Config):
@@ -151,7 +159,8 @@ def parse_args(argv=None) -> Config:
         if "resume" in given:
             cfg = resumed_config(given)
         else:
-            cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
+            built_in = TINY if given.get("tiny") else SMALL if given.get("small") else {}
+            cfg = Config(**{**built_in, **given})
         check_config(cfg)
     except UserError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")  # argparse's error, without the usage
@@ -175,7 +184,8 @@ def resumed_config(given: dict) -> Config:
 
 
 def run_folder(cfg: Config) -> str:
-    return cfg.out or (f"runs/{'tiny-' if cfg.tiny else ''}{cfg.loss}"
+    prefix = "tiny-" if cfg.tiny else "small-" if cfg.small else ""
+    return cfg.out or (f"runs/{prefix}{cfg.loss}"
                        f"{'-effopd' if cfg.effopd else ''}-seed{cfg.seed}")
 
 
@@ -190,6 +200,8 @@ def check_config(cfg: Config) -> None:
         value = getattr(cfg, name)
         if not (value > 0 if need == "> 0" else value >= 0):  # False for NaN too
             raise UserError(f"--{name.replace('_', '-')} must be {need}, got {value}")
+    if cfg.tiny and cfg.small:
+        raise UserError("--tiny and --small are two settings: give one")
     if cfg.loss not in ("opd", "sampled", "grpo", "sft"):
         raise UserError(f"--loss must be opd, sampled, grpo or sft, not {cfg.loss!r}")
     if cfg.loss == "grpo" and cfg.group_size < 2:
@@ -358,6 +370,12 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -
     groups = rewards.float().view(-1, group_size)  # (B / G, G)
     std = groups.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(groups)
     return ((groups - groups.mean(-1, keepdim=True)) / (std + eps)).view(-1)
+
+
+def no_signal_share(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of groups whose rewards are all equal: their advantages are 0, GRPO learns nothing."""
+    groups = rewards.view(-1, group_size)  # (B / G, G)
+    return (groups.min(1).values == groups.max(1).values).float().mean().item()
 
 
 def grpo_loss(student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
@@ -809,7 +827,7 @@ def save_checkpoint(model, tokenizer, path: str) -> None:
 def first_nonfinite(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     n_response: int, vocab_size: int) -> str | None:
     """What of the model holds a NaN or an infinity: its first such weight, else its logits on
-    input_ids (B, P+R); None if all is finite. A run that diverged can keep finite weights (1e6
+    input_ids (B, P+R); None if all is finite. A run that diverged can keep finite weights (1e12
     after a huge step) whose logits overflow, so both are checked."""
     for n, p in model.named_parameters():
         if not torch.isfinite(p).all():
@@ -1033,6 +1051,9 @@ def train(cfg: Config) -> list[dict]:
                   "train/grad_norm": grad_norm.item(),
                   "train/response_len": mask.sum(1).float().mean().item(),
                   "time/step_s": round(step_s, 3)}
+        if cfg.loss == "grpo":
+            record["train/reward"] = rewards.mean().item()
+            record["train/no_signal"] = no_signal_share(rewards, cfg.group_size)
         if on_gpu:
             record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "

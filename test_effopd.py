@@ -147,6 +147,12 @@ def test_grpo_advantages_hand_computed():
     torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
 
 
+def test_no_signal_share_hand_computed():
+    rewards = torch.tensor([1.0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0])
+    assert effopd.no_signal_share(rewards, 4) == 0.5  # the all-0 and the all-1 group
+    assert effopd.no_signal_share(rewards, 2) == 0.875  # only the pair [1, 0] carries signal
+
+
 def test_grpo_loss_equals_plain_sum():
     torch.manual_seed(3)
     logits = torch.randn(2, 3, 5, requires_grad=True)
@@ -771,6 +777,47 @@ def test_tiny_setting_teacher_strong_student_weak(tokenizer):
         assert low <= effopd.accuracy(model, tokenizer, test, 6, [1]) <= high
 
 
+def test_small_setting_teacher_strong_student_weak():
+    from transformers import AutoTokenizer
+    test = effopd.load_jsonl("data/small/test.jsonl")[:100]
+    tokenizer = AutoTokenizer.from_pretrained("data/small/student")
+    for name, low, high in [("teacher", 0.95, 1.0), ("student", 0.1, 0.45)]:
+        model = Qwen2ForCausalLM.from_pretrained(f"data/small/{name}", dtype=torch.float32)
+        assert model.config.hidden_size >= 256 and model.config.num_hidden_layers >= 4
+        assert low <= effopd.accuracy(model, tokenizer, test, 40, [1]) <= high
+
+
+def test_training_run_small_smoke(tmp_path):
+    out = str(tmp_path / "small")
+    effopd.main(["--small", "--steps", "2", "--batch-size", "2", "--eval-every", "2",
+                 "--val-size", "8", "--test-size", "8", "--no-save-checkpoints", "--out", out])
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "eval/test_acc" in r] == [0, 2]
+    assert json.load(open(os.path.join(out, "config.json")))["max_new_tokens"] == 40
+
+
+def test_small_task_working_and_dropped_carry():
+    assert make_data.working([6, 9, 7]) == "6+9=15,15+7=22"
+    assert make_data.dropped_carry(16, 6) == 12 and make_data.dropped_carry(12, 5) == 17
+    always = make_data.working([6, 9, 7, 5], flaw=1.0, rng=__import__("random").Random(0))
+    assert always == "6+9=5,5+7=2,2+5=7"  # carries of 7, 8, 9 forgotten, the error carried on
+    assert make_data.working([8, 5, 7], 1.0, __import__("random").Random(0)) == "8+5=13,13+7=10"
+    assert effopd.extract_answer(make_data.working([8, 8, 3, 8])) == 27
+
+
+def test_first_reaching_and_sweep_score():
+    import bench
+    fast = [(0, 0.2, 0.0), (1, 0.6, 1.0), (2, 0.96, 2.0), (3, 0.97, 3.0)]
+    slow = [(0, 0.2, 0.0), (1, 0.4, 1.5), (2, 0.5, 3.0), (3, 0.95, 4.5)]
+    never = [(0, 0.2, 0.0), (1, 0.5, 1.0), (2, 0.9, 2.0), (3, 0.94, 3.0)]
+    assert bench.first_reaching(fast, 0.95) == (2, 2.0)
+    assert bench.first_reaching(never, 0.95) == (None, None)
+    assert bench.sweep_score([fast, slow], 0.95) == (2.5, -0.96)  # median 2.5, mean final 0.96
+    assert bench.sweep_score([fast, never], 0.95)[0] == math.inf  # a missed seed
+    assert min([[never], [slow], [fast]], key=lambda c: bench.sweep_score(c, 0.95)) == [fast]
+
+
 def test_training_run_tiny_with_effopd(tmp_path, capsys):
     out = str(tmp_path / "run")
     effopd.main(["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
@@ -794,6 +841,8 @@ def test_training_run_other_losses(tmp_path, loss):
                  "--test-size", "20", "--no-save-checkpoints", "--out", out])
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    if loss == "grpo":
+        assert all("train/no_signal" in r for r in records if "train/loss" in r)
 
 
 def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys):
@@ -1012,8 +1061,8 @@ def test_first_nonfinite_names_a_weight_or_the_logits():
 
 def test_a_diverged_run_stops_before_saving_and_names_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit:  # Adam at lr 1e6: weights ~1e6 after one step
-        effopd.main([*TINY_RUN, "--steps", "8", "--lr", "1e6", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit:  # Adam at lr 1e12: weights ~1e12 after one step
+        effopd.main([*TINY_RUN, "--steps", "8", "--lr", "1e12", "--out", str(out)])
     message = str(exit.value.code)
     match = re.fullmatch(r"effopd: error: step (\d+): .*(nan|NaN or inf).*; stopped before "
                          r"saving\. Last good \(finite\) checkpoint: (.*)", message)

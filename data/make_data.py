@@ -7,8 +7,17 @@ Make everything in data/, from a fixed seed:
                                       here by supervised fine-tuning: the teacher to >= 95% test
                                       accuracy, the student (smaller, on labels 60% of which are
                                       off by one) far below
+  data/small/{train,val,test}.jsonl   four or five digits to add, "6+9+7+4=", answered with the
+                                      working written out, "6+9=15,15+7=22,22+4=26" (the small
+                                      CPU setting)
+  data/small/{teacher,student}/       character-level Qwen2 models for it, saved in bf16: the
+                                      teacher (5 layers, width 320) trained on a broad synthetic
+                                      corpus and the worked sums; the student (4 layers, width 256)
+                                      pretrained on the corpus alone, then briefly adapted to the
+                                      worked sums from labels that mostly forget carries
 
-Run from the repository root:  python data/make_data.py   (about 3 min on 2 CPU cores)
+Run from the repository root:  python data/make_data.py   (about 25 min on 2 CPU cores;
+--models tiny: 3 min)
 """
 import argparse
 import json
@@ -93,12 +102,86 @@ def make_tiny_data(rng: random.Random, sizes: dict[str, int]) -> dict[str, list[
         i += n
     return splits
 
+# ------------------------------------------------------------------------------------------------
+# The small setting: sums of digits written out step by step, "6+9+7=" -> "6+9=15,15+7=22"
 
-def make_char_tokenizer():
-    """A Hugging Face tokenizer with one id per character: <pad>=0, <eos>=1, then CHARS."""
+SMALL_CHARS = "0123456789+-=,:crm"
+
+
+SMALL_FLAW, SMALL_ADAPT = 0.9, 250  # the student's adaptation: carries forgotten, steps
+
+
+def chain(rng: random.Random) -> list[int]:
+    """Four or five digits 1..9 to add up."""
+    return [rng.randint(1, 9) for _ in range(rng.randint(4, 5))]
+
+
+def dropped_carry(a: int, b: int) -> int:
+    """a + b forgetting the carry out of the units column: 16+6 -> 12 (not 22)."""
+    return (a // 10 + b // 10) * 10 + (a % 10 + b % 10) % 10
+
+
+def working(digits: list[int], flaw: float = 0.0, rng=None) -> str:
+    """The worked response "6+9=15,15+7=22"; with probability flaw, a step that adds 7, 8 or 9
+    forgets its carry (the result is then wrong when the step has one, and later steps add to the
+    wrong total): a habit tied to some facts, so that greedy decoding still solves some sums."""
+    steps, total = [], digits[0]
+    for d in digits[1:]:
+        new = dropped_carry(total, d) if d >= 7 and flaw and rng.random() < flaw else total + d
+        steps.append(f"{total}+{d}={new}")
+        total = new
+    return ",".join(steps)
+
+
+def make_small_data(rng: random.Random, sizes: dict[str, int]) -> dict[str, list[dict]]:
+    seen, splits = set(), {}
+    for split, n in sizes.items():
+        records = []
+        while len(records) < n:
+            digits = chain(rng)
+            prompt = "+".join(map(str, digits)) + "="
+            if prompt not in seen:  # no prompt in two splits
+                seen.add(prompt)
+                records.append({"prompt": prompt, "answer": sum(digits)})
+        splits[split] = records
+    return splits
+
+
+def corpus(rng: random.Random) -> tuple[str, str]:
+    """One example of the broad synthetic corpus: sums, differences, copying, reversing, maxima."""
+    family = rng.choice(["add", "sub", "copy", "reverse", "max"])
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
+    if family == "add":
+        return f"{a}+{b}=", str(a + b)
+    if family == "sub":
+        return f"{a + b}-{b}=", str(a)
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 8)))
+    if family == "copy":
+        return f"c:{digits}=", digits
+    if family == "reverse":
+        return f"r:{digits}=", digits[::-1]
+    return f"m:{a},{b}=", str(max(a, b))
+
+
+def chains(records: list[dict], flaw: float = 0.0):
+    """draw() for sft: training prompts with their worked responses (flawed with rate flaw)."""
+    def draw(rng, n):
+        return [(r["prompt"], working([int(d) for d in r["prompt"][:-1].split("+")], flaw, rng))
+                for r in rng.sample(records, n)]
+    return draw
+
+
+def mixture(draws: list, weights: list[float]):
+    """draw() for sft: each example from one of the draws, picked with the given weights."""
+    return lambda rng, n: [rng.choices(draws, weights)[0](rng, 1)[0] for _ in range(n)]
+
+
+
+def make_char_tokenizer(chars: str = CHARS):
+    """A Hugging Face tokenizer with one id per character: <pad>=0, <eos>=1, then chars."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -106,34 +189,34 @@ def make_char_tokenizer():
                                    unk_token="<pad>")  # else transformers adds an unk token
 
 
-def make_tiny_model(tokenizer, hidden: int, layers: int, seed: int):
+def make_tiny_model(tokenizer, hidden: int, layers: int, seed: int, max_length: int = 32):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden,
                          intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=32, tie_word_embeddings=False,
+                         max_position_embeddings=max_length, tie_word_embeddings=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None)
     return Qwen2ForCausalLM(config)
 
 
-def sft(model, tokenizer, records, steps: int, lr: float, batch_size: int, seed: int,
-        dev: list[dict], noise: float = 0.0):
-    """Supervised fine-tuning on prompt -> answer + EOS (loss on the answer tokens only), with
-    probability `noise` of a label being off by one (answer + 1). Prints dev accuracy."""
+def sft(model, tokenizer, draw, steps: int, lr: float, batch_size: int, seed: int,
+        dev: list[dict], max_new_tokens: int, log_every: int = 250):
+    """Supervised fine-tuning on prompt -> response + EOS, the loss on the response tokens only.
+    draw(rng, n) gives n (prompt, response) text pairs. Prints dev accuracy every log_every steps.
+    """
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     eos = tokenizer.eos_token_id
     for step in range(1, steps + 1):
-        batch = rng.sample(records, batch_size)
-        prompts = [tokenizer(r["prompt"])["input_ids"] for r in batch]
-        answers = [tokenizer(str(r["answer"] + (rng.random() < noise)))["input_ids"] + [eos]
-                   for r in batch]
+        pairs = draw(rng, batch_size)
+        prompts = [tokenizer(p)["input_ids"] for p, _ in pairs]
+        answers = [tokenizer(r)["input_ids"] + [eos] for _, r in pairs]
         ids, attention_mask = effopd.left_pad([p + a for p, a in zip(prompts, answers)],
                                               tokenizer.pad_token_id, "cpu")
-        labels = torch.full_like(ids, -100)  # (B, L): score only the answer tokens
+        labels = torch.full_like(ids, -100)  # (B, L): score only the response tokens
         for i, a in enumerate(answers):
             labels[i, ids.shape[1] - len(a):] = torch.tensor(a)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -143,45 +226,105 @@ def sft(model, tokenizer, records, steps: int, lr: float, batch_size: int, seed:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        if step % 250 == 0:
-            acc = effopd.accuracy(model, tokenizer, dev, 6, [eos])
-            print(f"  sft step {step} | loss {loss.item():.4f} | dev acc {acc:.3f}")
+        if step % log_every == 0 or step == steps:
+            acc = effopd.accuracy(model, tokenizer, dev, max_new_tokens, [eos])
+            print(f"  sft step {step} | loss {loss.item():.4f} | dev acc {acc:.3f}", flush=True)
     return model
+
+
+def noisy_labels(records: list[dict], noise: float):
+    """draw() for sft: records with their answer, off by one (answer + 1) with probability noise."""
+    return lambda rng, n: [(r["prompt"], str(r["answer"] + (rng.random() < noise)))
+                           for r in rng.sample(records, n)]
+
+
+def make_tiny_models(tiny: dict[str, list[dict]], seed: int) -> None:
+    tokenizer = make_char_tokenizer()
+    # SFT data: the training split only; dev is disjoint from val and test.
+    teacher = make_tiny_model(tokenizer, hidden=128, layers=3, seed=seed)
+    sft(teacher, tokenizer, noisy_labels(tiny["train"], 0.0), steps=3000, lr=3e-3, batch_size=128,
+        seed=seed, dev=tiny["dev"], max_new_tokens=6)
+    # The student is smaller and learned from labels of which 60% are off by one: it can add, but
+    # prefers the wrong last digit, a habit OPD can fix (it could not teach a missing skill in a
+    # few dozen steps: a student early-stopped at 30% crawled to 60% in 64 OPD steps).
+    student = make_tiny_model(tokenizer, hidden=96, layers=4, seed=seed + 1)
+    sft(student, tokenizer, noisy_labels(tiny["train"], 0.6), steps=1500, lr=3e-3, batch_size=128,
+        seed=seed + 1, dev=tiny["dev"], max_new_tokens=6)
+    save(tokenizer, tiny["test"], 6, os.path.join(HERE, "tiny"), teacher=teacher, student=student)
+
+
+def make_small_models(small: dict[str, list[dict]], seed: int) -> None:
+    make_small_teacher(small, seed)
+    make_small_student(small, seed)
+
+
+def pretraining(rng, n):
+    """draw() for sft: n examples of the corpus."""
+    return [corpus(rng) for _ in range(n)]
+
+
+def make_small_teacher(small: dict[str, list[dict]], seed: int) -> None:
+    """Larger, trained on the corpus and (three times as often) the worked sums."""
+    tokenizer = make_char_tokenizer(SMALL_CHARS)
+    teacher = make_tiny_model(tokenizer, hidden=320, layers=5, seed=seed, max_length=64)
+    sft(teacher, tokenizer, mixture([pretraining, chains(small["train"])], [1, 3]), steps=600,
+        lr=2e-3, batch_size=128, seed=seed, dev=small["dev"], max_new_tokens=40, log_every=100)
+    # bf16 on disk halves the files; runs load them in fp32 and W_0 is exactly these weights.
+    save(tokenizer, small["test"], 40, os.path.join(HERE, "small"), torch.bfloat16,
+         teacher=teacher)
+
+
+def make_small_student(small: dict[str, list[dict]], seed: int) -> None:
+    """Pretrained on the corpus alone (it learns to add a digit, carries included), then a short
+    adaptation to the worked sums from labels that forget the carry of 7, 8 and 9 mostly."""
+    tokenizer = make_char_tokenizer(SMALL_CHARS)
+    rng = random.Random(seed)
+    pretraining_dev = [{"prompt": p, "answer": int(r)}  # its sums and differences
+                       for p, r in (corpus(rng) for _ in range(600)) if p[0].isdigit()]
+    student = make_tiny_model(tokenizer, hidden=256, layers=4, seed=seed + 1, max_length=64)
+    sft(student, tokenizer, pretraining, steps=400, lr=2e-3, batch_size=128, seed=seed + 1,
+        dev=pretraining_dev, max_new_tokens=6, log_every=100)
+    sft(student, tokenizer, chains(small["train"], SMALL_FLAW), steps=SMALL_ADAPT, lr=1e-3,
+        batch_size=128, seed=seed + 2, dev=small["dev"], max_new_tokens=40, log_every=50)
+    save(tokenizer, small["test"], 40, os.path.join(HERE, "small"), torch.bfloat16,
+         student=student)
+
+
+def save(tokenizer, test: list[dict], max_new_tokens: int, folder: str,
+         dtype: torch.dtype = torch.float32, **models) -> None:
+    """Save each model to folder/<name> in dtype; print its test accuracy with the saved weights."""
+    for name, model in models.items():
+        effopd.save_checkpoint(model.to(dtype), tokenizer, os.path.join(folder, name))
+        acc = effopd.accuracy(model.float(), tokenizer, test, max_new_tokens,
+                              [tokenizer.eos_token_id])
+        print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"test accuracy {acc:.3f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--seed", type=int, default=0, help="one seed for all of data/")
     parser.add_argument("--skip-models", action="store_true", help="write the JSONL files only")
+    parser.add_argument("--models", nargs="+", choices=["tiny", "small"], default=["tiny", "small"],
+                        help="the settings whose models are trained")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     for split, records in make_arith(rng, {"train": 2000, "val": 50, "test": 500}).items():
         write_jsonl(os.path.join(HERE, "arith", f"{split}.jsonl"), records)
     tiny = make_tiny_data(rng, {"train": 6000, "val": 50, "test": 500, "dev": 500})
-    for split in ("train", "val", "test"):
-        write_jsonl(os.path.join(HERE, "tiny", f"{split}.jsonl"), tiny[split])
-    print("wrote data/arith and data/tiny JSONL")
+    small = make_small_data(rng, {"train": 4000, "val": 50, "test": 500, "dev": 300})
+    for name, data in (("tiny", tiny), ("small", small)):
+        for split in ("train", "val", "test"):
+            write_jsonl(os.path.join(HERE, name, f"{split}.jsonl"), data[split])
+    print("wrote data/arith, data/tiny and data/small JSONL")
     if args.skip_models:
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))  # results do not depend on the machine
-    tokenizer = make_char_tokenizer()
-    t0 = time.time()
-    # SFT data: the training split only; dev is disjoint from val and test.
-    teacher = make_tiny_model(tokenizer, hidden=128, layers=3, seed=args.seed)
-    sft(teacher, tokenizer, tiny["train"], steps=3000, lr=3e-3, batch_size=128, seed=args.seed,
-        dev=tiny["dev"])
-    # The student is smaller and learned from labels of which 60% are off by one: it can add, but
-    # prefers the wrong last digit, a habit OPD can fix (it could not teach a missing skill in a
-    # few dozen steps: a student early-stopped at 30% crawled to 60% in 64 OPD steps).
-    student = make_tiny_model(tokenizer, hidden=96, layers=4, seed=args.seed + 1)
-    sft(student, tokenizer, tiny["train"], steps=1500, lr=3e-3, batch_size=128, seed=args.seed + 1,
-        dev=tiny["dev"], noise=0.6)
-    for name, model in (("teacher", teacher), ("student", student)):
-        acc = effopd.accuracy(model, tokenizer, tiny["test"], 6, [tokenizer.eos_token_id])
-        print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"test accuracy {acc:.3f}")
-        effopd.save_checkpoint(model, tokenizer, os.path.join(HERE, "tiny", name))
-    print(f"trained the tiny models in {time.time() - t0:.0f} s")
+    for name, data, make in (("tiny", tiny, make_tiny_models), ("small", small, make_small_models)):
+        if name in args.models:
+            t0 = time.time()
+            make(data, args.seed)
+            print(f"trained the {name} models in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -124,8 +124,9 @@ def setting(name: str, **defaults) -> dict:
                 val=path("val.jsonl"), test=path("test.jsonl"), device="cpu", **defaults)
 
 
-# Character-level Qwen2 models. tiny: "a+b=", 0.5M parameters, a smoke test. small: "57+8-3+9="
-# worked out step by step, 4M / 6M parameters, wide enough for the papers' comparisons.
+# Character-level Qwen2 models. tiny: "a+b=", 0.5M parameters, a smoke test. small: "6+9+7=" with
+# the working written out ("6+9=15,15+7=22"), 3.9M / 7.7M parameters, wide enough for the papers'
+# comparisons.
 TINY = setting("tiny", batch_size=64, group_size=2, max_new_tokens=6, lr=1e-5, steps=64,
                micro_batch_size=128, eval_every=4)
 SMALL = setting("small", batch_size=16, group_size=4, max_new_tokens=40, lr=1e-4, steps=64,

@@ -968,6 +968,7 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
     (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
+    (["--small"], "--tiny and --small are two settings: give one"),
     (["--lock-subspace", "/no/ckpt"], "--lock-subspace /no/ckpt: no such checkpoint folder"),
     (["--effopd", "--max-candidates", "0"], "--max-candidates must be at least 1"),
     (["--student", "./no/such/dir"], "--student ./no/such/dir: no such folder"),

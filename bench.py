@@ -413,8 +413,8 @@ def claim_numbers(run: dict, locked_out: str | None) -> dict[str, float]:
                                  if layer is not None and keep(kind, layer)) / total
     steps = sorted(run["alignment"])
     at = lambda frac: min(steps, key=lambda s: abs(s - frac * run["final"]))  # noqa: E731
-    gain = iv["accT"] - iv["acc0"]
-    recovered = lambda acc: (acc - iv["acc0"]) / gain if gain else float("nan")  # noqa: E731
+    gain = iv["accT"] - iv["acc0"]  # a run that lost accuracy has no gain to recover: NaN
+    recovered = lambda acc: (acc - iv["acc0"]) / gain if gain > 0 else math.nan  # noqa: E731
     window = [acc for _, acc in iv["window"]]
     parts = {f: (top, bottom) for f, top, bottom in iv["parts"]}
     out = {"spectral_ratio": g["spectral_ratio"], "effective_rank": g["effective_rank"],
@@ -463,8 +463,9 @@ def bench_reproduce(args) -> bool:
             numbers[arm].append(claim_numbers(runs[os.path.basename(dirs[arm])], locked))
     with open(os.path.join(args.out, "reproduce.json"), "w") as f:
         json.dump(numbers, f, indent=1)
-    cell = lambda values: (f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
-                           if len(values) > 1 else f"{values[0]:.3g}")  # noqa: E731
+    cell = lambda values: ("n/a" if any(map(math.isnan, values)) else  # noqa: E731
+                           f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+                           if len(values) > 1 else f"{values[0]:.3g}")
     print(f"\n{args.setting} setting, seeds {args.seeds}, mean ± standard deviation\n")
     print("| number | " + " | ".join(a.upper() for a in ARMS) + " |")
     print("|---|" + "---|" * len(ARMS))

@@ -818,6 +818,35 @@ def test_first_reaching_and_sweep_score():
     assert min([[never], [slow], [fast]], key=lambda c: bench.sweep_score(c, 0.95)) == [fast]
 
 
+def test_claim_numbers_hand_computed(tmp_path):
+    import bench
+    for name, acc in (("run", 0.7), ("locked", 0.65)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            f'{{"step": 0, "eval/test_acc": 0.3}}\n{{"step": 64, "eval/test_acc": {acc}}}\n')
+    run = dict(dir=str(tmp_path / "run"), final=64,
+               geometry=dict(spectral_ratio=0.5, effective_rank=3.0, top1_ratio=0.6,
+                             unchanged_bf16=0.1, principal_overlap=0.01),
+               norms={("embedding", None): 1.0, ("attention", 0): 1.0, ("mlp", 0): 0.0,
+                      ("mlp", 1): 2.0, ("mlp", 2): 1.0, ("attention", 3): 1.0},  # sum of squares 8
+               alignment={1: 0.2, 2: 0.3, 4: 0.4, 8: 0.5, 16: 0.6, 32: 0.7, 64: 1.0},
+               rank={1: 20.0, 8: 10.0, 64: 5.0},
+               interventions=dict(acc0=0.2, accT=0.6, acc_rescaled=0.5,
+                                  window=[(0, 0.3), (1, 0.5), (2, 0.4), (3, 0.2)],
+                                  parts=[(0.01, 0.4, 0.2)]))
+    numbers = bench.claim_numbers(run, str(tmp_path / "locked"))
+    assert numbers == pytest.approx(dict(
+        spectral_ratio=0.5, effective_rank=3.0, top1_ratio=0.6, embedding_share=1 / 8,
+        bottom_share=1 / 8, middle_share=5 / 8, top_share=1 / 8, mlp_share=5 / 8,
+        **{"alignment_1%": 0.2, "alignment_10%": 0.5, "alignment_50%": 0.7},  # steps 1, 8, 32
+        **{"rescaled_10%_recovery": 0.75, "window_middle_minus_edges": 0.45 - 0.25,
+           "top1%_recovery": 0.5, "bottom1%_recovery": 0.0, "rank_10%_over_final": 2.0},
+        unchanged_bf16=0.1, principal_overlap=0.01, test_acc=0.7,
+        locked_minus_free_test_acc=-0.05))
+    run["interventions"]["accT"] = 0.1  # a run that lost accuracy: no share of a gain
+    assert math.isnan(bench.claim_numbers(run, None)["rescaled_10%_recovery"])
+
+
 def test_training_run_tiny_with_effopd(tmp_path, capsys):
     out = str(tmp_path / "run")
     effopd.main(["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "2",

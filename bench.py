@@ -537,7 +537,8 @@ def main(argv=None) -> None:
     p.add_argument("--setting", choices=["tiny", "small"], default="small")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=64, help="steps of every run")
-    for arm, lr in (("opd", 1e-4), ("grpo", 1e-4), ("sft", 1e-4)):
+    # GRPO collapses at 1e-4 on the small setting (test accuracy 30% -> 9-18% in 64 steps)
+    for arm, lr in (("opd", 1e-4), ("grpo", 3e-5), ("sft", 1e-4)):
         p.add_argument(f"--lr-{arm}", type=float, default=lr, help=f"learning rate of {arm}")
     p.add_argument("--lock-step", type=int, default=8,
                    help="the checkpoint whose update fixes the locked runs' subspace")

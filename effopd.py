@@ -782,6 +782,17 @@ def project_update(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tor
     return u @ (u.T @ delta @ v) @ v.T
 
 
+def update_subspaces(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-r left and right singular vectors of an update delta (m, n): (m, r'), (n, r'). Only
+    directions with a singular value above matrix_rank's tolerance count, so an update of rank
+    r' < r fixes r' directions (a zero update none: the matrix stays at W_0), not r - r' arbitrary
+    ones."""
+    u, s, vh = torch.linalg.svd(delta.detach().float(), full_matrices=False)
+    tol = s.max() * max(delta.shape) * torch.finfo(s.dtype).eps
+    kept = int((s[:r] > tol).sum())
+    return u[:, :kept], vh[:kept].T
+
+
 @torch.no_grad()
 def lock_to_subspace(model: torch.nn.Module, base: dict[str, torch.Tensor],
                      bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -919,11 +930,13 @@ def train(cfg: Config) -> list[dict]:
                     raise UserError(f"--lock-subspace {cfg.lock_subspace}: {n} missing or of "
                                     f"another shape than the student's {tuple(p.shape)}")
                 lock_base[n] = p.detach().clone()
-                lock[n] = top_singular_subspaces(early[n] - lock_base[n],
-                                                 min(cfg.lock_rank, *p.shape))
+                lock[n] = update_subspaces(early[n] - lock_base[n], cfg.lock_rank)
         del initial, early
+        lower = sum(u.shape[1] < min(cfg.lock_rank, *lock_base[n].shape)
+                    for n, (u, _) in lock.items())
         print(f"lock: {len(lock)} matrices held to their top-{cfg.lock_rank} update subspaces "
-              f"in {cfg.lock_subspace}")
+              f"in {cfg.lock_subspace}" + (f" ({lower} of them: an update of lower rank, so "
+                                           f"fewer directions)" if lower else ""))
 
     write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
     metrics_path = os.path.join(out, "metrics.jsonl")

@@ -1247,6 +1247,21 @@ def test_projection_keeps_what_is_inside_removes_what_is_outside_and_is_idempote
     assert effopd.project_update(x, e1, e1).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
 
 
+def test_update_subspaces_of_a_low_rank_update_fix_only_its_own_directions():
+    m, n = 12, 9
+    a, b = orthonormal(m, 2, 2).float(), orthonormal(n, 2, 3).float()
+    delta = a @ torch.diag(torch.tensor([3.0, 1.0])) @ b.T  # rank 2
+    u, v = effopd.update_subspaces(delta, 5)
+    assert u.shape == (m, 2) and v.shape == (n, 2)  # not 5: no arbitrary filler directions
+    x = torch.randn(m, n)
+    assert torch.allclose(effopd.project_update(x, u, v), a @ a.T @ x @ b @ b.T, atol=1e-5)
+    top = effopd.update_subspaces(delta, 1)  # r below the rank: the largest direction alone
+    assert torch.allclose(top[0] @ top[0].T, a[:, :1] @ a[:, :1].T, atol=1e-5)
+    none = effopd.update_subspaces(torch.zeros(m, n), 5)  # a zero update: the matrix stays put
+    assert none[0].shape == (m, 0)
+    assert torch.equal(effopd.project_update(torch.ones(m, n), *none), torch.zeros(m, n))
+
+
 def test_lock_to_subspace_moves_only_the_named_matrices():
     model = Block()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -1284,7 +1299,7 @@ def test_locked_training_keeps_every_update_in_the_early_subspace(tmp_path, caps
     w1 = Qwen2ForCausalLM.from_pretrained(early / "step_000001").state_dict()
     w3 = Qwen2ForCausalLM.from_pretrained(locked / "step_000003").state_dict()
     name = "model.layers.2.mlp.down_proj.weight"
-    u, v = effopd.top_singular_subspaces(w1[name] - w0[name], 2)
+    u, v = effopd.update_subspaces(w1[name] - w0[name], 2)
     delta = w3[name] - w0[name]
     assert delta.norm() > 0
     assert torch.allclose(effopd.project_update(delta, u, v), delta, atol=1e-6)

@@ -932,11 +932,8 @@ def train(cfg: Config) -> list[dict]:
                 lock_base[n] = p.detach().clone()
                 lock[n] = update_subspaces(early[n] - lock_base[n], cfg.lock_rank)
         del initial, early
-        lower = sum(u.shape[1] < min(cfg.lock_rank, *lock_base[n].shape)
-                    for n, (u, _) in lock.items())
         print(f"lock: {len(lock)} matrices held to their top-{cfg.lock_rank} update subspaces "
-              f"in {cfg.lock_subspace}" + (f" ({lower} of them: an update of lower rank, so "
-                                           f"fewer directions)" if lower else ""))
+              f"in {cfg.lock_subspace}")
 
     write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
     metrics_path = os.path.join(out, "metrics.jsonl")

@@ -217,6 +217,12 @@ def check_config(cfg: Config) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA GPU is available")
     check_run_folder(run_folder(cfg), resume=bool(cfg.resume))
+    if cfg.resume:  # mmap: reads the step, not the optimizer state
+        done = torch.load(os.path.join(run_folder(cfg), "resume.pt"), map_location="cpu",
+                          mmap=True)["step"]
+        if done >= cfg.steps:
+            raise UserError(f"{run_folder(cfg)} has finished its {done} steps; pass --steps N "
+                            f"(N > {done}) to train it further")
 
 
 def check_run_folder(out: str, resume: bool) -> None:
@@ -870,9 +876,6 @@ def train(cfg: Config) -> list[dict]:
     out = run_folder(cfg)
     resume_path = os.path.join(out, "resume.pt")
     resumed = torch.load(resume_path, map_location="cpu") if cfg.resume else None
-    if resumed and resumed["step"] >= cfg.steps:
-        raise UserError(f"{out} has finished its {resumed['step']} steps; pass --steps N "
-                        f"(N > {resumed['step']}) to train it further")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1043,11 +1043,11 @@ def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, cap
 
 
 def error_of_resume(out, capsys, *flags) -> str:
-    """The one-line error of --resume: printed by argparse (exit 2) or by main (exit 1)."""
+    """The one-line error of --resume, printed by argparse before any model loads (exit 2)."""
     with pytest.raises(SystemExit) as exit:
         effopd.main(["--resume", str(out), *flags])
-    printed = capsys.readouterr().err.strip().splitlines()
-    return printed[-1] if exit.value.code == 2 else exit.value.code
+    assert exit.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_write_atomically_survives_a_leftover_old_copy(tmp_path):

@@ -216,13 +216,13 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--lock-subspace {cfg.lock_subspace}: no such checkpoint folder")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA GPU is available")
-    check_run_folder(run_folder(cfg), resume=bool(cfg.resume))
+    out = run_folder(cfg)
+    check_run_folder(out, resume=bool(cfg.resume))
     if cfg.resume:  # mmap: reads the step, not the optimizer state
-        done = torch.load(os.path.join(run_folder(cfg), "resume.pt"), map_location="cpu",
-                          mmap=True)["step"]
+        done = torch.load(os.path.join(out, "resume.pt"), map_location="cpu", mmap=True)["step"]
         if done >= cfg.steps:
-            raise UserError(f"{run_folder(cfg)} has finished its {done} steps; pass --steps N "
-                            f"(N > {done}) to train it further")
+            raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
+                            f"to train it further")
 
 
 def check_run_folder(out: str, resume: bool) -> None:

@@ -72,8 +72,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from effopd import (ATTENTION, MLP, PROJECT, accuracy, effopd_extrapolate, eos_ids, is_power_of_two,
-                    load_jsonl, principal_overlap, principal_rotation, singular_part,
+from effopd import (ATTENTION, PROJECT, accuracy, effopd_extrapolate, eos_ids, is_attention_or_mlp,
+                    is_power_of_two, load_jsonl, principal_overlap, principal_rotation, singular_part,
                     subspace_alignment, top_singular_subspaces, unchanged_fraction,
                     update_metrics)
 
@@ -282,14 +282,11 @@ def run_toy(args: argparse.Namespace) -> dict:
 
 
 def module_type(name: str) -> str:
-    """embedding (token embedding and output head), attention, mlp or norm."""
-    if "norm" in name:
-        return "norm"
-    if any(s in name for s in ATTENTION):  # the names EffOPD's scope knows
-        return "attention"
-    if any(s in name for s in MLP):
-        return "mlp"
-    return "embedding"
+    """attention, mlp (effopd.is_attention_or_mlp), norm, or embedding (token embedding, head)."""
+    if is_attention_or_mlp(name):
+        return "attention" if any(s in name for s in ATTENTION) else "mlp"
+    return "norm" if any("norm" in p or p.startswith("ln") for p in name.split(".")) \
+        else "embedding"
 
 
 def layer_of(name: str) -> int | None:

@@ -223,7 +223,7 @@ def make_random_pair(size: str, folder: str, shard_size: str, seed: int) -> tupl
     model.save_pretrained(base, max_shard_size=shard_size)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and effopd.in_effopd_scope(name):  # rank 8 plus noise, ~1e-4
+            if p.dim() == 2 and effopd.is_attention_or_mlp(name):  # rank 8 plus noise, ~1e-4
                 low_rank = torch.randn(p.shape[0], 8) @ torch.randn(8, p.shape[1]) / 8
                 p += (1e-4 * low_rank + 3e-5 * torch.randn(p.shape)).to(p.dtype)
     model.save_pretrained(tuned, max_shard_size=shard_size)

@@ -532,9 +532,10 @@ MLP = ("mlp", "ffn", "feed_forward", "gate_proj", "up_proj", "down_proj", "dense
 SCOPE = ATTENTION + MLP
 
 
-def in_effopd_scope(name: str) -> bool:
-    """Attention and MLP weights move; embeddings, lm_head and all norms never do: not Qwen3's
-    q_norm/k_norm inside self_attn, nor Falcon's ln_attn/ln_mlp or GPT-2's ln_1."""
+def is_attention_or_mlp(name: str) -> bool:
+    """True for a parameter of an attention or MLP block: what EffOPD moves and what the geometry
+    reports measure. Embeddings, lm_head and every norm are not: not Qwen3's q_norm/k_norm inside
+    self_attn, nor Falcon's ln_attn/ln_mlp or GPT-2's ln_1."""
     parts = name.split(".")
     if any("norm" in p or p.startswith("ln") for p in parts):
         return False
@@ -639,7 +640,7 @@ class EffOPDCallback(TrainerCallback):
                                       "DeepSpeed (sharded weights, fp32 master copies): see its "
                                       "docstring")
         self.anchor = {n: p.detach().to(self.anchor_device, copy=True)
-                       for n, p in self.model().named_parameters() if in_effopd_scope(n)}
+                       for n, p in self.model().named_parameters() if is_attention_or_mlp(n)}
 
     def on_step_end(self, args, state, control, **kwargs):
         if not is_power_of_two(state.global_step):
@@ -912,7 +913,7 @@ def train(cfg: Config) -> list[dict]:
     anchor = None  # EffOPD's B: the initial student, then the weights kept at each trigger
     if cfg.effopd:
         anchor = {n: p.detach().to(cfg.anchor_device, copy=True)
-                  for n, p in student.named_parameters() if in_effopd_scope(n)}
+                  for n, p in student.named_parameters() if is_attention_or_mlp(n)}
         if not anchor:
             raise UserError(f"--effopd: no attention or MLP weight among the student's parameters "
                             f"(e.g. {next(iter(dict(student.named_parameters())))}); EffOPD "
@@ -928,7 +929,7 @@ def train(cfg: Config) -> list[dict]:
         early = dict(load_model_and_tokenizer(cfg.lock_subspace, torch.float32, device)[0]
                      .named_parameters())
         for n, p in initial.named_parameters():
-            if p.dim() == 2 and in_effopd_scope(n):
+            if p.dim() == 2 and is_attention_or_mlp(n):
                 if n not in early or early[n].shape != p.shape:
                     raise UserError(f"--lock-subspace {cfg.lock_subspace}: {n} missing or of "
                                     f"another shape than the student's {tuple(p.shape)}")

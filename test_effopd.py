@@ -340,7 +340,7 @@ def scripted(scores, model, seen):
 def test_effopd_ladder_weights_anchor_and_history(scores, kept):
     model = Block()
     anchor = {n: p.detach().clone() - 1 - 2 * (n == "mlp.weight")  # D = 1, and 3 for the MLP
-              for n, p in model.named_parameters() if effopd.in_effopd_scope(n)}
+              for n, p in model.named_parameters() if effopd.is_attention_or_mlp(n)}
     assert sorted(anchor) == ["mlp.weight", "self_attn.bias", "self_attn.weight"]
     w_t = {n: p.detach().clone() for n, p in model.named_parameters()}
     d = {n: w_t[n] - anchor[n] for n in anchor}
@@ -372,9 +372,9 @@ def test_effopd_never_keeps_a_lower_score():
 
 def test_effopd_scope_on_qwen_names():
     names = [n for n, _ in tiny_model("qwen3", 16).named_parameters()]
-    moving = {n.split(".")[-2] for n in names if effopd.in_effopd_scope(n)}
+    moving = {n.split(".")[-2] for n in names if effopd.is_attention_or_mlp(n)}
     assert moving == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert not any(effopd.in_effopd_scope(n) for n in
+    assert not any(effopd.is_attention_or_mlp(n) for n in
                    ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
                     "model.layers.0.self_attn.q_norm.weight",
                     "model.layers.0.input_layernorm.weight"])
@@ -390,7 +390,7 @@ def test_effopd_scope_on_other_families(family, moving):
     config = AutoConfig.for_model(family, vocab_size=16, hidden_size=32, n_embd=32, n_head=4,
                                   num_attention_heads=4, num_hidden_layers=1, n_layer=1, **extra)
     names = [n for n, _ in AutoModelForCausalLM.from_config(config).named_parameters()]
-    inside = [n for n in names if effopd.in_effopd_scope(n)]
+    inside = [n for n in names if effopd.is_attention_or_mlp(n)]
     assert {n.split(".")[-2] for n in inside} == moving
     for n in set(names) - set(inside):  # what stays: embeddings, the head and every norm
         assert re.search(r"embed|wte|wpe|lm_head|ln|norm", n), n
@@ -1130,7 +1130,7 @@ def test_effopd_prints_its_scope_and_refuses_an_empty_one(tmp_path, capsys, monk
     blocks = [p for n, p in student.named_parameters() if ".self_attn." in n or ".mlp." in n]
     assert (f"effopd: {len(blocks)} tensors, {sum(p.numel() for p in blocks) / 1e6:.2f}M "
             f"parameters in scope") in capsys.readouterr().out
-    monkeypatch.setattr(effopd, "in_effopd_scope", lambda name: False)
+    monkeypatch.setattr(effopd, "is_attention_or_mlp", lambda name: False)
     with pytest.raises(SystemExit, match="--effopd: no attention or MLP weight among the "
                                          "student's parameters .* EffOPD would move nothing"):
         effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "b")])
@@ -1367,7 +1367,7 @@ def test_effopd_callback_in_a_plain_trainer_moves_logs_and_leaves_optimizer_alon
     trainer.callback_handler.callbacks.append(after)
     trainer.train()
 
-    scope = {n for n in before.weights[0] if effopd.in_effopd_scope(n)}
+    scope = {n for n in before.weights[0] if effopd.is_attention_or_mlp(n)}
     w0, w1, kept1 = before.weights[0], before.weights[1], after.weights[1]
     for n in w0:  # step 1: W_1 + 4 (W_1 - W_0) in scope, W_1 elsewhere, exactly
         assert torch.equal(kept1[n], w1[n] + 4 * (w1[n] - w0[n]) if n in scope else w1[n]), n

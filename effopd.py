@@ -2,47 +2,26 @@
 effopd: on-policy distillation (OPD) of a student LLM from a teacher, its EffOPD acceleration, and
 the geometry of the weight updates, in one file.
 
-OPD. The student samples responses y ~ pi_student(.|x) to training prompts; the teacher scores the
-same token ids; the student minimizes the token-level reverse KL on its own samples:
+OPD: the student samples responses y ~ pi_student(.|x) and, on its own samples, minimizes the
+token-level reverse KL to the teacher, KL(student || teacher), over the full vocabulary, in fp32:
+    loss = mean over response tokens t of sum_v p_s(v|x,y<t) (log p_s(v|x,y<t) - log p_t(v|x,y<t))
+EffOPD ("Learning to Foresee", arXiv 2605.11739): after the optimizer step at t = 1, 2, 4, 8, ...
+try W_t + 2D, W_t + 4D, ... (D = W_t - the weights kept at the previous trigger) and keep a
+candidate only while validation accuracy strictly improves. Geometry (that paper, and "On the
+Geometry of On-Policy Distillation", arXiv 2606.07082): SVD metrics of dW = W_t - W_0.
 
-    kl_t = sum_v pi_student(v|x,y<t) * (log pi_student(v|x,y<t) - log pi_teacher(v|x,y<t))
-    loss = mean of kl_t over response tokens (the first EOS counts; prompt, padding and all after
-           the first EOS do not)
+Simplifications, all deliberate:
+ 1. only the immediate per-token KL term is differentiated, none through the sampling;
+ 2. one device, rollouts from a plain KV-cached sampler (no vLLM), no sequence packing;
+ 3. one optimizer step per batch of rollouts, at a constant learning rate;
+ 4. EffOPD scores candidates by greedy decoding and moves no norm (RESULTS.md: how this departs
+    from the official code); EffOPDCallback does the same inside a Hugging Face Trainer;
+ 5. the student in fp32 (under bf16 autocast on a GPU), the teacher in bf16 on a GPU.
 
-i.e. KL(student || teacher), over the full vocabulary, in fp32. Like the EffOPD paper and the public
-OPD trainers, we keep only this immediate per-token term and drop the gradient through sampling.
-
-EffOPD. After the optimizer step at t = 1, 2, 4, 8, ..., extrapolate along the update direction
-D = W_t - B (B: the weights kept at the previous trigger, at first the initial student) and try
-W_t + 2D, W_t + 4D, ... (at most 5), keeping a candidate only while its validation accuracy is
-strictly higher than the best so far. Only attention and MLP weights move. EffOPDCallback does
-the same inside any Hugging Face Trainer (TRL's among them; examples/trl_effopd.py).
-
-Baselines for the geometry comparisons: --loss grpo (RL with a 0/1 answer reward), --loss sft
-(cross-entropy on the teacher's own samples: off-policy) and --lock-subspace (every update projected
-onto an early update's top singular subspaces: "subspace locking").
-
-Geometry. For every weight matrix, dW = W_t - W_0: spectral norm, sigma_1/||dW||_F, effective rank,
-top-1% subspace norm ratio, and the overlap of top-k singular subspaces between two updates. The
-diagnostics of "On the Geometry of On-Policy Distillation": the share of bf16 weights an update
-leaves unchanged, the share of its energy inside the base weight's top singular subspaces and how
-far those turn; and the top-k / bottom-k singular parts of an update (EffOPD paper, Fig. 4).
-
-Simplifications, all deliberate: one device (a GPU or the CPU); rollouts from a plain KV-cached
-sampler in the training process (no vLLM); one optimizer step per batch of rollouts (scored in
-micro-batches whose gradients accumulate), at a constant learning rate; no sequence packing; the
-teacher in bf16 and the student in fp32 under bf16 autocast on a GPU, everything fp32 on the CPU.
-Where EffOPD departs from the official code: candidates are scored by greedy decoding (the official
-code samples one response per prompt at temperature 1, a +-0.07 standard error on 50 prompts, so
-that "strictly better" is mostly noise), and Qwen3's q_norm/k_norm stay fixed like every other norm
-(the official substring match on "attn" would move them); q/k/v biases move with their weights.
-
-Run:
-    python effopd.py --tiny              # tiny models, CPU, ~15 s (see README)
-    python effopd.py                     # Qwen2.5-0.5B-Instruct <- Qwen2.5-1.5B-Instruct, one GPU
-    python effopd.py --tiny --effopd     # with EffOPD
-    python effopd.py --small             # the small setting, CPU, a few minutes
-    python effopd.py --resume RUN_DIR    # continue a stopped run from its last checkpoint
+Run:  python effopd.py --tiny             # tiny models on the CPU, seconds (README)
+      python effopd.py --tiny --effopd    # the same with EffOPD
+      python effopd.py                    # Qwen2.5-0.5B-Instruct from 1.5B-Instruct, one GPU
+Plumbing (flag and run-folder checks, --resume, atomic writes) is at the end of the file.
 """
 import argparse
 import json
@@ -55,13 +34,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from transformers import TrainerCallback
 
 # ------------------------------------------------------------------------------------------------
-# Configuration
-
+# Configuration: the flags (python effopd.py --help) and the built-in settings
 
 PROJECT = os.path.dirname(os.path.abspath(__file__))  # default data paths resolve here, not in ./
 
@@ -84,9 +63,7 @@ class Config:
     val_size: int = arg(50, "validation examples used (the first N of --val)")
     test_size: int = arg(500, "test examples used (the first N of --test)")
     # training
-    loss: str = arg("opd", "opd: full-vocabulary reverse KL | sampled: per-token policy "
-                    "gradient, advantage log pi_teacher - log pi_student | grpo: answer reward | "
-                    "sft: cross-entropy on the teacher's own samples (off-policy)")
+    loss: str = arg("opd", "the loss, a row of LOSSES")
     steps: int = arg(64, "optimizer steps")
     batch_size: int = arg(16, "prompts per step")
     group_size: int = arg(4, "responses sampled per prompt")
@@ -101,19 +78,18 @@ class Config:
     effopd: bool = arg(False, "extrapolate at steps 1, 2, 4, 8, ... (validation-accepted)")
     max_candidates: int = arg(5, "EffOPD candidates per trigger: W+2D, W+4D, ...")
     anchor_device: str = arg("cpu", "where EffOPD keeps its copies of the weights")
-    # subspace locking (SPEC section 6)
+    # subspace locking ("On the Geometry of On-Policy Distillation")
     lock_subspace: str = arg("", "checkpoint whose update dW = W - W_0 fixes, per attention and "
                              "MLP matrix, the subspace every later update is projected onto")
     lock_rank: int = arg(8, "top-r left and right singular vectors of that update kept")
     # evaluation and output
     eval_every: int = arg(8, "validation and test accuracy every N steps (and at 0 and the end)")
     eval_batch_size: int = arg(64, "prompts per greedy-decoding batch in evaluation")
-    out: str = arg("", "run folder (default runs/<loss>[-effopd]-seed<seed>)")
+    out: str = arg("", "run folder (default runs/[<setting>-]<loss>[-effopd]-seed<seed>)")
     save_checkpoints: bool = arg(True, "save the student at steps 0, 1, 2, 4, 8, ... and the end")
     seed: int = arg(0, "seed for data order, sampling and everything else")
     device: str = arg("", "cuda or cpu (default: cuda when available)")
-    tiny: bool = arg(False, "the tiny CPU setting: data/tiny models and data (see TINY)")
-    small: bool = arg(False, "the small CPU setting: data/small models and data (see SMALL)")
+    setting: str = arg("", "a row of SETTINGS (flag --NAME): its models, data and defaults")
     resume: str = arg("", "continue the stopped run in this folder from its last checkpoint")
 
 
@@ -124,169 +100,33 @@ def setting(name: str, **defaults) -> dict:
                 val=path("val.jsonl"), test=path("test.jsonl"), device="cpu", **defaults)
 
 
-# Character-level Qwen2 models. tiny: "a+b=", 0.5M parameters, a smoke test. small: "6+9+7=" with
-# the working written out ("6+9=15,15+7=22"), 3.9M / 7.7M parameters, wide enough for the papers'
-# comparisons.
-TINY = setting("tiny", batch_size=64, group_size=2, max_new_tokens=6, lr=1e-5, steps=64,
-               micro_batch_size=128, eval_every=4)
-SMALL = setting("small", batch_size=16, group_size=4, max_new_tokens=40, lr=1e-4, steps=64,
-                micro_batch_size=64, eval_every=8)
-SIZES = ("steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "chunk_size",
-         "max_candidates", "eval_every", "eval_batch_size", "val_size", "test_size", "lock_rank")
-# What --resume may change: in what pieces the work runs (the results agree up to floating-point
-# summation order), and --steps, to train further. Everything else is the run's (--device too:
-# CPU and CUDA draw different random streams).
-RESUMABLE = ("resume", "steps", "anchor_device", "micro_batch_size", "chunk_size",
-             "eval_batch_size")
-
-
-class UserError(Exception):
-    """Bad input (flags, files, models) or a diverged run: one line, a non-zero exit."""
-
-
-def parse_args(argv=None) -> Config:
-    """Config from the command line: the defaults (or TINY's or SMALL's, or the resumed run's
-    config.json) with the given flags on top, checked before anything loads (argparse's exit 2)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     argument_default=argparse.SUPPRESS)
-    for f in fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} ({f.default!r})"
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            parser.add_argument(flag, type=type(f.default), help=help)
-    given = vars(parser.parse_args(argv))  # only the flags on the command line
-    try:
-        if "resume" in given:
-            cfg = resumed_config(given)
-        else:
-            built_in = TINY if given.get("tiny") else SMALL if given.get("small") else {}
-            cfg = Config(**{**built_in, **given})
-        check_config(cfg)
-    except UserError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")  # argparse's error, without the usage
-    return cfg
-
-
-def resumed_config(given: dict) -> Config:
-    """The config.json of the run in given["resume"] with the given flags on top; a flag outside
-    RESUMABLE that differs from the run's own value is refused."""
-    path = os.path.join(given["resume"], "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: not found; --resume takes a run folder written by effopd.py")
-    with open(path) as f:
-        saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
-    flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
-    for k, v in given.items():
-        if k not in RESUMABLE and v != saved.get(k):
-            raise UserError(f"{flags([k])} {v} differs from the run's {saved.get(k)}: a resumed "
-                            f"run keeps its config (only {flags(RESUMABLE[1:])} may change)")
-    return Config(**{**saved, **given, "out": given["resume"]})
-
-
-def run_folder(cfg: Config) -> str:
-    prefix = "tiny-" if cfg.tiny else "small-" if cfg.small else ""
-    return cfg.out or (f"runs/{prefix}{cfg.loss}"
-                       f"{'-effopd' if cfg.effopd else ''}-seed{cfg.seed}")
-
-
-def check_config(cfg: Config) -> None:
-    """Everything that can be checked before a model loads: sizes, rates, paths, the run folder."""
-    for name in SIZES:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got "
-                            f"{getattr(cfg, name)}")
-    for name, need in [("lr", "> 0"), ("temperature", ">= 0"), ("weight_decay", ">= 0"),
-                       ("grad_clip", ">= 0 (0 = off)")]:
-        value = getattr(cfg, name)
-        if not (value > 0 if need == "> 0" else value >= 0):  # False for NaN too
-            raise UserError(f"--{name.replace('_', '-')} must be {need}, got {value}")
-    if cfg.tiny and cfg.small:
-        raise UserError("--tiny and --small are two settings: give one")
-    if cfg.loss not in ("opd", "sampled", "grpo", "sft"):
-        raise UserError(f"--loss must be opd, sampled, grpo or sft, not {cfg.loss!r}")
-    if cfg.loss == "grpo" and cfg.group_size < 2:
-        raise UserError("--loss grpo needs --group-size >= 2: its advantage compares the "
-                        "responses to one prompt, so a group of one learns nothing")
-    for name in ("student", "teacher"):  # a hub name is "model" or "org/model"
-        path = getattr(cfg, name)
-        if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-            raise UserError(f"--{name} {path}: no such folder")
-    if cfg.lock_subspace and not os.path.isdir(cfg.lock_subspace):
-        raise UserError(f"--lock-subspace {cfg.lock_subspace}: no such checkpoint folder")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: no CUDA GPU is available")
-    out = run_folder(cfg)
-    check_run_folder(out, resume=bool(cfg.resume))
-    if cfg.resume:  # mmap: reads the step, not the optimizer state
-        done = torch.load(os.path.join(out, "resume.pt"), map_location="cpu", mmap=True)["step"]
-        if done >= cfg.steps:
-            raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
-                            f"to train it further")
-
-
-def check_run_folder(out: str, resume: bool) -> None:
-    """A new run needs a new or empty folder, a resumed one its resume.pt; both a writable one.
-    Leftover *.tmp files of a crashed write do not count (the next write replaces them)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out}: exists and is not a folder")
-    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp")) if os.path.isdir(out) \
-        else []
-    if resume and "resume.pt" not in files:
-        raise UserError(f"{out}: no resume.pt, so nothing to resume (it is written with every "
-                        f"checkpoint; runs with --no-save-checkpoints have none)")
-    if not resume and files:
-        hint = f"continue it with --resume {out}" if "resume.pt" in files else "delete it"
-        raise UserError(f"--out {out} holds files of an earlier run ({', '.join(files[:3])}"
-                        f"{', ...' if len(files) > 3 else ''}); {hint}, or pass another --out")
-    probe = os.path.join(out, "write-test.tmp")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
-
+# The built-in settings (python effopd.py --tiny): character-level Qwen2 models. tiny: "a+b=",
+# 0.5M parameters, a smoke test. small: "6+9+7=" with the working written out ("6+9=15,15+7=22"),
+# 3.9M / 7.7M parameters, wide enough for the papers' comparisons.
+SETTINGS = {
+    "tiny": setting("tiny", batch_size=64, group_size=2, max_new_tokens=6, lr=1e-5, steps=64,
+                    micro_batch_size=128, eval_every=4),
+    "small": setting("small", batch_size=16, group_size=4, max_new_tokens=40, lr=1e-4, steps=64,
+                     micro_batch_size=64, eval_every=8),
+}
 
 # ------------------------------------------------------------------------------------------------
-# Data: JSONL records {"prompt": str, "answer": int}, graded by the last number in the response
+# The OPD loss: reverse KL(student || teacher) over the full vocabulary
 
 
-def load_jsonl(path: str) -> list[dict]:
-    """Read prompt/answer records; a bad line is reported by file and line number."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            answer = record.get("answer") if isinstance(record, dict) else None
-            if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
-                answer = int(answer)
-            if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-                    and isinstance(answer, int) and not isinstance(answer, bool)):
-                raise UserError(f"{path}:{lineno}: expected {{\"prompt\": string, \"answer\": "
-                                f"integer}}, got {line.strip()[:80]}")
-            records.append({"prompt": record["prompt"], "answer": answer})
-    if not records:
-        raise UserError(f"{path}: no records")
-    return records
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """The formula itself: mean over the positions where mask (B, T) is True of
+    KL(student || teacher) = sum_v p_s(v) (log p_s(v) - log p_t(v)), logits (B, T, V), in fp32.
+    Autograd keeps several (B, T, V) fp32 tensors for backward: opd_loss is the same in less."""
+    log_p_student = student_logits.float().log_softmax(-1)  # (B, T, V)
+    log_p_teacher = teacher_logits.float().log_softmax(-1)
+    kl = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1)  # (B, T)
+    return kl[mask].sum() / mask.sum()
 
 
-def extract_answer(text: str) -> int | None:
-    """The last integer in the text ('1,234' counts as 1234; the '-' in '5-3' is not a sign)."""
-    numbers = re.findall(r"(?<!\d)-?\d+", re.sub(r"(?<=\d),(?=\d{3})", "", text))
-    return int(numbers[-1]) if numbers else None
-
-
-# ------------------------------------------------------------------------------------------------
-# The OPD loss: reverse KL(student || teacher) over the full vocabulary, in bounded memory
+# The same loss in bounded memory: the logits' fp32 softmax made chunk by chunk, in forward and
+# again in backward (tested equal to reverse_kl).
 
 
 class _ChunkedReverseKL(torch.autograd.Function):
@@ -397,9 +237,63 @@ def sft_loss(student_logits: torch.Tensor, tokens: torch.Tensor,
     the teacher's own samples (the off-policy counterpart of OPD). (B, T, V), (B, T), (B, T)."""
     return -masked_mean(token_logprobs(student_logits, tokens), mask)
 
+class Loss(NamedTuple):
+    """A row of LOSSES. loss(student_logits, teacher_logits, tokens, mask, advantages, chunk_size)
+    -> the scalar loss of a micro-batch: logits (b, R, V), tokens and mask (b, R), advantages (b,)."""
+    loss: Callable[..., torch.Tensor]
+    samples_from: str  # whose rollouts it trains on: "student" (on-policy) or "teacher"
+    min_group_size: int
+    help: str
+
+
+# The losses of --loss: OPD and the baselines the papers compare it with. A new loss is a function
+# above and a row here.
+LOSSES = {
+    "opd": Loss(lambda s, t, y, m, a, c: opd_loss(s, t, m, c), "student", 1,
+                "full-vocabulary reverse KL to the teacher"),
+    "sampled": Loss(lambda s, t, y, m, a, c: sampled_token_loss(s, t, y, m), "student", 1,
+                    "per-token policy gradient, advantage log p_teacher - log p_student"),
+    "grpo": Loss(lambda s, t, y, m, a, c: grpo_loss(s, y, m, a), "student", 2,
+                 "RL, GRPO with a 0/1 reward for the right answer (the teacher is not used)"),
+    "sft": Loss(lambda s, t, y, m, a, c: sft_loss(s, y, m), "teacher", 1,
+                "cross-entropy on the teacher's own samples (off-policy)"),
+}
 
 # ------------------------------------------------------------------------------------------------
-# Models, prompts, sampling and scoring
+# Data, models, sampling and scoring. Data: JSONL records {"prompt": str, "answer": int}, graded by
+# the last number in the response
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Read prompt/answer records; a bad line is reported by file and line number."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            answer = record.get("answer") if isinstance(record, dict) else None
+            if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
+                answer = int(answer)
+            if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                    and isinstance(answer, int) and not isinstance(answer, bool)):
+                raise UserError(f"{path}:{lineno}: expected {{\"prompt\": string, \"answer\": "
+                                f"integer}}, got {line.strip()[:80]}")
+            records.append({"prompt": record["prompt"], "answer": answer})
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
+def extract_answer(text: str) -> int | None:
+    """The last integer in the text ('1,234' counts as 1234; the '-' in '5-3' is not a sign)."""
+    numbers = re.findall(r"(?<!\d)-?\d+", re.sub(r"(?<=\d),(?=\d{3})", "", text))
+    return int(numbers[-1]) if numbers else None
 
 
 def load_model_and_tokenizer(path: str, dtype: torch.dtype, device: str):
@@ -522,8 +416,17 @@ def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, eos: li
     return correct / len(records)
 
 
+def answer_rewards(tokenizer, tokens: torch.Tensor, mask: torch.Tensor,
+                   answers: list[int]) -> torch.Tensor:
+    """1.0 where a response (B, R), up to its mask, ends in the right number, else 0.0: (B,)."""
+    texts = tokenizer.batch_decode(torch.where(mask, tokens, tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    return torch.tensor([float(extract_answer(t) == a) for t, a in zip(texts, answers)],
+                        device=tokens.device)
+
 # ------------------------------------------------------------------------------------------------
 # EffOPD: extrapolation along the update direction, kept only when validation improves
+
 
 # Attention and MLP module names in Qwen/Llama, GPT-2, GPT-NeoX, Falcon and other families.
 ATTENTION = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -540,6 +443,16 @@ def is_attention_or_mlp(name: str) -> bool:
     if any("norm" in p or p.startswith("ln") for p in parts):
         return False
     return any(s in name for s in SCOPE)
+
+
+def is_power_of_two(t: int) -> bool:
+    return t > 0 and t & (t - 1) == 0
+
+
+def effopd_anchor(model: torch.nn.Module, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """EffOPD's anchor B at the start: a copy, on device, of every parameter it moves."""
+    return {n: p.detach().to(device, copy=True) for n, p in model.named_parameters()
+            if is_attention_or_mlp(n)}
 
 
 def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], score_fn,
@@ -639,8 +552,7 @@ class EffOPDCallback(TrainerCallback):
             raise NotImplementedError("EffOPDCallback supports one process or DDP, not FSDP or "
                                       "DeepSpeed (sharded weights, fp32 master copies): see its "
                                       "docstring")
-        self.anchor = {n: p.detach().to(self.anchor_device, copy=True)
-                       for n, p in self.model().named_parameters() if is_attention_or_mlp(n)}
+        self.anchor = effopd_anchor(self.model(), self.anchor_device)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not is_power_of_two(state.global_step):
@@ -658,7 +570,6 @@ class EffOPDCallback(TrainerCallback):
         should_log = control.should_log  # the trainer's log resets it: the step's own log stays due
         Trainer.log(self.trainer, record)  # the base log: TRL's would flush its running averages
         control.should_log = should_log
-
 
 # ------------------------------------------------------------------------------------------------
 # Update geometry: metrics of dW = W_t - W_0
@@ -778,9 +689,9 @@ def singular_part(delta: torch.Tensor, k: int, bottom: bool = False, rescale: bo
         return part
     return part * (s.square().sum().sqrt() / part.norm())
 
-
 # ------------------------------------------------------------------------------------------------
-# Subspace locking: is the early update's subspace enough? (SPEC section 6)
+# Subspace locking: is the early update's subspace enough? ("On the Geometry of On-Policy
+# Distillation")
 
 
 def project_update(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -811,7 +722,421 @@ def lock_to_subspace(model: torch.nn.Module, base: dict[str, torch.Tensor],
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints and logging
+# Training: set-up, then one loop
+
+
+def load_student_and_teacher(student_path: str, teacher_path: str, device: str, bf16: bool):
+    """The student in fp32 (bf16 weights would round lr-1e-6 updates away), the frozen teacher in
+    bf16 when bf16 (on a GPU), and their one tokenizer, with a pad token. Returns all three."""
+    student, tokenizer = load_model_and_tokenizer(student_path, torch.float32, device)
+    teacher, teacher_tokenizer = load_model_and_tokenizer(
+        teacher_path, torch.bfloat16 if bf16 else torch.float32, device)
+    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    teacher.eval().requires_grad_(False)
+    for name, m in (("student", student), ("teacher", teacher)):
+        if m.get_output_embeddings().weight.shape[0] < len(tokenizer):
+            raise UserError(f"{name} has {m.get_output_embeddings().weight.shape[0]} logits, "
+                            f"fewer than the tokenizer's {len(tokenizer)} tokens")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return student, teacher, tokenizer
+
+
+def load_subspace_lock(initial: torch.nn.Module, path: str, rank: int, device: str):
+    """--lock-subspace: W_0 (from initial) and the top-rank (U, V) of the update W - W_0 of the
+    checkpoint at path, for every attention and MLP matrix: the arguments of lock_to_subspace."""
+    early = dict(load_model_and_tokenizer(path, torch.float32, device)[0].named_parameters())
+    base, bases = {}, {}
+    for n, p in initial.named_parameters():
+        if p.dim() == 2 and is_attention_or_mlp(n):
+            if n not in early or early[n].shape != p.shape:
+                raise UserError(f"--lock-subspace {path}: {n} missing or of another shape than "
+                                f"the student's {tuple(p.shape)}")
+            base[n] = p.detach().clone()
+            bases[n] = update_subspaces(early[n] - base[n], rank)
+    print(f"lock: {len(bases)} matrices held to their top-{rank} update subspaces in {path}")
+    return base, bases
+
+
+def evaluate(score, student, val_set: list[dict], test_set: list[dict], step: int,
+             clock: float) -> dict:
+    """The metrics record of an evaluation, printed: score(model, records) on both sets."""
+    record = {"step": step, "time/train_s": round(clock, 3),
+              "eval/val_acc": score(student, val_set), "eval/test_acc": score(student, test_set)}
+    print(f"eval {step:4d} | val {record['eval/val_acc']:.3f} | test {record['eval/test_acc']:.3f}")
+    return record
+
+
+def train(cfg: Config) -> list[dict]:
+    """Run OPD (or another loss of LOSSES), optionally with EffOPD, from the start or (cfg.resume)
+    from a stopped run's last checkpoint; return this call's metrics records, which are also
+    appended to <out>/metrics.jsonl."""
+    check_config(cfg)  # again, for callers that built cfg without parse_args
+    out, loss_row = run_folder(cfg), LOSSES[cfg.loss]
+    resumed = torch.load(os.path.join(out, "resume.pt"), map_location="cpu") if cfg.resume else None
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    train_set, val_set, test_set = load_splits(cfg)
+    last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
+    student, teacher, tokenizer = load_student_and_teacher(last_checkpoint or cfg.student,
+                                                           cfg.teacher, device, bf16)
+    vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
+    eos = eos_ids(tokenizer, student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    anchor = effopd_anchor(student, cfg.anchor_device) if cfg.effopd else None  # EffOPD's B
+    if cfg.effopd:
+        print_effopd_scope(anchor, student)
+    lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
+    if cfg.lock_subspace:
+        initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] if resumed \
+            else student
+        lock_base, lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device)
+    config = json.dumps({**asdict(cfg), "out": out}, indent=2)
+    write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0
+    history = []  # this call's metrics records; clock: training + EffOPD seconds
+
+    def score(model, records: list[dict]) -> float:  # greedy accuracy, as every evaluation has it
+        with autocast:
+            return accuracy(model, tokenizer, records, cfg.max_new_tokens, eos,
+                            cfg.eval_batch_size)
+
+    if resumed:
+        print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
+        set_rng_state(resumed["rng"])
+    else:
+        open(metrics_path, "w").close()
+        history.append(evaluate(score, student, val_set, test_set, 0, clock))
+        log(metrics_path, history[-1])
+        if cfg.save_checkpoints:
+            last_checkpoint = checkpoint(out, 0, student, tokenizer, optimizer, anchor, clock)
+    for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
+        t0 = time.time()
+        # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the
+        # teacher for an off-policy loss, --loss sft), and their 0/1 answer rewards.
+        batch = random.sample(train_set, cfg.batch_size)
+        batch = [r for r in batch for _ in range(cfg.group_size)]  # group after group
+        with autocast:
+            ids, attention_mask, mask = sample(
+                teacher if loss_row.samples_from == "teacher" else student,
+                render_prompts(tokenizer, [r["prompt"] for r in batch]),
+                cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
+        n_response = mask.shape[1]
+        tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
+        rewards = answer_rewards(tokenizer, tokens, mask, [r["answer"] for r in batch])  # (B,)
+        advantages = grpo_advantages(rewards, cfg.group_size)  # (B,), used by --loss grpo
+        # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss is
+        # weighted by its share of the scored tokens, so the gradients add up to the gradient of
+        # the mean over the whole batch.
+        n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
+        for i in range(0, len(batch), cfg.micro_batch_size):
+            mb = slice(i, i + cfg.micro_batch_size)
+            with autocast:
+                student_logits = response_logits(student, ids[mb], attention_mask[mb], n_response,
+                                                 vocab)  # (b, R, V)
+                with torch.no_grad():
+                    teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
+                                                     n_response, vocab)
+            # 3. The loss; the mean KL to the teacher is logged whatever the loss.
+            loss = loss_row.loss(student_logits, teacher_logits, tokens[mb], mask[mb],
+                                 advantages[mb], cfg.chunk_size)
+            with torch.no_grad():  # the OPD loss is the KL itself
+                kl = loss if cfg.loss == "opd" else opd_loss(student_logits, teacher_logits,
+                                                             mask[mb], cfg.chunk_size)
+            if not torch.isfinite(loss):
+                raise diverged(step, f"the loss is {loss.item()}", last_checkpoint)
+            weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
+            weighted = loss * weight
+            weighted.backward()
+            loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
+            del student_logits, teacher_logits, loss, kl, weighted  # free before the next forward
+        # 4. One optimizer step, taken only with a finite gradient; after it the student must still
+        # be finite (its weights, and its logits on the first micro-batch) or nothing is saved.
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
+        if not torch.isfinite(grad_norm):
+            raise diverged(step, f"the gradient norm is {grad_norm.item()} (the update was not "
+                           f"applied)", last_checkpoint)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if lock:  # --lock-subspace: each locked matrix's update back into the early subspace
+            lock_to_subspace(student, lock_base, lock)
+        probe = slice(0, cfg.micro_batch_size)
+        with autocast:
+            broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response, vocab)
+        if broken:
+            raise diverged(step, f"{broken} became NaN or inf in the update (diverged: try a "
+                           f"lower --lr)", last_checkpoint)
+        if on_gpu:
+            torch.cuda.synchronize()  # the GPU works asynchronously: wait before reading the clock
+        step_s = time.time() - t0
+        clock += step_s
+        record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
+                  "train/grad_norm": grad_norm.item(),
+                  "train/response_len": mask.sum(1).float().mean().item(),
+                  "train/reward": rewards.mean().item(),
+                  "train/no_signal": no_signal_share(rewards, cfg.group_size),
+                  "time/step_s": round(step_s, 3)}
+        if on_gpu:
+            record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
+              f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
+              f"{step_s:.2f} s")
+        # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
+        if cfg.effopd and is_power_of_two(step):
+            t1 = time.time()
+            trials = effopd_extrapolate(student, anchor, lambda model: score(model, val_set),
+                                        cfg.max_candidates)
+            kept = max(h["multiple"] for h in trials if h["kept"])
+            with autocast:
+                broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
+                                                  n_response, vocab)
+            if broken:
+                raise diverged(step, f"{broken} became NaN or inf in EffOPD's move to W+{kept}D",
+                               last_checkpoint)
+            effopd_s = time.time() - t1
+            clock += effopd_s
+            record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
+                           "effopd/val_s": round(effopd_s, 3)})
+            print(f"effopd {step:4d} | " + " ".join(
+                f"{h['multiple']:+d}D:{h['score']:.3f}{'*' if h['kept'] else ''}" for h in trials)
+                + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
+        record["time/train_s"] = round(clock, 3)
+        history.append(record)
+        log(metrics_path, record)
+        # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            history.append(evaluate(score, student, val_set, test_set, step, clock))
+            log(metrics_path, history[-1])
+        if cfg.save_checkpoints and (is_power_of_two(step) or step == cfg.steps):
+            last_checkpoint = checkpoint(out, step, student, tokenizer, optimizer, anchor, clock)
+    if on_gpu:
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print(f"done: {out}")
+    return history
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # one line per step is the whole log
+    try:
+        train(cfg)
+    except (UserError, OSError) as e:
+        sys.exit(f"effopd: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: every file on disk is whole (written atomically)
+        out = run_folder(cfg)
+        step = min(logged_steps(os.path.join(out, "metrics.jsonl")) + 1, cfg.steps)
+        if os.path.isfile(os.path.join(out, "resume.pt")):
+            print(f"\ninterrupted at step {step}; resume with: python effopd.py --resume {out}",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted at step {step}; no checkpoint was saved, so nothing can be "
+                  f"resumed: delete {out} and start again", file=sys.stderr)
+        sys.exit(130)
+
+
+# ================================================================================================
+# PLUMBING. Nothing below is OPD or EffOPD: flag, data and run-folder checks, checkpoints and
+# --resume, atomic writes. Read it when a run refuses to start or stops.
+# ================================================================================================
+
+
+class UserError(Exception):
+    """Bad input (flags, files, models) or a diverged run: one line, a non-zero exit."""
+
+
+SIZES = ("steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "chunk_size",
+         "max_candidates", "eval_every", "eval_batch_size", "val_size", "test_size", "lock_rank")
+# What --resume may change: in what pieces the work runs (the results agree up to floating-point
+# summation order), and --steps, to train further. Everything else is the run's (--device too:
+# CPU and CUDA draw different random streams).
+RESUMABLE = ("resume", "steps", "anchor_device", "micro_batch_size", "chunk_size",
+             "eval_batch_size")
+
+
+def parse_args(argv=None) -> Config:
+    """Config from the command line: the defaults (or a setting's, or the resumed run's
+    config.json) with the given flags on top, checked before anything loads (argparse's exit 2)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     argument_default=argparse.SUPPRESS)
+    for f in fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} ({f.default!r})"
+        if f.name == "loss":
+            help = " | ".join(f"{name}: {row.help}" for name, row in LOSSES.items()) + " (opd)"
+        if f.name == "setting":  # one flag per row: --tiny, --small, ...
+            for name in SETTINGS:
+                parser.add_argument("--" + name, dest="setting", action="append_const",
+                                    const=name, help=f"the {name} setting ({help})")
+        elif f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            parser.add_argument(flag, type=type(f.default), help=help)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    try:
+        if len(given.get("setting", [])) > 1:
+            raise UserError(" and ".join(f"--{name}" for name in given["setting"]) +
+                            " are two settings: give one")
+        if "setting" in given:
+            given["setting"] = given["setting"][0]
+        if "resume" in given:
+            cfg = resumed_config(given)
+        else:
+            cfg = Config(**{**SETTINGS.get(given.get("setting"), {}), **given})
+        check_config(cfg)
+    except UserError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # argparse's error, without the usage
+    return cfg
+
+
+def resumed_config(given: dict) -> Config:
+    """The config.json of the run in given["resume"] with the given flags on top; a flag outside
+    RESUMABLE that differs from the run's own value is refused."""
+    path = os.path.join(given["resume"], "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found; --resume takes a run folder written by effopd.py")
+    with open(path) as f:
+        saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
+    flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
+    for k, v in given.items():
+        if k not in RESUMABLE and v != saved.get(k):
+            raise UserError(f"{flags([k])} {v} differs from the run's {saved.get(k)}: a resumed "
+                            f"run keeps its config (only {flags(RESUMABLE[1:])} may change)")
+    return Config(**{**saved, **given, "out": given["resume"]})
+
+
+def run_folder(cfg: Config) -> str:
+    prefix = f"{cfg.setting}-" if cfg.setting else ""
+    return cfg.out or f"runs/{prefix}{cfg.loss}{'-effopd' if cfg.effopd else ''}-seed{cfg.seed}"
+
+
+def check_config(cfg: Config) -> None:
+    """Everything that can be checked before a model loads: sizes, rates, paths, the run folder."""
+    for name in SIZES:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got "
+                            f"{getattr(cfg, name)}")
+    for name, need in [("lr", "> 0"), ("temperature", ">= 0"), ("weight_decay", ">= 0"),
+                       ("grad_clip", ">= 0 (0 = off)")]:
+        value = getattr(cfg, name)
+        if not (value > 0 if need == "> 0" else value >= 0):  # False for NaN too
+            raise UserError(f"--{name.replace('_', '-')} must be {need}, got {value}")
+    if cfg.setting and cfg.setting not in SETTINGS:
+        raise UserError(f"setting {cfg.setting!r} is not one of {', '.join(SETTINGS)}")
+    if cfg.loss not in LOSSES:
+        *others, last = LOSSES
+        raise UserError(f"--loss must be {', '.join(others)} or {last}, not {cfg.loss!r}")
+    if cfg.group_size < LOSSES[cfg.loss].min_group_size:
+        raise UserError(f"--loss {cfg.loss} needs --group-size >= "
+                        f"{LOSSES[cfg.loss].min_group_size}: its advantage compares the "
+                        f"responses to one prompt, so a group of one learns nothing")
+    for name in ("student", "teacher"):  # a hub name is "model" or "org/model"
+        path = getattr(cfg, name)
+        if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            raise UserError(f"--{name} {path}: no such folder")
+    if cfg.lock_subspace and not os.path.isdir(cfg.lock_subspace):
+        raise UserError(f"--lock-subspace {cfg.lock_subspace}: no such checkpoint folder")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: no CUDA GPU is available")
+    out = run_folder(cfg)
+    check_run_folder(out, resume=bool(cfg.resume))
+    if cfg.resume:  # mmap: reads the step, not the optimizer state
+        done = torch.load(os.path.join(out, "resume.pt"), map_location="cpu", mmap=True)["step"]
+        if done >= cfg.steps:
+            raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
+                            f"to train it further")
+
+
+def check_run_folder(out: str, resume: bool) -> None:
+    """A new run needs a new or empty folder, a resumed one its resume.pt; both a writable one.
+    Leftover *.tmp files of a crashed write do not count (the next write replaces them)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a folder")
+    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp")) if os.path.isdir(out) \
+        else []
+    if resume and "resume.pt" not in files:
+        raise UserError(f"{out}: no resume.pt, so nothing to resume (it is written with every "
+                        f"checkpoint; runs with --no-save-checkpoints have none)")
+    if not resume and files:
+        hint = f"continue it with --resume {out}" if "resume.pt" in files else "delete it"
+        raise UserError(f"--out {out} holds files of an earlier run ({', '.join(files[:3])}"
+                        f"{', ...' if len(files) > 3 else ''}); {hint}, or pass another --out")
+    probe = os.path.join(out, "write-test.tmp")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+
+def load_splits(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """The training records and the first --val-size / --test-size of the other two files."""
+    train_set, val_set, test_set = load_jsonl(cfg.train), load_jsonl(cfg.val), load_jsonl(cfg.test)
+    if len(val_set) < cfg.val_size:
+        raise UserError(f"{cfg.val}: {len(val_set)} records, but --val-size asks for "
+                        f"{cfg.val_size}")
+    if len(train_set) < cfg.batch_size:
+        raise UserError(f"{cfg.train}: {len(train_set)} records, fewer than --batch-size "
+                        f"{cfg.batch_size}")
+    return train_set, val_set[:cfg.val_size], test_set[:cfg.test_size]
+
+
+def print_effopd_scope(anchor: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """What EffOPD moves, in one line; an empty scope is refused."""
+    if not anchor:
+        raise UserError(f"--effopd: no attention or MLP weight among the student's parameters "
+                        f"(e.g. {next(iter(dict(model.named_parameters())))}); EffOPD would move "
+                        f"nothing")
+    print(f"effopd: {len(anchor)} tensors, {sum(b.numel() for b in anchor.values()) / 1e6:.2f}M "
+          f"parameters in scope (attention and MLP weights)")
+
+
+def diverged(step: int, what: str, last_checkpoint: str | None) -> UserError:
+    """A NaN or inf: the run stops before anything is saved from it."""
+    return UserError(f"step {step}: {what}; stopped before saving. Last good (finite) checkpoint: "
+                     f"{last_checkpoint or 'none saved'}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing: checkpoints, --resume and atomic writes
+
+
+def checkpoint(out: str, step: int, student, tokenizer, optimizer, anchor: dict | None,
+               clock: float) -> str:
+    """The student's weights in out/step_N, then what --resume needs besides them in
+    out/resume.pt (only the latest): optimizer state, EffOPD anchor, clock, RNG states, and the
+    length of metrics.jsonl. Returns the checkpoint's path."""
+    path = os.path.join(out, f"step_{step:06d}")
+    save_checkpoint(student, tokenizer, path)
+    state = {"step": step, "checkpoint": os.path.basename(path), "clock": clock,
+             "optimizer": optimizer.state_dict(), "anchor": anchor,
+             "metrics_bytes": os.path.getsize(os.path.join(out, "metrics.jsonl")), "rng": {
+                 "python": random.getstate(), "torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
+    write_atomically(os.path.join(out, "resume.pt"), lambda tmp: torch.save(state, tmp))
+    return path
+
+
+def restore_run(resumed: dict, optimizer, anchor: dict | None, metrics_path: str) -> float:
+    """Put back what checkpoint saved (the RNG states apart: set_rng_state, just before the loop)
+    and cut metrics.jsonl to the saved step's lines; returns the clock."""
+    optimizer.load_state_dict(resumed["optimizer"])
+    for n, b in (anchor or {}).items():
+        b.copy_(resumed["anchor"][n])
+    os.truncate(metrics_path, resumed["metrics_bytes"])  # drop the lines of lost steps
+    return resumed["clock"]
+
+
+def set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def write_atomically(path: str, save) -> None:
@@ -856,253 +1181,9 @@ def first_nonfinite(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return None if torch.isfinite(logits).all() else "the logits"
 
 
-def is_power_of_two(t: int) -> bool:
-    return t > 0 and t & (t - 1) == 0
-
-
 def log(path: str, record: dict) -> None:
     with open(path, "a") as f:  # one line per record, on disk at once
         f.write(json.dumps(record) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-
-
-def train(cfg: Config) -> list[dict]:
-    """Run OPD (or the sampled-token / GRPO variants), optionally with EffOPD, from the start or
-    (cfg.resume) from a stopped run's last checkpoint; return this call's metrics records, which
-    are also appended to <out>/metrics.jsonl."""
-    check_config(cfg)  # again, for callers that built cfg without parse_args
-    out = run_folder(cfg)
-    resume_path = os.path.join(out, "resume.pt")
-    resumed = torch.load(resume_path, map_location="cpu") if cfg.resume else None
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.startswith("cuda")
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
-    train_set, val_set, test_set = load_jsonl(cfg.train), load_jsonl(cfg.val), load_jsonl(cfg.test)
-    if len(val_set) < cfg.val_size:
-        raise UserError(f"{cfg.val}: {len(val_set)} records, but --val-size asks for "
-                        f"{cfg.val_size}")
-    val_set, test_set = val_set[:cfg.val_size], test_set[:cfg.test_size]
-    if len(train_set) < cfg.batch_size:
-        raise UserError(f"{cfg.train}: {len(train_set)} records, fewer than --batch-size "
-                        f"{cfg.batch_size}")
-
-    # The student trains in fp32 (bf16 weights would round lr-1e-6 updates away) under bf16
-    # autocast on a GPU; the frozen teacher is held in bf16 there.
-    last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
-    student, tokenizer = load_model_and_tokenizer(last_checkpoint or cfg.student, torch.float32,
-                                                  device)
-    teacher, teacher_tok = load_model_and_tokenizer(
-        cfg.teacher, torch.bfloat16 if bf16 else torch.float32, device)
-    check_same_tokenizer(tokenizer, teacher_tok)
-    teacher.eval().requires_grad_(False)
-    vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
-    for name, m in (("student", student), ("teacher", teacher)):
-        if m.get_output_embeddings().weight.shape[0] < vocab:
-            raise UserError(f"{name} has {m.get_output_embeddings().weight.shape[0]} logits, "
-                            f"fewer than the tokenizer's {vocab} tokens")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    eos = eos_ids(tokenizer, student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    anchor = None  # EffOPD's B: the initial student, then the weights kept at each trigger
-    if cfg.effopd:
-        anchor = {n: p.detach().to(cfg.anchor_device, copy=True)
-                  for n, p in student.named_parameters() if is_attention_or_mlp(n)}
-        if not anchor:
-            raise UserError(f"--effopd: no attention or MLP weight among the student's parameters "
-                            f"(e.g. {next(iter(dict(student.named_parameters())))}); EffOPD "
-                            f"would move nothing")
-        print(f"effopd: {len(anchor)} tensors, {sum(b.numel() for b in anchor.values()) / 1e6:.2f}M"
-              f" parameters in scope (attention and MLP weights)")
-
-    config = json.dumps({**asdict(cfg), "out": out}, indent=2)
-    lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
-    if cfg.lock_subspace:
-        initial = student if not resumed else load_model_and_tokenizer(cfg.student,
-                                                                       torch.float32, device)[0]
-        early = dict(load_model_and_tokenizer(cfg.lock_subspace, torch.float32, device)[0]
-                     .named_parameters())
-        for n, p in initial.named_parameters():
-            if p.dim() == 2 and is_attention_or_mlp(n):
-                if n not in early or early[n].shape != p.shape:
-                    raise UserError(f"--lock-subspace {cfg.lock_subspace}: {n} missing or of "
-                                    f"another shape than the student's {tuple(p.shape)}")
-                lock_base[n] = p.detach().clone()
-                lock[n] = update_subspaces(early[n] - lock_base[n], cfg.lock_rank)
-        del initial, early
-        print(f"lock: {len(lock)} matrices held to their top-{cfg.lock_rank} update subspaces "
-              f"in {cfg.lock_subspace}")
-
-    write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    history, clock = [], 0.0  # clock: training + EffOPD seconds
-    if resumed:  # continue where the checkpoint left off: its state, its RNG, its metrics lines
-        optimizer.load_state_dict(resumed["optimizer"])
-        if anchor is not None:
-            anchor = {n: b.to(cfg.anchor_device) for n, b in resumed["anchor"].items()}
-        clock = resumed["clock"]
-        os.truncate(metrics_path, resumed["metrics_bytes"])  # drop the lines of lost steps
-        print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
-    else:
-        open(metrics_path, "w").close()
-
-    def evaluate(step: int) -> None:
-        record = {"step": step, "time/train_s": round(clock, 3),
-                  "eval/val_acc": accuracy(student, tokenizer, val_set, cfg.max_new_tokens, eos,
-                                           cfg.eval_batch_size),
-                  "eval/test_acc": accuracy(student, tokenizer, test_set, cfg.max_new_tokens, eos,
-                                            cfg.eval_batch_size)}
-        print(f"eval {step:4d} | val {record['eval/val_acc']:.3f} | "
-              f"test {record['eval/test_acc']:.3f}")
-        history.append(record)
-        log(metrics_path, record)
-
-    def checkpoint(step: int) -> None:
-        """The student's weights, then what --resume needs besides them (only the latest)."""
-        nonlocal last_checkpoint
-        if not cfg.save_checkpoints:
-            return
-        path = os.path.join(out, f"step_{step:06d}")
-        save_checkpoint(student, tokenizer, path)
-        last_checkpoint = path
-        state = {"step": step, "checkpoint": os.path.basename(path), "clock": clock,
-                 "optimizer": optimizer.state_dict(), "anchor": anchor,
-                 "metrics_bytes": os.path.getsize(metrics_path), "rng": {
-                     "python": random.getstate(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if on_gpu else []}}
-        write_atomically(resume_path, lambda tmp: torch.save(state, tmp))
-
-    def stop(what: str) -> None:
-        """A NaN or inf: stop before anything is saved from it."""
-        raise UserError(f"step {step}: {what}; stopped before saving. Last good (finite) "
-                        f"checkpoint: {last_checkpoint or 'none saved'}")
-
-    def val_score(model) -> float:
-        with autocast:
-            return accuracy(model, tokenizer, val_set, cfg.max_new_tokens, eos, cfg.eval_batch_size)
-
-    if resumed:
-        random.setstate(resumed["rng"]["python"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if on_gpu and resumed["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-    else:
-        with autocast:
-            evaluate(0)
-        checkpoint(0)
-    for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
-        t0 = time.time()
-        # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the
-        # teacher for --loss sft, the off-policy arm).
-        batch = random.sample(train_set, cfg.batch_size)
-        batch = [r for r in batch for _ in range(cfg.group_size)]  # group after group
-        with autocast:
-            ids, attention_mask, mask = sample(
-                teacher if cfg.loss == "sft" else student,
-                render_prompts(tokenizer, [r["prompt"] for r in batch]),
-                cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
-        n_response = mask.shape[1]
-        tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
-        if cfg.loss == "grpo":  # the reward: is the last number of the response the answer?
-            texts = tokenizer.batch_decode(torch.where(mask, tokens, tokenizer.pad_token_id),
-                                           skip_special_tokens=True)
-            rewards = torch.tensor([float(extract_answer(t) == r["answer"])
-                                    for t, r in zip(texts, batch)], device=ids.device)
-            advantages = grpo_advantages(rewards, cfg.group_size)  # (B,)
-        # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss is
-        # weighted by its share of the scored tokens, so the gradients add up to the gradient of
-        # the mean over the whole batch.
-        n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
-        for i in range(0, len(batch), cfg.micro_batch_size):
-            mb = slice(i, i + cfg.micro_batch_size)
-            with autocast:
-                student_logits = response_logits(student, ids[mb], attention_mask[mb], n_response,
-                                                 vocab)  # (b, R, V)
-                with torch.no_grad():
-                    teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
-                                                     n_response, vocab)
-            # 3. The loss; the mean KL to the teacher is logged whatever the loss.
-            with torch.set_grad_enabled(cfg.loss == "opd"):
-                kl = opd_loss(student_logits, teacher_logits, mask[mb], cfg.chunk_size)
-            if cfg.loss == "opd":
-                loss = kl
-            elif cfg.loss == "sampled":
-                loss = sampled_token_loss(student_logits, teacher_logits, tokens[mb], mask[mb])
-            elif cfg.loss == "sft":
-                loss = sft_loss(student_logits, tokens[mb], mask[mb])
-            else:
-                loss = grpo_loss(student_logits, tokens[mb], mask[mb], advantages[mb])
-            if not torch.isfinite(loss):
-                stop(f"the loss is {loss.item()}")
-            weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
-            weighted = loss * weight
-            weighted.backward()
-            loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
-            del student_logits, teacher_logits, loss, kl, weighted  # free before the next forward
-        # 4. One optimizer step, taken only with a finite gradient; after it the student must still
-        # be finite (its weights, and its logits on the first micro-batch) or nothing is saved.
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
-        if not torch.isfinite(grad_norm):
-            stop(f"the gradient norm is {grad_norm.item()} (the update was not applied)")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if lock:  # --lock-subspace: each locked matrix's update back into the early subspace
-            lock_to_subspace(student, lock_base, lock)
-        probe = slice(0, cfg.micro_batch_size)
-        with autocast:
-            broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response, vocab)
-        if broken:
-            stop(f"{broken} became NaN or inf in the update (diverged: try a lower --lr)")
-        if on_gpu:
-            torch.cuda.synchronize()  # the GPU works asynchronously: wait before reading the clock
-        step_s = time.time() - t0
-        record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
-                  "train/grad_norm": grad_norm.item(),
-                  "train/response_len": mask.sum(1).float().mean().item(),
-                  "time/step_s": round(step_s, 3)}
-        if cfg.loss == "grpo":
-            record["train/reward"] = rewards.mean().item()
-            record["train/no_signal"] = no_signal_share(rewards, cfg.group_size)
-        if on_gpu:
-            record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
-              f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
-              f"{step_s:.2f} s")
-        # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
-        if cfg.effopd and is_power_of_two(step):
-            t1 = time.time()
-            trials = effopd_extrapolate(student, anchor, val_score, cfg.max_candidates)
-            kept = max(h["multiple"] for h in trials if h["kept"])
-            with autocast:
-                broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
-                                                  n_response, vocab)
-            if broken:
-                stop(f"{broken} became NaN or inf in EffOPD's move to W+{kept}D")
-            record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
-                           "effopd/val_s": round(time.time() - t1, 3)})
-            print(f"effopd {step:4d} | " + " ".join(
-                f"{h['multiple']:+d}D:{h['score']:.3f}{'*' if h['kept'] else ''}" for h in trials)
-                + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
-        clock += time.time() - t0
-        record["time/train_s"] = round(clock, 3)
-        history.append(record)
-        log(metrics_path, record)
-        # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            with autocast:
-                evaluate(step)
-        if is_power_of_two(step) or step == cfg.steps:
-            checkpoint(step)
-    if on_gpu:
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print(f"done: {out}")
-    return history
 
 
 def logged_steps(metrics_path: str) -> int:
@@ -1111,26 +1192,6 @@ def logged_steps(metrics_path: str) -> int:
         return 0
     with open(metrics_path) as f:
         return sum('"train/loss"' in line for line in f)
-
-
-def main(argv=None) -> None:
-    cfg = parse_args(argv)
-    import transformers
-    transformers.utils.logging.disable_progress_bar()  # one line per step is the whole log
-    try:
-        train(cfg)
-    except (UserError, OSError) as e:
-        sys.exit(f"effopd: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: every file on disk is whole (written atomically)
-        out = run_folder(cfg)
-        step = min(logged_steps(os.path.join(out, "metrics.jsonl")) + 1, cfg.steps)
-        if os.path.isfile(os.path.join(out, "resume.pt")):
-            print(f"\ninterrupted at step {step}; resume with: python effopd.py --resume {out}",
-                  file=sys.stderr)
-        else:
-            print(f"\ninterrupted at step {step}; no checkpoint was saved, so nothing can be "
-                  f"resumed: delete {out} and start again", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-bench.py: the measurements behind the cost figures in the README, rerunnable on a CPU.
+bench.py: the measurements behind the figures in RESULTS.md, rerunnable on a CPU.
 
     python bench.py loss       # peak memory and time of effopd.opd_loss vs the plain formula
     python bench.py metrics    # time of effopd.update_metrics on every matrix of Qwen2.5-0.5B
@@ -9,13 +9,13 @@ bench.py: the measurements behind the cost figures in the README, rerunnable on 
 
 loss. Forward plus backward of the OPD loss on (4, 1024, 151936) fp32 logits (4k positions at
 Qwen's vocabulary; the last 10% of each row is padding), by effopd.opd_loss (chunked, with its own
-backward) and by the plain one-shot formula that autograd differentiates. Each variant runs in a
-fresh subprocess (`bench.py loss --worker VARIANT`) that allocates the inputs, resets the kernel's
-peak-RSS counter, runs forward + backward w.r.t. the student logits and reads the peak RSS. We
-report the peak beyond the inputs, minus the gradient that any method must return, in GiB and in
-fp32 copies of the logits. Requirement: the chunked loss adds at most 0.25 copies. The variant
-`check` holds exactly one extra copy while it makes the gradient, so it must read 1.00: it checks
-the measurement itself (`python bench.py loss --variants check`).
+backward) and by the plain one-shot formula that autograd differentiates (effopd.reverse_kl).
+Each variant runs in a fresh subprocess (`bench.py loss --worker VARIANT`) that allocates the
+inputs, resets the kernel's peak-RSS counter, runs forward + backward w.r.t. the student logits and
+reads the peak RSS. We report the peak beyond the inputs, minus the gradient that any method must
+return, in GiB and in fp32 copies of the logits. Requirement: the chunked loss adds at most 0.25
+copies. The variant `check` holds exactly one extra copy while it makes the gradient, so it must
+read 1.00: it checks the measurement itself (`python bench.py loss --variants check`).
 
 metrics. effopd.update_metrics on every 2-D matrix of a randomly initialized model built from
 Qwen2.5-0.5B's config (24 layers x 7 matrices, plus the 151936 x 896 embedding, tied to lm_head):
@@ -37,7 +37,7 @@ built in a temporary folder, or kept in --keep DIR and reused.
 Goals: 1.5B at most 3 min and 1.5 GiB; 0.5B at most 60 s.
 
 Each command exits 1 when it prints FAIL or a measurement fails. What these printed on the
-project's 2-core machine, and the commands, are in the README.
+project's 2-core machine, and the commands, are in RESULTS.md.
 """
 import argparse
 import contextlib
@@ -71,15 +71,6 @@ def proc_bytes(path: str, key: str) -> int:
     raise KeyError(f"{key} not in {path}")
 
 
-def plain_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
-    """The one-shot formula: autograd keeps several (B, T, V) fp32 tensors for backward."""
-    log_p = student_logits.float().log_softmax(-1)  # (B, T, V)
-    log_q = teacher_logits.float().log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
-    return kl[mask].sum() / mask.sum()
-
-
 def check_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
     """Not a loss: the product saves exp(teacher) (one copy) for backward, which uses it to make
@@ -87,7 +78,7 @@ def check_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return (student_logits * teacher_logits.exp()).sum()
 
 
-VARIANTS = {"chunked": effopd.opd_loss, "plain": plain_opd_loss, "check": check_loss}
+VARIANTS = {"chunked": effopd.opd_loss, "plain": effopd.reverse_kl, "check": check_loss}
 # Peak RSS of each variant in fp32 copies of the logits, inputs and gradient included (measured:
 # 3.2, 7.0, 4.0), plus a margin; a variant that would not fit in MemAvailable is skipped.
 NEEDS = {"chunked": 3.5, "plain": 7.5, "check": 4.5}
@@ -404,7 +395,7 @@ def final_test_accuracy(out: str) -> float:
 
 
 def claim_numbers(run: dict, locked_out: str | None) -> dict[str, float]:
-    """The numbers of one run behind the claims of both papers (see the README's table)."""
+    """The numbers of one run behind the claims of both papers (see RESULTS.md's table)."""
     g, norms, iv = run["geometry"], run["norms"], run["interventions"]
     total = sum(v * v for v in norms.values())
     layers = sorted({layer for _, layer in norms if layer is not None})

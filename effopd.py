@@ -238,8 +238,9 @@ def sft_loss(student_logits: torch.Tensor, tokens: torch.Tensor,
     return -masked_mean(token_logprobs(student_logits, tokens), mask)
 
 class Loss(NamedTuple):
-    """A row of LOSSES. loss(student_logits, teacher_logits, tokens, mask, advantages, chunk_size)
-    -> the scalar loss of a micro-batch: logits (b, R, V), tokens and mask (b, R), advantages (b,)."""
+    """A row of LOSSES. loss(student_logits, teacher_logits, tokens, mask, advantages,
+    chunk_size) -> the scalar loss of a micro-batch: logits (b, R, V), tokens and mask (b, R),
+    advantages (b,)."""
     loss: Callable[..., torch.Tensor]
     samples_from: str  # whose rollouts it trains on: "student" (on-policy) or "teacher"
     min_group_size: int

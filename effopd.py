@@ -237,6 +237,7 @@ def sft_loss(student_logits: torch.Tensor, tokens: torch.Tensor,
     the teacher's own samples (the off-policy counterpart of OPD). (B, T, V), (B, T), (B, T)."""
     return -masked_mean(token_logprobs(student_logits, tokens), mask)
 
+
 class Loss(NamedTuple):
     """A row of LOSSES. loss(student_logits, teacher_logits, tokens, mask, advantages,
     chunk_size) -> the scalar loss of a micro-batch: logits (b, R, V), tokens and mask (b, R),
@@ -425,9 +426,9 @@ def answer_rewards(tokenizer, tokens: torch.Tensor, mask: torch.Tensor,
     return torch.tensor([float(extract_answer(t) == a) for t, a in zip(texts, answers)],
                         device=tokens.device)
 
+
 # ------------------------------------------------------------------------------------------------
 # EffOPD: extrapolation along the update direction, kept only when validation improves
-
 
 # Attention and MLP module names in Qwen/Llama, GPT-2, GPT-NeoX, Falcon and other families.
 ATTENTION = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -1074,6 +1075,7 @@ def check_run_folder(out: str, resume: bool) -> None:
         os.remove(probe)
     except OSError as e:
         raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+
 
 def load_splits(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     """The training records and the first --val-size / --test-size of the other two files."""

@@ -1,5 +1,6 @@
 """Tests against oracles: hand-worked values, plain reference implementations, known spectra.
 Tiny random Qwen2/Qwen3 models, float32, CPU, offline.   Run: pytest -q"""
+import functools
 import json
 import math
 import os
@@ -39,11 +40,12 @@ def plain_reverse_kl(student_logits, teacher_logits, mask):
 # ------------------------------------------------------------------------------------------------
 # The OPD loss
 
-def test_opd_loss_hand_computed():
+@pytest.mark.parametrize("loss_fn", [effopd.reverse_kl, effopd.opd_loss])
+def test_opd_loss_hand_computed(loss_fn):
     # student (1/2, 1/2), teacher (3/4, 1/4): KL = 1/2 log(2/3) + 1/2 log 2 = 1/2 log(4/3)
     student = torch.zeros(1, 1, 2)
     teacher = torch.tensor([[[math.log(3.0), 0.0]]])
-    loss = effopd.opd_loss(student, teacher, torch.ones(1, 1, dtype=torch.bool))
+    loss = loss_fn(student, teacher, torch.ones(1, 1, dtype=torch.bool))
     assert loss.item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-7)
 
 
@@ -55,13 +57,15 @@ def test_opd_loss_of_identical_distributions_is_zero_with_zero_gradient():
     assert logits.grad.abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 128])
-def test_opd_loss_and_gradient_equal_plain_formula(chunk_size):
+@pytest.mark.parametrize("loss_fn", [
+    effopd.reverse_kl, *(functools.partial(effopd.opd_loss, chunk_size=c) for c in (1, 3, 128))])
+def test_opd_loss_and_gradient_equal_plain_formula(loss_fn):
+    # both effopd's reference formula and the chunked loss, against the float64 formula
     torch.manual_seed(0)
     student = (3 * torch.randn(3, 7, 13)).requires_grad_()
     teacher = 3 * torch.randn(3, 7, 13)
     mask = torch.rand(3, 7) > 0.4
-    loss = effopd.opd_loss(student, teacher, mask, chunk_size=chunk_size)
+    loss = loss_fn(student, teacher, mask)
     (3.0 * loss).backward()  # a non-unit upstream gradient
     reference = student.detach().double().requires_grad_()
     expected = plain_reverse_kl(reference, teacher, mask)
@@ -381,12 +385,15 @@ def test_effopd_scope_on_qwen_names():
 
 
 @pytest.mark.parametrize("family, moving", [
+    *((family, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+      for family in ("qwen2", "llama")),
     ("gpt_neox", {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
     ("falcon", {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
     ("gpt2", {"c_attn", "c_proj", "c_fc"})])
 def test_effopd_scope_on_other_families(family, moving):
     from transformers import AutoConfig, AutoModelForCausalLM
-    extra = {"falcon": dict(new_decoder_architecture=True, num_kv_heads=2)}.get(family, {})
+    extra = {"falcon": dict(new_decoder_architecture=True, num_kv_heads=2)}.get(
+        family, dict(intermediate_size=64))
     config = AutoConfig.for_model(family, vocab_size=16, hidden_size=32, n_embd=32, n_head=4,
                                   num_attention_heads=4, num_hidden_layers=1, n_layer=1, **extra)
     names = [n for n, _ in AutoModelForCausalLM.from_config(config).named_parameters()]
@@ -394,6 +401,10 @@ def test_effopd_scope_on_other_families(family, moving):
     assert {n.split(".")[-2] for n in inside} == moving
     for n in set(names) - set(inside):  # what stays: embeddings, the head and every norm
         assert re.search(r"embed|wte|wpe|lm_head|ln|norm", n), n
+    for n in names:  # analyze's buckets are made of the same predicate
+        expected = ("mlp" if ".mlp." in n else "attention") if n in inside else (
+            "embedding" if re.search(r"embed|wte|wpe|lm_head", n) else "norm")
+        assert analyze.module_type(n) == expected, n
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,11 +1,9 @@
 """
 analyze: why on-policy distillation (OPD) updates lock into a low-rank subspace from the first
 steps, shown on a quadratic toy; and the same geometry measured on the checkpoints of effopd.py
-runs and on any two checkpoints (a base model and its tuned release).
-
-Sources: the EffOPD paper ("Learning to Foresee: Unveiling the Unlocking Efficiency of On-Policy
-Distillation", arXiv 2605.11739) and paper 2 ("On the Geometry of On-Policy Distillation", arXiv
-2606.07082).
+runs and on any two checkpoints (a base model and its tuned release), after the EffOPD paper
+("Learning to Foresee", arXiv 2605.11739) and paper 2 ("On the Geometry of On-Policy
+Distillation", arXiv 2606.07082).
 
 The toy. Linearize the student around the base model: one weight matrix dW (m x n, here
 m = n = --dim) maps an input x to a change of output dW x, and OPD asks that change to match the
@@ -38,29 +36,25 @@ closed form; and the steps EffOPD (effopd_extrapolate, scored on held-out inputs
 plain gradient descent's final loss. Simplifications: the exact population gradient for OPD (no
 sampling noise at all), float64 throughout, a Gaussian input distribution.
 
-The geometry, one pipeline for both reports: dW = W_tuned - W_base for every 2-D attention and
-MLP matrix (effopd.is_attention_or_mlp), one tensor of each checkpoint read at a time
-(safetensors.safe_open), so that memory grows with the largest matrix, not with the model
-(--device cuda runs the SVDs on a GPU). Per matrix: update_metrics (the EffOPD paper's Table 1),
-||dW||_F and paper 2's diagnostics: the share of bf16 weights left unchanged, the principal
-overlap (the share of ||dW||_F^2 inside the base weight's top-k singular subspaces,
-k = ceil(--principal-frac * min(m, n)), beside its value for a random dW, k^2 / (m n)) and the
-principal rotation; ||dW||_F of every other tensor.
+The geometry, one pipeline for both reports: dW = W_tuned - W_base of every 2-D attention and MLP
+matrix, read one tensor of each checkpoint at a time (safetensors.safe_open: memory grows with the
+largest matrix, not the model; --device cuda runs the SVDs on a GPU): update_metrics (the EffOPD
+paper's Table 1), ||dW||_F, and paper 2's share of bf16 weights left unchanged, principal overlap
+(the share of ||dW||_F^2 inside the base weight's top-k singular subspaces, k = ceil(f min(m, n)),
+f = --principal-frac; a random dW: k^2 / (m n)) and principal rotation; ||dW||_F of the others.
 
-The run report (python analyze.py RUN_DIR [RUN_DIR ...]): W_base = step_000000 and W_tuned = each
-later checkpoint, dW_t = W_t - W_0. Runs side by side: the means over the matrices of the final
-update dW_T (Table 1), the top-k subspace_alignment of every dW_t with dW_T, the rank dynamics
-(mean effective rank of every dW_t) and ||dW_T||_F by module type and layer. With
---interventions (the model in memory), each scored by the run's greedy validation accuracy:
-scaling (W_0 + alpha dW_T), norm scaling (the checkpoint nearest 10% of training, each parameter's
-update rescaled to the final update's norm), sliding windows (dW_T applied to one block of layers)
-and the EffOPD paper's Fig. 4 (the top-k and the bottom-k singular part of each matrix's dW_T,
-rescaled to ||dW_T||_F, on W_0). Tables to the terminal, figures to PNG.
+Run folders (python analyze.py RUN_DIR [RUN_DIR ...]), side by side, dW_t = W_t - W_0 from their
+checkpoints: the means over matrices of the final dW_T, the top-k subspace_alignment and the
+effective rank (rank dynamics) of every dW_t, and ||dW_T||_F by module type and layer. With
+--interventions, each scored by the run's greedy validation accuracy: scaling (W_0 + alpha dW_T),
+norm scaling (the checkpoint nearest 10% of training, each parameter's update rescaled to the
+final update's norm), sliding windows (dW_T on one block of layers) and the EffOPD paper's Fig. 4
+(each matrix's top-k or bottom-k singular part of dW_T, rescaled to ||dW_T||_F, on W_0).
 
-Any two checkpoints (python analyze.py --base BASE TUNED [TUNED ...] [--json PATH]): public
-models (hub names, folders or .safetensors files, sharded or not), each TUNED a column: means, by
-module type and by layer, and the norm of the embeddings' update (a differently padded vocabulary
-cut to the common rows).
+Any two checkpoints (python analyze.py --base BASE TUNED [TUNED ...] [--json PATH]): public models
+(hub names, folders or .safetensors files, sharded or not), each TUNED a column: means, by module
+type and by layer, and the embeddings' ||dW||_F (a differently padded vocabulary cut to the
+common rows). Tables to the terminal, figures to PNG.
 
 Run:
     python analyze.py                    # the toy: a table and runs/toy.png, seconds on a CPU
@@ -452,17 +446,15 @@ def checkpoint_geometry(base: str, tuned: dict, fraction: float, device: str, th
     base_shapes = tensor_shapes(base_files)
     rows = {label: pair_tensors(base, tuned[label], base_shapes, tensor_shapes(f))
             for label, f in files.items()}
-    names = sorted(next(iter(rows.values())),  # the same for every pair: the base's tensors
-                   key=lambda n: (layer_of(n) is not None, layer_of(n) or 0, n))
-    matrices = [n for n in names if is_geometry_matrix(n, base_shapes[n])]
+    order = lambda n: (layer_of(n) is not None, layer_of(n) or 0, n)  # noqa: E731
+    last = list(tuned)[-1]  # its matrices are the base's, like every tuned checkpoint's
+    matrices = sorted((n for n in rows[last] if is_geometry_matrix(n, base_shapes[n])), key=order)
     out = {label: {"matrices": {}, "norms": {}} for label in tuned}
-    for name in names:
-        for label in tuned:
-            if name not in matrices and name in rows[label]:
-                out[label]["norms"][name] = {"frobenius_norm": difference_norm(
-                    base_files, files[label], name, rows[label][name], device),
-                    "rows": rows[label][name]}
-    last = list(tuned)[-1]
+    for label in tuned:
+        for name in sorted(set(rows[label]) - set(matrices), key=order):
+            out[label]["norms"][name] = {"rows": rows[label][name], "frobenius_norm":
+                                         difference_norm(base_files, files[label], name,
+                                                         rows[label][name], device)}
 
     def one_matrix(name: str) -> dict[str, dict[str, float]]:  # label -> matrix_geometry
         w_base = read_tensor(base_files, name, device).float()  # (m, n); bf16 -> fp32 is exact
@@ -576,14 +568,14 @@ def report(run_dirs: list[str], args) -> dict[str, dict]:
                 f"(paper, Table 1; paper 2: unchanged, principal top-{args.principal_frac:.0%})",
                 {n: runs[n]["geometry"] for n in names})
     steps = sorted(set().union(*(runs[n]["alignment"] for n in names)))
-    print_rows(f"Alignment of dW_t with the final dW_T (top-{args.k} left singular subspaces)",
-               ["step", *names],
-               [[s, *(f"{runs[n]['alignment'][s]:.3f}" if s in runs[n]["alignment"] else "-"
-                      for n in names)] for s in steps])
-    print_rows("Rank dynamics: effective rank of dW_t, mean over attention and MLP matrices",
-               ["step", *names],
-               [[s, *(f"{runs[n]['rank'][s]:.2f}" if s in runs[n]["rank"] else "-"
-                      for n in names)] for s in steps])
+    for key, fmt, title in (
+            ("alignment", ".3f", f"Alignment of dW_t with the final dW_T (top-{args.k} left "
+                                 "singular subspaces)"),
+            ("rank", ".2f", "Rank dynamics: effective rank of dW_t, mean over attention and MLP "
+                            "matrices")):
+        print_rows(title, ["step", *names],
+                   [[s, *(format(runs[n][key][s], fmt) if s in runs[n][key] else "-"
+                          for n in names)] for s in steps])
     for n in names:
         norms = runs[n]["norms"]
         layers = sorted({layer for _, layer in norms if layer is not None})
@@ -606,14 +598,13 @@ def interventions(name: str, run: dict, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     config, checkpoints = run["config"], run["checkpoints"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(checkpoints[0], dtype=torch.float32)
-    model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[0], dtype=torch.float32).to(device)
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()  # as effopd.train decides
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     tokenizer = AutoTokenizer.from_pretrained(checkpoints[0])
     val_path = config["val"]  # runs of older versions saved it relative to the project
-    val = load_jsonl(val_path if os.path.isabs(val_path) else os.path.join(PROJECT, val_path))
-    val = val[:config["val_size"]]
+    val = load_jsonl(val_path if os.path.isabs(val_path)
+                     else os.path.join(PROJECT, val_path))[:config["val_size"]]
     eos = eos_ids(tokenizer, model)
     params = dict(model.named_parameters())
 
@@ -635,29 +626,27 @@ def interventions(name: str, run: dict, args) -> dict:
     acc0, accT = score({}), score(d_final)
     scaling = [(a, score({n: a * d for n, d in d_final.items()})) for a in args.alphas]
     print_rows(f"{name}: scaling, W_0 + alpha dW_T (validation accuracy)", ["alpha", "val acc"],
-                [[f"{a:g}", f"{acc:.3f}"] for a, acc in scaling])
+               [[f"{a:g}", f"{acc:.3f}"] for a, acc in scaling])
     # norm scaling: an early update, each module's rescaled to the final update's norm
     early = min((s for s in checkpoints if s > 0), key=lambda s: abs(s - 0.1 * run["final"]))
-    wE = weights(early)
-    d_early = {n: wE[n] - w0[n] for n in params}
+    d_early = {n: w - w0[n] for n, w in weights(early).items()}
     rescaled = {n: d * (d_final[n].norm() / d.norm() if d.norm() > 0 else 0.0)
                 for n, d in d_early.items()}
     acc_early, acc_rescaled = score(d_early), score(rescaled)
     gain = accT - acc0
     share = lambda acc: f"{(acc - acc0) / gain:.0%}" if gain else "-"  # noqa: E731
     print_rows(f"{name}: norm scaling of step {early} ({early / run['final']:.0%} of training)",
-                ["weights", "val acc", "share of final gain"],
-                [["W_0", f"{acc0:.3f}", "0%"], [f"W_{early}", f"{acc_early:.3f}", share(acc_early)],
-                 [f"W_0 + dW_{early} rescaled", f"{acc_rescaled:.3f}", share(acc_rescaled)],
-                 [f"W_{run['final']}", f"{accT:.3f}", share(accT)]])
+               ["weights", "val acc", "share of final gain"],
+               [["W_0", f"{acc0:.3f}", "0%"], [f"W_{early}", f"{acc_early:.3f}", share(acc_early)],
+                [f"W_0 + dW_{early} rescaled", f"{acc_rescaled:.3f}", share(acc_rescaled)],
+                [f"W_{run['final']}", f"{accT:.3f}", share(accT)]])
     # sliding window: the final update applied to one block of consecutive layers only
     n_layers = 1 + max(layer_of(n) for n in params if layer_of(n) is not None)
     window = [(i, score({n: d for n, d in d_final.items()
                          if layer_of(n) is not None and i <= layer_of(n) < i + args.window}))
               for i in range(n_layers - args.window + 1)]
     print_rows(f"{name}: dW_T applied to layers [i, i+{args.window}) only",
-               ["first layer", "val acc"],
-                [[i, f"{acc:.3f}"] for i, acc in window])
+               ["first layer", "val acc"], [[i, f"{acc:.3f}"] for i, acc in window])
     # EffOPD paper Fig. 4: each matrix's top-k or bottom-k singular part of dW_T, rescaled to
     # ||dW_T||_F, on W_0; everything else (norms, embedding, biases) stays at W_0
     matrices = [n for n, p in params.items() if is_geometry_matrix(n, p.shape)]
@@ -865,8 +854,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     toy.add_argument("--seed", type=int, default=0, help="seed of the problem and of all sampling")
     parser.add_argument("--png", help="where the figure is written (default: runs/toy.png for "
                         "the toy; with --base, beside --json; for a report, report.png in the "
-                        "first run folder and each "
-                        "run's interventions in its own folder)")
+                        "first run folder and each run's interventions in its own folder)")
     runs = parser.add_argument_group("checkpoint report")
     runs.add_argument("--k", type=int, default=4,
                       help="top-k singular subspace for the alignment with the final update")

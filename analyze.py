@@ -1,19 +1,13 @@
 """
 analyze: why on-policy distillation (OPD) updates lock into a low-rank subspace from the first
 steps, shown on a quadratic toy; and the same geometry measured on the checkpoints of effopd.py
-runs and on any two checkpoints (a base model and its tuned release).
+runs and on any two checkpoints (a base model and its tuned release), after the EffOPD paper
+("Learning to Foresee", arXiv 2605.11739) and paper 2 ("On the Geometry of On-Policy
+Distillation", arXiv 2606.07082).
 
-The report (python analyze.py RUN_DIR [RUN_DIR ...]). For each run, dW_t = W_t - W_0 from its saved
-checkpoints: update_metrics averaged over the attention and MLP matrices of the final update (the
-paper's Table 1, runs side by side), the top-k subspace_alignment of every checkpoint's update with
-the final one, and ||dW||_F by module type and layer. With --interventions, each scored by the
-run's greedy validation accuracy: scaling (W_0 + alpha dW_T), norm scaling (the checkpoint nearest
-10% of training, each parameter's update rescaled to the final update's norm) and sliding windows
-(dW_T applied to one block of layers). Tables to the terminal, figures to PNG.
-
-The toy (SPEC section 5). Linearize the student around the base model: one weight matrix dW
-(m x n, here m = n = --dim) maps an input x to a change of output dW x, and OPD asks that change to
-match the teacher-base residual r(x) = R x, with R of rank k (--rank):
+The toy. Linearize the student around the base model: one weight matrix dW (m x n, here
+m = n = --dim) maps an input x to a change of output dW x, and OPD asks that change to match the
+teacher-base residual r(x) = R x, with R of rank k (--rank):
 
     L(dW) = 1/2 E ||dW x - r(x)||^2 = 1/2 tr((dW - R) Sigma (dW - R)^T),   x ~ N(0, Sigma)
     grad L = dW Sigma - C,   with Sigma = E[x x^T] and C = E[r(x) x^T] = R Sigma
@@ -42,19 +36,25 @@ closed form; and the steps EffOPD (effopd_extrapolate, scored on held-out inputs
 plain gradient descent's final loss. Simplifications: the exact population gradient for OPD (no
 sampling noise at all), float64 throughout, a Gaussian input distribution.
 
-Any two checkpoints (python analyze.py --base BASE TUNED [TUNED ...] [--json PATH]): the same
-geometry for dW = W_tuned - W_base of public models (hub names, folders or .safetensors files,
-sharded or not), every 2-D attention and MLP matrix, each TUNED a column: means, by module type
-and by layer, and the norm of the embeddings' update (a differently padded vocabulary cut to the
-common rows). One tensor of each checkpoint is read at a time (safetensors.safe_open), so the
-memory grows with the largest matrix, not with the model; --device cuda runs the SVDs on a GPU.
+The geometry, one pipeline for both reports: dW = W_tuned - W_base of every 2-D attention and MLP
+matrix, read one tensor of each checkpoint at a time (safetensors.safe_open: memory grows with the
+largest matrix, not the model; --device cuda runs the SVDs on a GPU): update_metrics (the EffOPD
+paper's Table 1), ||dW||_F, and paper 2's share of bf16 weights left unchanged, principal overlap
+(the share of ||dW||_F^2 inside the base weight's top-k singular subspaces, k = ceil(f min(m, n)),
+f = --principal-frac; a random dW: k^2 / (m n)) and principal rotation; ||dW||_F of the others.
 
-Paper 2's diagnostics ("On the Geometry of On-Policy Distillation"), in both reports: the share of
-bf16 weights left unchanged, the principal overlap (the share of ||dW||_F^2 inside the base
-weight's top-k singular subspaces, k = ceil(--principal-frac * min(m, n)), beside its value for a
-random dW, k^2 / (m n)) and the principal rotation; in the run report also the rank dynamics
-(effective rank of dW_t at every checkpoint) and, with --interventions, the EffOPD paper's Fig. 4
-(the top-k and the bottom-k singular part of each matrix's dW_T, rescaled to ||dW_T||_F, on W_0).
+Run folders (python analyze.py RUN_DIR [RUN_DIR ...]), side by side, dW_t = W_t - W_0 from their
+checkpoints: the means over matrices of the final dW_T, the top-k subspace_alignment and the
+effective rank (rank dynamics) of every dW_t, and ||dW_T||_F by module type and layer. With
+--interventions, each scored by the run's greedy validation accuracy: scaling (W_0 + alpha dW_T),
+norm scaling (the checkpoint nearest 10% of training, each parameter's update rescaled to the
+final update's norm), sliding windows (dW_T on one block of layers) and the EffOPD paper's Fig. 4
+(each matrix's top-k or bottom-k singular part of dW_T, rescaled to ||dW_T||_F, on W_0).
+
+Any two checkpoints (python analyze.py --base BASE TUNED [TUNED ...] [--json PATH]): public models
+(hub names, folders or .safetensors files, sharded or not), each TUNED a column: means, by module
+type and by layer, and the embeddings' ||dW||_F (a differently padded vocabulary cut to the
+common rows). Tables to the terminal, figures to PNG.
 
 Run:
     python analyze.py                    # the toy: a table and runs/toy.png, seconds on a CPU
@@ -72,10 +72,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from effopd import (ATTENTION, PROJECT, accuracy, effopd_extrapolate, eos_ids, is_attention_or_mlp,
-                    is_power_of_two, load_jsonl, principal_overlap, principal_rotation, singular_part,
-                    subspace_alignment, top_singular_subspaces, unchanged_fraction,
-                    update_metrics)
+from effopd import (ATTENTION, PROJECT, accuracy, effopd_extrapolate, eos_ids,
+                    is_attention_or_mlp, is_power_of_two, load_jsonl, principal_overlap,
+                    principal_rotation, singular_part, subspace_alignment, top_singular_subspaces,
+                    unchanged_fraction, update_metrics)
 
 # ------------------------------------------------------------------------------------------------
 # The quadratic toy: problem, OPD by gradient descent, its closed form, and an RL-like run
@@ -278,7 +278,7 @@ def run_toy(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoint report: the geometry of dW = W_t - W_0 in a run folder written by effopd.py
+# Update geometry: dW = W_tuned - W_base, streamed one tensor of each checkpoint at a time
 
 
 def module_type(name: str) -> str:
@@ -289,6 +289,12 @@ def module_type(name: str) -> str:
         else "embedding"
 
 
+def is_geometry_matrix(name: str, shape: tuple[int, ...]) -> bool:
+    """A 2-D attention or MLP weight (effopd.is_attention_or_mlp): the matrices whose dW the
+    geometry measures; every other tensor gets its ||dW||_F only."""
+    return len(shape) == 2 and is_attention_or_mlp(name)
+
+
 def layer_of(name: str) -> int | None:
     """The decoder layer of a parameter: model.layers.N. (Qwen, Llama, GPT-NeoX) or h.N. (GPT-2,
     Falcon); None outside the layers."""
@@ -296,35 +302,104 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def load_run(run_dir: str) -> tuple[dict, dict[int, str]]:
-    """The run's config.json and its checkpoint folders by step; step 0 (W_0) must be there."""
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise SystemExit(f"analyze: error: {config_path}: not found (is {run_dir} a run folder "
-                         f"written by effopd.py?)")
-    checkpoints = {int(d[5:]): os.path.join(run_dir, d) for d in os.listdir(run_dir)
-                   if re.fullmatch(r"step_\d{6}", d)}
-    if 0 not in checkpoints or len(checkpoints) < 2:
-        raise SystemExit(f"analyze: error: {run_dir}: needs step_000000 and a later checkpoint, "
-                         f"found {sorted(checkpoints)}")
-    with open(config_path) as f:
-        return json.load(f), checkpoints
+def fail(message: str) -> SystemExit:
+    return SystemExit(f"analyze: error: {message}")
 
 
-def load_weights(checkpoint: str) -> dict[str, torch.Tensor]:
-    """All tensors of a save_pretrained checkpoint (every safetensors shard), in fp32."""
-    from safetensors.torch import load_file
-    shards = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors"))
-    if not shards:
-        raise SystemExit(f"analyze: error: {checkpoint}: no .safetensors file")
-    weights = {}
-    for shard in shards:
-        tensors = load_file(os.path.join(checkpoint, shard))
-        weights.update({n: w.float() for n, w in tensors.items()})
-    broken = next((n for n, w in weights.items() if not torch.isfinite(w).all()), None)
-    if broken:
-        raise SystemExit(f"analyze: error: {checkpoint}: {broken} holds NaN or inf")
-    return weights
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Tensor name -> .safetensors file of a checkpoint: a local folder (its model.safetensors,
+    or the shards that model.safetensors.index.json lists), one .safetensors file, or a hub name
+    (fetched by huggingface_hub.snapshot_download, safetensors and JSON files only)."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            raise fail(f"{path}: no such folder or file, and not a hub name")
+        from huggingface_hub import snapshot_download
+        try:
+            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+        except Exception as e:  # offline, unknown repository, gated model, ...
+            raise fail(f"{path}: not a local folder, and the hub download failed "
+                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {n: os.path.join(path, file) for n, file in json.load(f)["weight_map"].items()}
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        files = [path]
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith(".safetensors"))
+    else:
+        files = []
+    if not files:
+        raise fail(f"{path}: no .safetensors file (save the model with save_pretrained)")
+    names = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update({n: file for n in f.keys()})
+    return names
+
+
+def tensor_shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor, from the safetensors headers alone (nothing is read)."""
+    from safetensors import safe_open
+    shapes = {}
+    for file in sorted(set(files.values())):
+        if not os.path.isfile(file):
+            raise fail(f"{file}: not found (listed in the checkpoint's index)")
+        with safe_open(file, framework="pt") as f:
+            shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()
+                           if files.get(n) == file})
+    return shapes
+
+
+def read_tensor(files: dict[str, str], name: str, device: str, rows: slice | None = None
+                ) -> torch.Tensor:
+    """One tensor (or a block of its rows) in its stored dtype, refused if it holds NaN or inf;
+    the file is closed after it."""
+    from safetensors import safe_open
+    with safe_open(files[name], framework="pt") as f:
+        tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+    tensor = tensor.to(device)
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise fail(f"{files[name]}: {name} holds NaN or inf")
+    return tensor
+
+
+def pair_tensors(base: str, tuned: str, base_shapes: dict, tuned_shapes: dict) -> dict[str, int]:
+    """Tensor name -> rows to compare. The 2-D attention, MLP and embedding tensors must have the
+    same names and shapes in both checkpoints, else a one-line refusal, except that an embedding
+    or output head with a different padding of the vocabulary is cut to the common rows, as in
+    training. Every other tensor that both hold, in one shape, is compared too."""
+    def matrices(shapes: dict) -> set[str]:
+        return {n for n, s in shapes.items()
+                if len(s) == 2 and module_type(n) in ("attention", "mlp", "embedding")}
+    names, other = matrices(base_shapes), matrices(tuned_shapes)
+    for a, b, missing in ((base, tuned, sorted(names - other)),
+                          (tuned, base, sorted(other - names))):
+        if missing:
+            raise fail(f"{b} lacks {len(missing)} matrices of {a}, e.g. {missing[0]}")
+    rows = {}
+    for n in sorted(names):
+        (m1, n1), (m2, n2) = base_shapes[n], tuned_shapes[n]
+        vocab_padding = module_type(n) == "embedding" and n1 == n2
+        if (m1, n1) != (m2, n2) and not vocab_padding:
+            raise fail(f"{n}: shape {(m1, n1)} in {base}, {(m2, n2)} in {tuned}")
+        rows[n] = min(m1, m2)
+    return {**rows, **{n: s[0] for n, s in base_shapes.items()
+                       if n not in rows and s and tuned_shapes.get(n) == s}}
+
+
+def difference_norm(base_files: dict, tuned_files: dict, name: str, rows: int, device: str,
+                    block: int = 4096) -> float:
+    """||W_tuned - W_base||_F over the first `rows` rows, a block of rows at a time."""
+    total = 0.0
+    for i in range(0, rows, block):
+        block_rows = slice(i, min(rows, i + block))
+        delta = read_tensor(tuned_files, name, device, block_rows).float()  # (block, ...)
+        delta -= read_tensor(base_files, name, device, block_rows).float()
+        total += torch.linalg.vector_norm(delta).item() ** 2
+    return math.sqrt(total)
 
 
 def principal_k(shape: tuple[int, int], fraction: float) -> int:
@@ -348,45 +423,89 @@ def matrix_geometry(w_base: torch.Tensor, w_tuned: torch.Tensor, k: int,
             "principal_rotation": principal_rotation(base, tuned, k, base_subspaces)}
 
 
+# the rows of the geometry tables, in order
+METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1_ratio", "unchanged_bf16",
+           "principal_overlap", "overlap_random", "principal_rotation", "frobenius_norm")
+
+
+def checkpoint_geometry(base: str, tuned: dict, fraction: float, device: str, threads: int = 1,
+                        align_k: int | None = None) -> dict:
+    """For each tuned checkpoint (label -> path), dW = W_tuned - W_base: "matrices", the
+    matrix_geometry of every 2-D attention and MLP matrix, with k = principal_k(fraction);
+    "norms", {"frobenius_norm": ||dW||_F, "rows"} of every other tensor. With align_k, each
+    matrix also gets "alignment": subspace_alignment(dW, dW_last, min(align_k, m, n)), dW_last
+    the update of the last tuned checkpoint.
+
+    Every pair is checked before any work; then each worker holds one base matrix and one tuned
+    matrix at a time (and dW_last), and the base matrix's top-k singular subspaces are computed
+    once for all tuned checkpoints. On a CPU, `threads` is split between two workers: two
+    one-thread workers beat one two-thread worker by ~15% on 2 cores (LAPACK's eigh and SVD
+    scale poorly across threads, and torch releases the GIL inside them)."""
+    base_files = checkpoint_files(base)
+    files = {label: checkpoint_files(path) for label, path in tuned.items()}
+    base_shapes = tensor_shapes(base_files)
+    rows = {label: pair_tensors(base, tuned[label], base_shapes, tensor_shapes(f))
+            for label, f in files.items()}
+    order = lambda n: (layer_of(n) is not None, layer_of(n) or 0, n)  # noqa: E731
+    last = list(tuned)[-1]  # its matrices are the base's, like every tuned checkpoint's
+    matrices = sorted((n for n in rows[last] if is_geometry_matrix(n, base_shapes[n])), key=order)
+    out = {label: {"matrices": {}, "norms": {}} for label in tuned}
+    for label in tuned:
+        for name in sorted(set(rows[label]) - set(matrices), key=order):
+            out[label]["norms"][name] = {"rows": rows[label][name], "frobenius_norm":
+                                         difference_norm(base_files, files[label], name,
+                                                         rows[label][name], device)}
+
+    def one_matrix(name: str) -> dict[str, dict[str, float]]:  # label -> matrix_geometry
+        w_base = read_tensor(base_files, name, device).float()  # (m, n); bf16 -> fp32 is exact
+        k = principal_k(w_base.shape, fraction)
+        subspaces = top_singular_subspaces(w_base, k)
+        d_last = read_tensor(files[last], name, device).float() - w_base if align_k else None
+        result = {}
+        for label in tuned:
+            w_tuned = read_tensor(files[label], name, device).float()
+            result[label] = matrix_geometry(w_base, w_tuned, k, subspaces)
+            if align_k:
+                result[label]["alignment"] = subspace_alignment(
+                    w_tuned - w_base, d_last, min(align_k, *w_base.shape))
+        return result
+
+    workers = min(2, threads) if device == "cpu" else 1  # one GPU: one matrix at a time
+    previous, t0 = torch.get_num_threads(), time.time()
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for i, (name, result) in enumerate(zip(matrices, pool.map(one_matrix, matrices))):
+                for label, row in result.items():
+                    out[label]["matrices"][name] = row
+                if sys.stderr.isatty():  # progress, on a terminal only
+                    print(f"\r{i + 1}/{len(matrices)} matrices | {time.time() - t0:.0f} s",
+                          end="", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(previous)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    return out
+
+
 def nanmean(values) -> float:
     """Mean of the numbers that are not NaN (a zero update has NaN ratios); NaN if none."""
     values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else float("nan")
 
 
-# the rows of the geometry tables, in order
-METRICS = ("spectral_norm", "spectral_ratio", "effective_rank", "top1_ratio", "unchanged_bf16",
-           "principal_overlap", "overlap_random", "principal_rotation", "frobenius_norm")
+def means(matrices: dict[str, dict], keep=lambda name: True) -> dict[str, float]:
+    """nanmean of every metric over the matrices whose name passes keep."""
+    return {key: nanmean(r[key] for n, r in matrices.items() if keep(n)) for key in METRICS}
 
 
-def update_geometry(w0: dict, wt: dict, fraction: float = 0.01) -> dict[str, float]:
-    """matrix_geometry averaged over the attention and MLP matrices of W_t - W_0 (principal
-    subspaces: the top ceil(fraction * min(m, n)) singular vectors)."""
-    rows = [matrix_geometry(w0[n], wt[n], principal_k(w0[n].shape, fraction)) for n in w0
-            if w0[n].dim() == 2 and module_type(n) in ("attention", "mlp")]
-    return {key: nanmean(r[key] for r in rows) for key in rows[0]}
-
-
-def mean_effective_rank(w0: dict, wt: dict) -> float:
-    """Effective rank of dW_t averaged over the attention and MLP matrices: the rank dynamics of
-    paper 2's subspace locking (it rises fast, then plateaus)."""
-    return nanmean(update_metrics(wt[n] - w0[n])["effective_rank"] for n in w0
-                   if w0[n].dim() == 2 and module_type(n) in ("attention", "mlp"))
-
-
-def alignment_with_final(w0: dict, wt: dict, wT: dict, k: int) -> float:
-    """subspace_alignment(dW_t, dW_T, k) averaged over the attention and MLP matrices."""
-    names = [n for n in w0 if w0[n].dim() == 2 and module_type(n) in ("attention", "mlp")]
-    return sum(subspace_alignment(wt[n] - w0[n], wT[n] - w0[n], min(k, *w0[n].shape))
-               for n in names) / len(names)
-
-
-def norms_by_module(w0: dict, wT: dict) -> dict[tuple[str, int | None], float]:
-    """||dW||_F per (module type, layer), norms of the parameters in it added in quadrature."""
+def norms_by_module(norms: dict[str, float]) -> dict[tuple[str, int | None], float]:
+    """||dW||_F per (module type, layer) from name -> ||dW||_F: the norms in it added in
+    quadrature, sqrt(sum ||dW_i||_F^2)."""
     out = {}
-    for n in w0:
-        key = (module_type(n), layer_of(n))
-        out[key] = math.hypot(out.get(key, 0.0), (wT[n] - w0[n]).norm().item())
+    for name, norm in norms.items():
+        key = (module_type(name), layer_of(name))
+        out[key] = math.hypot(out.get(key, 0.0), norm)
     return out
 
 
@@ -397,45 +516,74 @@ def print_rows(title: str, header: list[str], rows: list[list]) -> None:
         print("  " + " | ".join(str(x).rjust(w) for x, w in zip(row, widths)))
 
 
+def print_means(title: str, columns: dict[str, dict[str, float]]) -> None:
+    """One row per metric of METRICS, one column per label (its means over matrices)."""
+    print_rows(title, ["metric", *columns],
+               [[key, *(f"{c[key]:.4g}" for c in columns.values())] for key in METRICS])
+
+
+# ------------------------------------------------------------------------------------------------
+# The run report: dW_t = W_t - W_0 in a run folder written by effopd.py
+
+
+def load_run(run_dir: str) -> tuple[dict, dict[int, str]]:
+    """The run's config.json and its checkpoint folders by step; step 0 (W_0) must be there."""
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise fail(f"{config_path}: not found (is {run_dir} a run folder written by effopd.py?)")
+    checkpoints = {int(d[5:]): os.path.join(run_dir, d) for d in os.listdir(run_dir)
+                   if re.fullmatch(r"step_\d{6}", d)}
+    if 0 not in checkpoints or len(checkpoints) < 2:
+        raise fail(f"{run_dir}: needs step_000000 and a later checkpoint, "
+                   f"found {sorted(checkpoints)}")
+    with open(config_path) as f:
+        return json.load(f), checkpoints
+
+
+def run_geometry(run_dir: str, fraction: float, k: int, device: str, threads: int = 1) -> dict:
+    """checkpoint_geometry of W_0 and every later checkpoint W_t of one run: the matrices and
+    their means ("geometry") for the final dW_T, ||dW_T||_F by (module type, layer), and per step
+    t the means over matrices of subspace_alignment(dW_t, dW_T, k) and of the effective rank."""
+    config, checkpoints = load_run(run_dir)
+    final = max(checkpoints)
+    later = {step: path for step, path in sorted(checkpoints.items()) if step > 0}  # final last
+    out = checkpoint_geometry(checkpoints[0], later, fraction, device, threads, align_k=k)
+    matrices = out[final]["matrices"]
+    norms = {n: r["frobenius_norm"] for part in out[final].values() for n, r in part.items()}
+    return dict(dir=run_dir, config=config, checkpoints=checkpoints, final=final,
+                matrices=matrices, geometry=means(matrices), norms=norms_by_module(norms),
+                alignment={s: nanmean(r["alignment"] for r in out[s]["matrices"].values())
+                           for s in later},
+                rank={s: nanmean(r["effective_rank"] for r in out[s]["matrices"].values())
+                      for s in later})
+
+
 def report(run_dirs: list[str], args) -> dict[str, dict]:
-    """Print (and plot) the geometry of each run; return it by run name, for bench.py."""
-    runs = {}
-    for run_dir in run_dirs:
-        config, checkpoints = load_run(run_dir)
-        name = os.path.basename(os.path.normpath(run_dir))
-        final = max(checkpoints)
-        w0, wT = load_weights(checkpoints[0]), load_weights(checkpoints[final])
-        runs[name] = dict(dir=run_dir, config=config, checkpoints=checkpoints, w0=w0, wT=wT,
-                          final=final,
-                          geometry=update_geometry(w0, wT, args.principal_frac),
-                          norms=norms_by_module(w0, wT), alignment={}, rank={})
-        for step, path in sorted(checkpoints.items()):  # one checkpoint in memory at a time
-            if step > 0:
-                wt = load_weights(path)
-                runs[name]["alignment"][step] = alignment_with_final(w0, wt, wT, args.k)
-                runs[name]["rank"][step] = mean_effective_rank(w0, wt)
+    """Print (and plot) the geometry of each run; return run_geometry by run name, for bench.py."""
+    runs = {os.path.basename(os.path.normpath(d)): run_geometry(
+        d, args.principal_frac, args.k, args.device, args.threads or os.cpu_count() or 1)
+        for d in run_dirs}
     names = list(runs)
-    print_rows("Update geometry of W_T - W_0, mean over attention and MLP matrices "
-               f"(paper, Table 1; paper 2: unchanged, principal top-{args.principal_frac:.0%})",
-                ["metric", *names],
-                [[key, *(f"{runs[n]['geometry'][key]:.4g}" for n in names)] for key in METRICS])
+    print_means("Update geometry of W_T - W_0, mean over attention and MLP matrices "
+                f"(paper, Table 1; paper 2: unchanged, principal top-{args.principal_frac:.0%})",
+                {n: runs[n]["geometry"] for n in names})
     steps = sorted(set().union(*(runs[n]["alignment"] for n in names)))
-    print_rows(f"Alignment of dW_t with the final dW_T (top-{args.k} left singular subspaces)",
-                ["step", *names],
-                [[s, *(f"{runs[n]['alignment'][s]:.3f}" if s in runs[n]["alignment"] else "-"
-                       for n in names)] for s in steps])
-    print_rows("Rank dynamics: effective rank of dW_t, mean over attention and MLP matrices",
-                ["step", *names],
-                [[s, *(f"{runs[n]['rank'][s]:.2f}" if s in runs[n]["rank"] else "-"
-                       for n in names)] for s in steps])
+    for key, fmt, title in (
+            ("alignment", ".3f", f"Alignment of dW_t with the final dW_T (top-{args.k} left "
+                                 "singular subspaces)"),
+            ("rank", ".2f", "Rank dynamics: effective rank of dW_t, mean over attention and MLP "
+                            "matrices")):
+        print_rows(title, ["step", *names],
+                   [[s, *(format(runs[n][key][s], fmt) if s in runs[n][key] else "-"
+                          for n in names)] for s in steps])
     for n in names:
         norms = runs[n]["norms"]
         layers = sorted({layer for _, layer in norms if layer is not None})
         embedding = norms.get(("embedding", None), 0.0)
         print_rows(f"{n}: ||dW_T||_F by module (embedding: {embedding:.4g})",
-                    ["layer", "attention", "mlp"],
-                    [[layer, f"{norms.get(('attention', layer), 0):.4g}",
-                      f"{norms.get(('mlp', layer), 0):.4g}"] for layer in layers])
+                   ["layer", "attention", "mlp"],
+                   [[layer, f"{norms.get(('attention', layer), 0):.4g}",
+                     f"{norms.get(('mlp', layer), 0):.4g}"] for layer in layers])
     plot_report(runs, args.png or os.path.join(run_dirs[0], "report.png"))
     if args.interventions:
         for n in names:
@@ -448,18 +596,23 @@ def interventions(name: str, run: dict, args) -> dict:
     accuracy (greedy): scaling, norm scaling of an early checkpoint, sliding layer windows. The
     validation file is the run's --val path, read relative to the current folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    config, w0, wT = run["config"], run["w0"], run["wT"]
+    config, checkpoints = run["config"], run["checkpoints"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(run["checkpoints"][0], dtype=torch.float32)
-    model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[0], dtype=torch.float32).to(device)
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()  # as effopd.train decides
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
-    tokenizer = AutoTokenizer.from_pretrained(run["checkpoints"][0])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[0])
     val_path = config["val"]  # runs of older versions saved it relative to the project
-    val = load_jsonl(val_path if os.path.isabs(val_path) else os.path.join(PROJECT, val_path))
-    val = val[:config["val_size"]]
+    val = load_jsonl(val_path if os.path.isabs(val_path)
+                     else os.path.join(PROJECT, val_path))[:config["val_size"]]
     eos = eos_ids(tokenizer, model)
     params = dict(model.named_parameters())
+
+    def weights(step: int) -> dict[str, torch.Tensor]:  # the parameters of W_step, fp32
+        files = checkpoint_files(checkpoints[step])
+        return {n: read_tensor(files, n, device).float() for n in params}
+
+    w0, wT = weights(0), weights(run["final"])
 
     @torch.no_grad()
     def score(delta: dict[str, torch.Tensor]) -> float:  # validation accuracy of W_0 + delta
@@ -473,32 +626,30 @@ def interventions(name: str, run: dict, args) -> dict:
     acc0, accT = score({}), score(d_final)
     scaling = [(a, score({n: a * d for n, d in d_final.items()})) for a in args.alphas]
     print_rows(f"{name}: scaling, W_0 + alpha dW_T (validation accuracy)", ["alpha", "val acc"],
-                [[f"{a:g}", f"{acc:.3f}"] for a, acc in scaling])
+               [[f"{a:g}", f"{acc:.3f}"] for a, acc in scaling])
     # norm scaling: an early update, each module's rescaled to the final update's norm
-    early = min((s for s in run["checkpoints"] if s > 0), key=lambda s: abs(s - 0.1 * run["final"]))
-    wE = load_weights(run["checkpoints"][early])
-    d_early = {n: wE[n] - w0[n] for n in params}
+    early = min((s for s in checkpoints if s > 0), key=lambda s: abs(s - 0.1 * run["final"]))
+    d_early = {n: w - w0[n] for n, w in weights(early).items()}
     rescaled = {n: d * (d_final[n].norm() / d.norm() if d.norm() > 0 else 0.0)
                 for n, d in d_early.items()}
     acc_early, acc_rescaled = score(d_early), score(rescaled)
     gain = accT - acc0
     share = lambda acc: f"{(acc - acc0) / gain:.0%}" if gain else "-"  # noqa: E731
     print_rows(f"{name}: norm scaling of step {early} ({early / run['final']:.0%} of training)",
-                ["weights", "val acc", "share of final gain"],
-                [["W_0", f"{acc0:.3f}", "0%"], [f"W_{early}", f"{acc_early:.3f}", share(acc_early)],
-                 [f"W_0 + dW_{early} rescaled", f"{acc_rescaled:.3f}", share(acc_rescaled)],
-                 [f"W_{run['final']}", f"{accT:.3f}", share(accT)]])
+               ["weights", "val acc", "share of final gain"],
+               [["W_0", f"{acc0:.3f}", "0%"], [f"W_{early}", f"{acc_early:.3f}", share(acc_early)],
+                [f"W_0 + dW_{early} rescaled", f"{acc_rescaled:.3f}", share(acc_rescaled)],
+                [f"W_{run['final']}", f"{accT:.3f}", share(accT)]])
     # sliding window: the final update applied to one block of consecutive layers only
     n_layers = 1 + max(layer_of(n) for n in params if layer_of(n) is not None)
     window = [(i, score({n: d for n, d in d_final.items()
                          if layer_of(n) is not None and i <= layer_of(n) < i + args.window}))
               for i in range(n_layers - args.window + 1)]
     print_rows(f"{name}: dW_T applied to layers [i, i+{args.window}) only",
-               ["first layer", "val acc"],
-                [[i, f"{acc:.3f}"] for i, acc in window])
+               ["first layer", "val acc"], [[i, f"{acc:.3f}"] for i, acc in window])
     # EffOPD paper Fig. 4: each matrix's top-k or bottom-k singular part of dW_T, rescaled to
     # ||dW_T||_F, on W_0; everything else (norms, embedding, biases) stays at W_0
-    matrices = [n for n in params if wT[n].dim() == 2 and module_type(n) in ("attention", "mlp")]
+    matrices = [n for n, p in params.items() if is_geometry_matrix(n, p.shape)]
     svds = {n: torch.linalg.svd(d_final[n].float(), full_matrices=False)  # one SVD per matrix,
             for n in matrices}                                             # reused for every k
     acc_matrices = score({n: d_final[n] for n in matrices})
@@ -584,169 +735,17 @@ def plot_interventions(name, scaling, window, width, parts, accs, path: str) -> 
 
 
 # ------------------------------------------------------------------------------------------------
-# Any two checkpoints: dW = W_tuned - W_base, streamed one tensor pair at a time from safetensors
-
-
-def fail(message: str) -> SystemExit:
-    return SystemExit(f"analyze: error: {message}")
-
-
-def checkpoint_files(path: str) -> dict[str, str]:
-    """Tensor name -> .safetensors file of a checkpoint: a local folder (its model.safetensors,
-    or the shards that model.safetensors.index.json lists), one .safetensors file, or a hub name
-    (fetched by huggingface_hub.snapshot_download, safetensors and JSON files only)."""
-    from safetensors import safe_open
-    if not os.path.exists(path):
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-            raise fail(f"{path}: no such folder or file, and not a hub name")
-        from huggingface_hub import snapshot_download
-        try:
-            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
-        except Exception as e:  # offline, unknown repository, gated model, ...
-            raise fail(f"{path}: not a local folder, and the hub download failed "
-                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {n: os.path.join(path, file) for n, file in json.load(f)["weight_map"].items()}
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        files = [path]
-    elif os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.endswith(".safetensors"))
-    else:
-        files = []
-    if not files:
-        raise fail(f"{path}: no .safetensors file (save the model with save_pretrained)")
-    names = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            names.update({n: file for n in f.keys()})
-    return names
-
-
-def tensor_shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor, from the safetensors headers alone (nothing is read)."""
-    from safetensors import safe_open
-    shapes = {}
-    for file in sorted(set(files.values())):
-        if not os.path.isfile(file):
-            raise fail(f"{file}: not found (listed in the checkpoint's index)")
-        with safe_open(file, framework="pt") as f:
-            shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()
-                           if files.get(n) == file})
-    return shapes
-
-
-def read_tensor(files: dict[str, str], name: str, device: str, rows: slice | None = None
-                ) -> torch.Tensor:
-    """One tensor (or a block of its rows) in its stored dtype; the file is closed after it."""
-    from safetensors import safe_open
-    with safe_open(files[name], framework="pt") as f:
-        tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
-    return tensor.to(device)
-
-
-def in_report(name: str, shape: tuple[int, ...]) -> bool:
-    """2-D attention and MLP matrices, and the token embedding / output head (norm only)."""
-    return len(shape) == 2 and (module_type(name) in ("attention", "mlp")
-                                or "embed" in name or "lm_head" in name)
-
-
-def pair_matrices(base: str, tuned: str, base_shapes: dict, tuned_shapes: dict
-                  ) -> dict[str, int]:
-    """Matrix name -> rows to compare, for the matrices of the report; refuses, in one line, a
-    pair whose names or shapes differ. An embedding or output head with a different padding of
-    the vocabulary is cut to the common rows, as in training."""
-    names = {n for n, s in base_shapes.items() if in_report(n, s)}
-    other = {n for n, s in tuned_shapes.items() if in_report(n, s)}
-    for a, b, missing in ((base, tuned, sorted(names - other)),
-                          (tuned, base, sorted(other - names))):
-        if missing:
-            raise fail(f"{b} lacks {len(missing)} matrices of {a}, e.g. {missing[0]}")
-    rows = {}
-    for n in sorted(names):
-        (m1, n1), (m2, n2) = base_shapes[n], tuned_shapes[n]
-        vocab_padding = module_type(n) == "embedding" and n1 == n2
-        if (m1, n1) != (m2, n2) and not vocab_padding:
-            raise fail(f"{n}: shape {(m1, n1)} in {base}, {(m2, n2)} in {tuned}")
-        rows[n] = min(m1, m2)
-    return rows
-
-
-def difference_norm(base_files: dict, tuned_files: dict, name: str, rows: int, device: str,
-                    block: int = 4096) -> float:
-    """||W_tuned - W_base||_F over the first `rows` rows, a block of rows at a time."""
-    total = 0.0
-    for i in range(0, rows, block):
-        block_rows = slice(i, min(rows, i + block))
-        delta = read_tensor(tuned_files, name, device, block_rows).float()  # (block, n)
-        delta -= read_tensor(base_files, name, device, block_rows).float()
-        total += torch.linalg.vector_norm(delta).item() ** 2
-    return math.sqrt(total)
-
-
-def checkpoint_geometry(base: str, tuned: dict[str, str], fraction: float, device: str,
-                        workers: int = 1) -> dict:
-    """For each tuned checkpoint (label -> path): matrix_geometry of every 2-D attention and MLP
-    matrix of W_tuned - W_base, and ||dW||_F of the embeddings. Every pair is checked before any
-    work; then each of `workers` threads holds one base matrix and one tuned matrix at a time,
-    and the base matrix's top-k singular subspaces are computed once for all tuned checkpoints.
-    (Two one-thread workers beat one two-thread worker by ~15% on 2 cores: LAPACK's eigh and
-    SVD scale poorly across threads, and torch releases the GIL inside them.)"""
-    base_files = checkpoint_files(base)
-    files = {label: checkpoint_files(path) for label, path in tuned.items()}
-    base_shapes = tensor_shapes(base_files)
-    rows = {label: pair_matrices(base, tuned[label], base_shapes, tensor_shapes(f))
-            for label, f in files.items()}
-    names = sorted(next(iter(rows.values())),  # the same for every pair: the base's matrices
-                   key=lambda n: (layer_of(n) is not None, layer_of(n) or 0, n))
-    out = {label: {"matrices": {}, "embeddings": {}} for label in tuned}
-    for name in names:
-        if module_type(name) not in ("attention", "mlp"):  # an embedding: its norm only
-            for label in tuned:
-                out[label]["embeddings"][name] = {
-                    "frobenius_norm": difference_norm(base_files, files[label], name,
-                                                      rows[label][name], device),
-                    "rows": rows[label][name]}
-
-    def one_matrix(name: str) -> dict[str, dict[str, float]]:  # label -> matrix_geometry
-        w_base = read_tensor(base_files, name, device).float()  # (m, n); bf16 -> fp32 is exact
-        k = principal_k(w_base.shape, fraction)
-        subspaces = top_singular_subspaces(w_base, k)
-        return {label: matrix_geometry(w_base, read_tensor(files[label], name, device).float(),
-                                       k, subspaces) for label in tuned}
-
-    matrices, t0 = [n for n in names if module_type(n) in ("attention", "mlp")], time.time()
-    with ThreadPoolExecutor(workers) as pool:
-        for i, (name, result) in enumerate(zip(matrices, pool.map(one_matrix, matrices))):
-            for label, row in result.items():
-                out[label]["matrices"][name] = row
-            if sys.stderr.isatty():  # progress, on a terminal only
-                print(f"\r{i + 1}/{len(matrices)} matrices | {time.time() - t0:.0f} s", end="",
-                      file=sys.stderr, flush=True)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    return out
-
-
-def means(matrices: dict[str, dict], keep=lambda name: True) -> dict[str, float]:
-    """nanmean of every metric over the matrices whose name passes keep."""
-    return {key: nanmean(r[key] for n, r in matrices.items() if keep(n)) for key in METRICS}
+# Any two checkpoints: dW = W_tuned - W_base of public models, each TUNED a column
 
 
 def by_layer(matrices: dict[str, dict]) -> dict[int, dict[str, float]]:
     """Per layer: the mean of every metric, and ||dW||_F of its attention and of its MLP
     matrices (their norms added in quadrature) as "norm_attention", "norm_mlp"."""
+    norms = norms_by_module({n: r["frobenius_norm"] for n, r in matrices.items()})
     layers = sorted({layer_of(n) for n in matrices if layer_of(n) is not None})
-    out = {}
-    for layer in layers:
-        out[layer] = means(matrices, lambda n: layer_of(n) == layer)
-        for m in ("attention", "mlp"):
-            out[layer][f"norm_{m}"] = math.hypot(*(
-                r["frobenius_norm"] for n, r in matrices.items()
-                if layer_of(n) == layer and module_type(n) == m))
-    return out
+    return {layer: {**means(matrices, lambda n: layer_of(n) == layer),
+                    **{f"norm_{m}": norms.get((m, layer), 0.0) for m in ("attention", "mlp")}}
+            for layer in layers}
 
 
 def without_nan(x):
@@ -756,35 +755,32 @@ def without_nan(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def checkpoint_report(base: str, tuned_paths: list[str], args, workers: int = 1) -> dict:
+def checkpoint_report(base: str, tuned_paths: list[str], args) -> dict:
     """Print (and with --json write, with a figure beside it) the geometry of W_tuned - W_base for
-    each tuned checkpoint. Returns {label: {"matrices", "embeddings", "mean", "layers"}}."""
+    each tuned checkpoint. Returns {label: {"matrices", "norms", "mean", "layers"}}."""
     labels = [os.path.basename(os.path.normpath(p)) for p in tuned_paths]
     if len(set(labels)) < len(labels):
         labels = tuned_paths
     t0 = time.time()
     out = checkpoint_geometry(base, dict(zip(labels, tuned_paths)), args.principal_frac,
-                              args.device, workers)
+                              args.device, args.threads or os.cpu_count() or 1)
     for t in labels:
         out[t]["mean"] = means(out[t]["matrices"])
         out[t]["layers"] = by_layer(out[t]["matrices"])
     count = len(out[labels[0]]["matrices"])
-    print_rows(f"Geometry of W_tuned - W_base ({base}), mean over {count} attention and MLP "
-               f"matrices (EffOPD paper, Table 1; paper 2: unchanged, principal "
-               f"top-{args.principal_frac:.0%})",
-               ["metric", *labels],
-               [[key, *(f"{out[t]['mean'][key]:.4g}" for t in labels)] for key in METRICS])
-    types = {(t, m): means(out[t]["matrices"], lambda n: module_type(n) == m)
-             for t in labels for m in ("attention", "mlp")}
-    print_rows("By module type, mean over its matrices",
-               ["metric", *(f"{t}: {m}" for t, m in types)],
-               [[key, *(f"{types[c][key]:.4g}" for c in types)] for key in METRICS])
+    print_means(f"Geometry of W_tuned - W_base ({base}), mean over {count} attention and MLP "
+                f"matrices (EffOPD paper, Table 1; paper 2: unchanged, principal "
+                f"top-{args.principal_frac:.0%})", {t: out[t]["mean"] for t in labels})
+    print_means("By module type, mean over its matrices",
+                {f"{t}: {m}": means(out[t]["matrices"], lambda n: module_type(n) == m)
+                 for t in labels for m in ("attention", "mlp")})
     columns = {"|dW| attention": ("norm_attention", ".4g"), "|dW| mlp": ("norm_mlp", ".4g"),
                "erank": ("effective_rank", ".4g"), "unchanged": ("unchanged_bf16", ".3f"),
                "overlap": ("principal_overlap", ".3g"), "rotation": ("principal_rotation", ".3g")}
     for t in labels:
         embeddings = ", ".join(f"{name} {e['frobenius_norm']:.4g} ({e['rows']} rows)"
-                               for name, e in out[t]["embeddings"].items())
+                               for name, e in out[t]["norms"].items()
+                               if module_type(name) == "embedding")
         print_rows(f"{t} by layer: ||dW||_F of the attention and of the MLP matrices (in "
                    f"quadrature), then means (||dW||_F of the embeddings: {embeddings or '-'})",
                    ["layer", *columns],
@@ -858,8 +854,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     toy.add_argument("--seed", type=int, default=0, help="seed of the problem and of all sampling")
     parser.add_argument("--png", help="where the figure is written (default: runs/toy.png for "
                         "the toy; with --base, beside --json; for a report, report.png in the "
-                        "first run folder and each "
-                        "run's interventions in its own folder)")
+                        "first run folder and each run's interventions in its own folder)")
     runs = parser.add_argument_group("checkpoint report")
     runs.add_argument("--k", type=int, default=4,
                       help="top-k singular subspace for the alignment with the final update")
@@ -873,6 +868,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     runs.add_argument("--principal-frac", type=float, default=0.01,
                       help="principal overlap and rotation: top ceil(frac x min(m, n)) singular "
                            "vectors of the base weights (also in --base mode)")
+    runs.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="where the SVDs run (also in --base mode)")
+    runs.add_argument("--threads", type=int, default=0,
+                      help="CPU threads, split between two matrices worked on at once; "
+                           "0: one per core (also in --base mode)")
     pair = parser.add_argument_group("any two checkpoints: dW = W_tuned - W_base")
     pair.add_argument("--base", default=None,
                       help="base checkpoint (hub name, folder or .safetensors file): report dW "
@@ -880,11 +880,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     pair.add_argument("--json", default=None,
                       help="also write every matrix's numbers to this file, and the figure "
                            "beside it (same name, .png)")
-    pair.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                      help="where the SVDs run")
-    pair.add_argument("--threads", type=int, default=0,
-                      help="CPU threads, split between two matrices worked on at once; "
-                           "0: one per core")
     args = parser.parse_args(argv)
     if args.base and not args.run_dirs:
         parser.error("--base needs at least one TUNED checkpoint: --base BASE TUNED [TUNED ...]")
@@ -903,12 +898,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.base:
-        threads = args.threads or os.cpu_count() or 1
-        workers = min(2, threads) if args.device == "cpu" else 1  # one GPU: one at a time
-        previous = torch.get_num_threads()  # __main__ set 1, for the toy
-        torch.set_num_threads(max(1, threads // workers))
-        checkpoint_report(args.base, args.run_dirs, args, workers)
-        torch.set_num_threads(previous)
+        checkpoint_report(args.base, args.run_dirs, args)
     elif args.run_dirs:
         import transformers
         transformers.utils.logging.disable_progress_bar()

@@ -579,30 +579,76 @@ def save_pair(tmp_path, base_vocab=40, tuned_vocab=40):
     return str(tmp_path / "base"), str(tmp_path / "tuned")
 
 
-def test_streamed_geometry_equals_loading_whole_models(tmp_path):
+def whole(checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (all its .safetensors files) loaded whole, in fp32."""
+    from safetensors.torch import load_file
+    return {n: w.float() for f in sorted(os.listdir(checkpoint)) if f.endswith(".safetensors")
+            for n, w in load_file(os.path.join(checkpoint, f)).items()}
+
+
+def save_run(run, checkpoints: dict[int, dict[str, torch.Tensor]]) -> str:
+    """A run folder as analyze reads it: config.json and step_N/model.safetensors for each N."""
+    from safetensors.torch import save_file
+    for step, weights in checkpoints.items():
+        os.makedirs(run / f"step_{step:06d}")
+        save_file(weights, str(run / f"step_{step:06d}" / "model.safetensors"))
+    (run / "config.json").write_text("{}")
+    return str(run)
+
+
+def test_run_geometry_equals_effopd_functions_on_whole_tensors(tmp_path):
+    """A run of three checkpoints: W_0 the base of save_pair (fp32, in shards), W_1 = W_0 + noise,
+    W_2 its tuned copy (bf16). Every number of the streamed pipeline is recomputed from whole
+    tensors with effopd's functions (principal k = ceil(0.01 min(m, n)) = 1 for these shapes)."""
     base, tuned = save_pair(tmp_path)
-    files = analyze.checkpoint_files(base)
+    w = {0: whole(base), 2: whole(tuned)}
+    gen = torch.Generator().manual_seed(3)
+    run = save_run(tmp_path / "run", {1: {n: x + 0.01 * torch.randn(x.shape, generator=gen)
+                                          for n, x in w[0].items()}})
+    os.rename(base, os.path.join(run, "step_000000"))
+    os.rename(tuned, os.path.join(run, "step_000002"))
+    w[1] = whole(os.path.join(run, "step_000001"))
+    files = analyze.checkpoint_files(os.path.join(run, "step_000000"))
     assert len(set(files.values())) > 2  # really sharded, through model.safetensors.index.json
-    got = analyze.checkpoint_geometry(base, {"tuned": tuned}, 0.01, "cpu")["tuned"]
-    w0, wt = analyze.load_weights(base), analyze.load_weights(tuned)  # whole, in fp32
-    names = [n for n in w0 if w0[n].dim() == 2 and analyze.module_type(n) in ("attention", "mlp")]
+    got = analyze.run_geometry(run, fraction=0.01, k=2, device="cpu")
+    d = {t: {n: w[t][n] - w[0][n] for n in w[0]} for t in (1, 2)}
+    names = [n for n in w[0] if w[0][n].dim() == 2 and effopd.is_attention_or_mlp(n)]
     assert sorted(got["matrices"]) == sorted(names) and len(names) == 14  # 2 layers x 7
+    expect = {n: {**effopd.update_metrics(d[2][n]), "frobenius_norm": d[2][n].norm().item(),
+                  "unchanged_bf16": effopd.unchanged_fraction(w[0][n], w[2][n]),
+                  "principal_overlap": effopd.principal_overlap(w[0][n], d[2][n], 1),
+                  "overlap_random": 1 / w[0][n].numel(),
+                  "principal_rotation": effopd.principal_rotation(w[0][n], w[2][n], 1),
+                  "alignment": effopd.subspace_alignment(d[2][n], d[2][n], 2)} for n in names}
     for n in names:
-        assert got["matrices"][n] == pytest.approx(analyze.matrix_geometry(w0[n], wt[n], 1))
+        assert got["matrices"][n] == pytest.approx(expect[n])
+    assert got["geometry"] == pytest.approx(
+        {key: sum(expect[n][key] for n in names) / 14 for key in analyze.METRICS})
+    for t in (1, 2):
+        assert got["alignment"][t] == pytest.approx(
+            sum(effopd.subspace_alignment(d[t][n], d[2][n], 2) for n in names) / 14)
+        assert got["rank"][t] == pytest.approx(
+            sum(effopd.update_metrics(d[t][n])["effective_rank"] for n in names) / 14)
+    squares = {}  # ||dW_2||_F^2 by (module type, layer), every tensor: biases and norms too
+    for n, delta in d[2].items():
+        key = (analyze.module_type(n), analyze.layer_of(n))
+        squares[key] = squares.get(key, 0.0) + delta.norm().item() ** 2
+    assert got["norms"] == pytest.approx({key: math.sqrt(v) for key, v in squares.items()})
+    assert got["norms"][("embedding", None)] == pytest.approx(math.hypot(
+        d[2]["lm_head.weight"].norm(), d[2]["model.embed_tokens.weight"].norm()))
     moved = got["matrices"]["model.layers.0.mlp.up_proj.weight"]
     still = got["matrices"]["model.layers.0.self_attn.k_proj.weight"]
     assert moved["unchanged_bf16"] < 0.5 and still["unchanged_bf16"] == 1.0
     # fp32 base, bf16 tuned: an unchanged matrix differs by bf16 rounding only, |dw| <= 2^-9 |w|
-    w = w0["model.layers.0.self_attn.k_proj.weight"]
-    assert 0 < still["frobenius_norm"] <= 2 ** -9 * w.norm().item()
-    assert sorted(got["embeddings"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+    w0 = w[0]["model.layers.0.self_attn.k_proj.weight"]
+    assert 0 < still["frobenius_norm"] <= 2 ** -9 * w0.norm().item()
 
 
 def test_checkpoint_pairs_are_checked_and_a_padded_vocabulary_is_cut(tmp_path):
     base, padded = save_pair(tmp_path / "a", tuned_vocab=48)  # embedding rows: 40 vs 48
-    got = analyze.checkpoint_geometry(base, {"t": padded}, 0.01, "cpu")["t"]["embeddings"]
+    got = analyze.checkpoint_geometry(base, {"t": padded}, 0.01, "cpu")["t"]["norms"]
     for name in ("lm_head.weight", "model.embed_tokens.weight"):  # bf16(x + 0.01) - x, 40 rows
-        w0 = analyze.load_weights(base)[name]
+        w0 = whole(base)[name]
         expect = ((w0 + 0.01).bfloat16().float() - w0).norm().item()
         assert got[name] == {"frobenius_norm": pytest.approx(expect, rel=1e-5), "rows": 40}
     shape = dict(vocab_size=40, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
@@ -900,7 +946,7 @@ def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys
         effopd.main(["--tiny", "--steps", "2", "--test-size", "10", "--out", str(tmp_path / "n")])
 
 
-def test_norms_by_module_hand_computed():
+def test_norms_by_module_hand_computed(tmp_path):
     w0 = {"model.embed_tokens.weight": torch.zeros(2, 2),
           "model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2),
           "model.layers.0.self_attn.q_proj.bias": torch.zeros(2),
@@ -909,18 +955,21 @@ def test_norms_by_module_hand_computed():
           "model.layers.0.self_attn.q_proj.weight": torch.tensor([[3.0, 0], [0, 0]]),
           "model.layers.0.self_attn.q_proj.bias": torch.tensor([4.0, 0]),  # with q: hypot = 5
           "model.layers.1.mlp.up_proj.weight": torch.tensor([[0, 2.0], [0, 0]])}
-    assert analyze.norms_by_module(w0, wT) == pytest.approx(
+    run = save_run(tmp_path / "run", {0: w0, 4: wT})
+    assert analyze.run_geometry(run, 0.01, 4, "cpu")["norms"] == pytest.approx(
         {("embedding", None): 1.0, ("attention", 0): 5.0, ("mlp", 1): 2.0})
 
 
-def test_mean_effective_rank_hand_computed():
+def test_mean_effective_rank_hand_computed(tmp_path):
     w0 = {"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32),
           "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32),
           "model.embed_tokens.weight": torch.zeros(10, 32)}  # not a matrix of the report
     wt = {"model.layers.0.mlp.up_proj.weight": with_spectrum([3.0], 64, 32).float(),  # erank 1
           "model.layers.0.self_attn.q_proj.weight": with_spectrum([1.0] * 4, 32, 32).float(),
           "model.embed_tokens.weight": torch.randn(10, 32)}
-    assert analyze.mean_effective_rank(w0, wt) == pytest.approx((1 + 4) / 2, rel=1e-4)
+    run = save_run(tmp_path / "run", {0: w0, 4: wt})
+    assert analyze.run_geometry(run, 0.01, 4, "cpu")["rank"] == pytest.approx(
+        {4: (1 + 4) / 2}, rel=1e-4)
 
 
 def test_checkpoint_report_end_to_end(tmp_path, capsys):
@@ -1214,12 +1263,15 @@ def test_runs_from_any_folder(tmp_path, monkeypatch, capsys):
 
 def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
     model = tiny_model("qwen2", 14)
+    effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000000"))
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[1, 2] = float("nan")
     effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000004"))
-    with pytest.raises(SystemExit, match=r"step_000004: model\.layers\.0\.mlp\.down_proj\.weight "
-                                         r"holds NaN or inf$"):
-        analyze.load_weights(str(tmp_path / "step_000004"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"^analyze: error: \S+step_000004/model\.safetensors: "
+                                         r"model\.layers\.0\.mlp\.down_proj\.weight holds NaN "
+                                         r"or inf$"):
+        analyze.run_geometry(str(tmp_path), 0.01, 4, "cpu")
 
 
 def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):

@@ -1,5 +1,7 @@
 """Tests against oracles: hand-worked values, plain reference implementations, known spectra.
-Tiny random Qwen2/Qwen3 models, float32, CPU, offline.   Run: pytest -q"""
+Tiny random Qwen2/Qwen3 models, float32, CPU, offline. Sections in effopd.py's order, then
+analyze.py, bench.py and data/. Run: pytest -q (everything) or pytest -q -m "not slow" (seconds:
+no end-to-end runs)."""
 import functools
 import json
 import math
@@ -38,7 +40,8 @@ def plain_reverse_kl(student_logits, teacher_logits, mask):
 
 
 # ------------------------------------------------------------------------------------------------
-# The OPD loss
+# The OPD loss (effopd.py: reverse_kl, opd_loss, the other losses of LOSSES)
+
 
 @pytest.mark.parametrize("loss_fn", [effopd.reverse_kl, effopd.opd_loss])
 def test_opd_loss_hand_computed(loss_fn):
@@ -184,7 +187,8 @@ def test_sft_loss_is_the_cross_entropy_of_the_scored_tokens():
 
 
 # ------------------------------------------------------------------------------------------------
-# Data, masks, tokenizers
+# Data, models, sampling and scoring
+
 
 @pytest.mark.parametrize("text, answer", [
     ("82", 82), ("so 3 + 4 = 7", 7), ("5-3", 3), ("it is -4", -4), ("total: 1,234 apples", 1234),
@@ -311,6 +315,7 @@ def test_sampling_draws_from_the_plain_softmax_at_the_temperature(temperature):
 # ------------------------------------------------------------------------------------------------
 # EffOPD
 
+
 class Block(torch.nn.Module):
     """Parameter names like a transformer's: two in EffOPD's scope, three out of it."""
 
@@ -408,7 +413,226 @@ def test_effopd_scope_on_other_families(family, moving):
 
 
 # ------------------------------------------------------------------------------------------------
+# EffOPD in a Hugging Face Trainer: EffOPDCallback, and the TRL example on one and two processes
+
+
+EXAMPLES = os.path.join(REPO, "examples")
+
+
+class Snapshots(TrainerCallback):
+    """The weights and optimizer state at train begin and every step end, as this callback sees
+    them: added before EffOPDCallback it sees W_t, after it the weights EffOPD kept."""
+
+    def __init__(self, trainer):
+        self.trainer, self.weights, self.optimizer, self.training = trainer, {}, {}, {}
+
+    def take(self, step):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+        self.weights[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.optimizer[step] = [{k: v.clone() for k, v in s.items()}
+                                for s in self.trainer.optimizer.state.values()]
+        self.training[step] = model.training
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.take(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.take(state.global_step)
+
+
+class LogSpy(TrainerCallback):
+    """Stands where report_to integrations (wandb, tensorboard) stand: before user callbacks."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs, step=state.global_step))
+
+
+@pytest.mark.slow
+def test_effopd_callback_in_a_plain_trainer_moves_logs_and_leaves_optimizer_alone(tmp_path):
+    from transformers import Trainer  # slow to import: only here
+    model = tiny_model("qwen2", 16)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(2, 16, (16, 8), generator=gen)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, lr_scheduler_type="linear", use_cpu=True,
+                             logging_steps=1, report_to="none", save_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    scores, modes = iter([0.1, 0.2, 0.3, 0.3,  # step 1: W+2D, W+4D better, W+6D ties: keep 4
+                          0.5, 0.4]), []       # step 2: W+2D worse: keep W_2
+    spy, before, after = LogSpy(), Snapshots(trainer), Snapshots(trainer)
+
+    def score_fn(m):
+        modes.append(m.training)
+        return next(scores)
+    trainer.callback_handler.callbacks.insert(0, spy)
+    trainer.callback_handler.callbacks.append(before)
+    trainer.add_callback(effopd.EffOPDCallback(trainer, score_fn, max_candidates=3))
+    trainer.callback_handler.callbacks.append(after)
+    trainer.train()
+
+    scope = {n for n in before.weights[0] if effopd.is_attention_or_mlp(n)}
+    w0, w1, kept1 = before.weights[0], before.weights[1], after.weights[1]
+    for n in w0:  # step 1: W_1 + 4 (W_1 - W_0) in scope, W_1 elsewhere, exactly
+        assert torch.equal(kept1[n], w1[n] + 4 * (w1[n] - w0[n]) if n in scope else w1[n]), n
+    assert not torch.equal(w1[min(scope)], w0[min(scope)])  # the step did move the weights
+    for n in w0:  # step 2 keeps W_2; step 3 triggers nothing
+        assert torch.equal(after.weights[2][n], before.weights[2][n])
+        assert torch.equal(after.weights[3][n], before.weights[3][n])
+    for t in (1, 2):  # optimizer state untouched; training mode back after scoring in eval mode
+        for s_before, s_after in zip(before.optimizer[t], after.optimizer[t], strict=True):
+            assert all(torch.equal(s_before[k], s_after[k]) for k in s_before)
+        assert after.training[t] is True
+    assert modes == [False] * 6
+    ladders = [(h["step"], {k: v for k, v in h.items() if k.startswith("effopd/score")},
+                h["effopd/kept_multiple"]) for h in trainer.state.log_history
+               if "effopd/kept_multiple" in h]
+    assert ladders == [
+        (1, {"effopd/score_+0D": 0.1, "effopd/score_+2D": 0.2, "effopd/score_+4D": 0.3,
+             "effopd/score_+6D": 0.3}, 4),
+        (2, {"effopd/score_+0D": 0.5, "effopd/score_+2D": 0.4}, 0)]
+    assert [(h["step"], h["effopd/kept_multiple"]) for h in spy.logs
+            if "effopd/kept_multiple" in h] == [(1, 4), (2, 0)]  # integrations get it too
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
+
+
+def test_effopd_callback_refuses_sharded_training():
+    for sharded in ("is_fsdp_enabled", "is_deepspeed_enabled"):
+        trainer = types.SimpleNamespace(**{sharded: True})
+        callback = effopd.EffOPDCallback(trainer, lambda m: 0.0)
+        with pytest.raises(NotImplementedError, match="not FSDP or DeepSpeed"):
+            callback.on_train_begin(None, None, None)
+
+
+@pytest.mark.slow
+def test_importing_effopd_does_not_import_trl():
+    code = "import effopd, sys; assert 'trl' not in sys.modules, 'trl imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_trl_distillation_loss_with_beta_1_is_opd_loss():
+    """What DistillationTrainer minimizes at beta = 1 (its chunked loss on hidden states and heads)
+    is effopd.opd_loss on the logits they make, gradient included."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    torch.manual_seed(0)
+    h_s, h_t = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 12)
+    w_s, w_t = torch.randn(11, 8), torch.randn(11, 12)
+    mask = torch.rand(2, 5) > 0.3
+    trl_loss = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask.long(), beta=1.0)[0]
+    (trl_grad,) = torch.autograd.grad(trl_loss, h_s)
+    ours = effopd.opd_loss(h_s @ w_s.T, h_t @ w_t.T, mask)
+    (our_grad,) = torch.autograd.grad(ours, h_s)
+    assert trl_loss.item() == pytest.approx(ours.item(), rel=1e-5)
+    torch.testing.assert_close(trl_grad, our_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_trl_example_short_run(tmp_path, capsys):
+    sys.path.insert(0, EXAMPLES)
+    import trl_effopd
+    results = trl_effopd.main(["--steps", "2", "--batch-size", "16", "--eval-every", "1",
+                               "--test-size", "20", "--out", str(tmp_path)])
+    opd, eff = results["opd"], results["effopd"]
+    assert [s for s, _, _ in opd["curve"]] == [s for s, _, _ in eff["curve"]] == [0, 1, 2]
+    assert opd["curve"][0] == eff["curve"][0]  # the same student at step 0
+    assert not any("effopd/kept_multiple" in h for h in opd["log_history"])
+    ladders = {h["step"]: h for h in eff["log_history"] if "effopd/kept_multiple" in h}
+    assert sorted(ladders) == [1, 2]
+    for step, val, _ in eff["curve"][1:]:  # after EffOPD the student scores what EffOPD kept
+        h = ladders[step]
+        assert val == h[f"effopd/score_+{h['effopd/kept_multiple']}D"]
+    printed = capsys.readouterr().out
+    assert "effopd    1 | +0D:" in printed and re.search(r"\n\s+2 \|\s+[\d.]+ [\d.]+ \|", printed)
+
+
+TWO_RANKS = """
+import json, sys
+import torch, torch.distributed as dist
+from transformers import TrainerCallback
+sys.path.insert(0, sys.argv[1])
+import trl_effopd as ex
+effopd = ex.effopd
+
+
+class SameWeights(TrainerCallback):
+    '''After EffOPD at every trigger: all ranks' weights, bitwise equal?'''
+    def __init__(self, trainer):
+        self.trainer, self.equal = trainer, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if effopd.is_power_of_two(state.global_step):
+            w = torch.cat([p.detach().flatten() for p in ex.unwrapped(self.trainer).parameters()])
+            every = [torch.empty_like(w) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, w)
+            self.equal[state.global_step] = all(torch.equal(every[0], x) for x in every)
+
+
+args = ex.parse_args(["--steps", "4", "--batch-size", "16", "--eval-every", "100",
+                      "--test-size", "10", "--out", sys.argv[2], "--runs", "effopd"])
+trainer = ex.make_trainer(args, True, 2)  # initializes the gloo process group
+rank = dist.get_rank()
+
+
+def decision(score_fn):  # rank 0 sees scores 0.1 0.2 0.3 0.2 (keep 4), rank 1 sees 0.9 0.1 (keep 0)
+    model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(3, 3)})
+    torch.nn.init.ones_(model.mlp.weight)
+    anchor = {n: p.detach() - 1 for n, p in model.named_parameters()}
+    history = effopd.effopd_extrapolate(model, anchor, score_fn)
+    kept = max(h["multiple"] for h in history if h["kept"])
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (kept, model.mlp.weight.tolist()))
+    return every
+
+
+def scripted():
+    it = iter([[0.1, 0.2, 0.3, 0.2], [0.9, 0.1]][rank])
+    return lambda model: next(it)
+
+
+result = {"raw": decision(scripted()), "rank0": decision(effopd.rank0_score(scripted()))}
+same = SameWeights(trainer)
+trainer.add_callback(same)
+trainer.train()
+result["equal"] = same.equal
+result["kept"] = {h["step"]: h["effopd/kept_multiple"] for h in trainer.state.log_history
+                  if "effopd/kept_multiple" in h}
+result["world"] = dist.get_world_size()
+if rank == 0:
+    json.dump(result, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_take_one_decision_and_keep_identical_weights(tmp_path):
+    driver, out = tmp_path / "two_ranks.py", tmp_path / "result.json"
+    driver.write_text(TWO_RANKS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for attempt in (1, 2):  # one retry: a launch flaked once in ~10 runs here (cause not found)
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", "2", str(driver), EXAMPLES,
+                              str(tmp_path / f"run{attempt}"), str(out)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if run.returncode == 0:
+            break
+        print(f"attempt {attempt} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2
+    (kept_0, w_0), (kept_1, w_1) = result["raw"]  # each rank scoring alone: the ranks drift apart
+    assert (kept_0, kept_1) == (4, 0) and w_0 != w_1
+    (kept_0, w_0), (kept_1, w_1) = result["rank0"]  # rank 0's score broadcast: one decision
+    assert kept_0 == kept_1 == 4 and w_0 == w_1 == [[5.0] * 3] * 3  # W + 4 D = 1 + 4 * 1
+    assert result["equal"] == {"1": True, "2": True, "4": True}  # the TRL run, after each trigger
+    assert sorted(result["kept"]) == ["1", "2", "4"] and max(result["kept"].values()) > 0
+
+
+# ------------------------------------------------------------------------------------------------
 # Update geometry
+
 
 def with_spectrum(sigma, m, n, seed=0):
     """An m x n matrix U diag(sigma) V^T with random orthonormal U, V."""
@@ -559,6 +783,442 @@ def test_singular_part_top_and_bottom():
     assert effopd.singular_part(low_rank, 3, bottom=True).abs().max() == 0
 
 
+# ------------------------------------------------------------------------------------------------
+# Subspace locking
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
+
+
+def test_projection_keeps_what_is_inside_removes_what_is_outside_and_is_idempotent():
+    m, n, r = 12, 9, 3
+    basis_u, basis_v = orthonormal(m, m, 0), orthonormal(n, n, 1)
+    u, v = basis_u[:, :r], basis_v[:, :r]
+    inside = u @ torch.randn(r, r, dtype=torch.float64) @ v.T
+    outside = basis_u[:, r:] @ torch.randn(m - r, n - r, dtype=torch.float64) @ basis_v[:, r:].T
+    assert torch.allclose(effopd.project_update(inside, u, v), inside, atol=1e-12)
+    assert effopd.project_update(outside, u, v).abs().max() < 1e-12
+    mixed = inside + outside
+    once = effopd.project_update(mixed, u, v)
+    assert torch.allclose(once, inside, atol=1e-12)
+    assert torch.allclose(effopd.project_update(once, u, v), once, atol=1e-12)
+    # by hand: onto e_1 on both sides, only entry (0, 0) survives
+    e1 = torch.eye(3)[:, :1]
+    x = torch.arange(9.0).view(3, 3) + 1
+    assert effopd.project_update(x, e1, e1).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_update_subspaces_of_a_low_rank_update_fix_only_its_own_directions():
+    m, n = 12, 9
+    a, b = orthonormal(m, 2, 2).float(), orthonormal(n, 2, 3).float()
+    delta = a @ torch.diag(torch.tensor([3.0, 1.0])) @ b.T  # rank 2
+    u, v = effopd.update_subspaces(delta, 5)
+    assert u.shape == (m, 2) and v.shape == (n, 2)  # not 5: no arbitrary filler directions
+    x = torch.randn(m, n)
+    assert torch.allclose(effopd.project_update(x, u, v), a @ a.T @ x @ b @ b.T, atol=1e-5)
+    top = effopd.update_subspaces(delta, 1)  # r below the rank: the largest direction alone
+    assert torch.allclose(top[0] @ top[0].T, a[:, :1] @ a[:, :1].T, atol=1e-5)
+    none = effopd.update_subspaces(torch.zeros(m, n), 5)  # a zero update: the matrix stays put
+    assert none[0].shape == (m, 0)
+    assert torch.equal(effopd.project_update(torch.ones(m, n), *none), torch.zeros(m, n))
+
+
+def test_lock_to_subspace_moves_only_the_named_matrices():
+    model = Block()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    u, v = torch.eye(2)[:, :1], torch.eye(2)[:, 1:]  # keep only entry (0, 1) of the update
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    effopd.lock_to_subspace(model, base, {"mlp.weight": (u, v)})
+    params = dict(model.named_parameters())
+    assert (params["mlp.weight"] - base["mlp.weight"]).tolist() == [[0, 1], [0, 0]]
+    assert torch.equal(params["self_attn.weight"], base["self_attn.weight"] + 1)  # not locked
+
+
+# ------------------------------------------------------------------------------------------------
+# Training runs (effopd.train end to end on the tiny and small settings)
+
+
+@pytest.mark.slow
+def test_training_run_tiny_with_effopd(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    effopd.main(["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
+                 "--test-size", "50", "--out", out])
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["step"] for r in steps if "effopd/trials" in r] == [1, 2, 4]
+    assert [r["step"] for r in records if "eval/test_acc" in r] == [0, 2, 4]
+    assert all(r["train/kl"] >= 0 and math.isfinite(r["train/loss"]) for r in steps)
+    assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == [
+        "step_000000", "step_000001", "step_000002", "step_000004"]
+    printed = capsys.readouterr().out
+    assert "step    4/4 | loss" in printed and "effopd    4 |" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["sampled", "grpo"])
+def test_training_run_other_losses(tmp_path, loss):
+    out = str(tmp_path / loss)
+    effopd.main(["--tiny", "--loss", loss, "--steps", "2", "--batch-size", "4", "--group-size", "4",
+                 "--test-size", "20", "--no-save-checkpoints", "--out", out])
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    if loss == "grpo":
+        assert all("train/no_signal" in r for r in records if "train/loss" in r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["opd", "sampled", "grpo"])
+def test_micro_batches_add_up_to_the_batch_mean(tmp_path, loss):
+    def first_step(micro):
+        return effopd.train(effopd.parse_args(
+            ["--tiny", "--loss", loss, "--steps", "1", "--batch-size", "8", "--group-size", "4",
+             "--micro-batch-size", str(micro), "--test-size", "5", "--no-save-checkpoints",
+             "--out", str(tmp_path / str(micro))]))[1]
+    whole, split = first_step(32), first_step(5)  # 32 responses: one pass, or 5+5+...+5+2
+    assert split["train/response_len"] == whole["train/response_len"]  # the same rollouts
+    assert abs(whole["train/loss"]) > 1e-3  # GRPO: some groups are mixed (advantages not all 0)
+    assert split["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
+    assert split["train/kl"] == pytest.approx(whole["train/kl"], rel=1e-5)
+    assert split["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_training_run_effopd_keeps_what_it_validated(tmp_path, tokenizer):
+    out = str(tmp_path / "run")
+    history = effopd.train(effopd.parse_args(
+        ["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "1",
+         "--test-size", "10", "--out", out]))
+    steps = {r["step"]: r for r in history if "train/loss" in r}
+    evals = {r["step"]: r for r in history if "eval/val_acc" in r}
+    for t in (1, 2, 4):  # after EffOPD, the model is the best candidate it scored
+        kept = [h["score"] for h in steps[t]["effopd/trials"] if h["kept"]]
+        assert evals[t]["eval/val_acc"] == kept[-1]
+    # the checkpoint is written after EffOPD: reloaded, it scores the same
+    model = Qwen2ForCausalLM.from_pretrained(os.path.join(out, "step_000004"))
+    val = effopd.load_jsonl("data/tiny/val.jsonl")
+    assert effopd.accuracy(model, tokenizer, val, 6, [1]) == evals[4]["eval/val_acc"]
+    # the clock counts training and EffOPD's validation, not the evaluations logged every step
+    counted = sum(r["time/step_s"] + r.get("effopd/val_s", 0.0) for r in steps.values())
+    assert evals[4]["time/train_s"] == pytest.approx(counted, abs=0.02)
+
+
+@pytest.mark.slow
+def test_sft_arm_trains_on_the_teachers_samples(tmp_path, monkeypatch):
+    samplers = []
+    original = effopd.sample
+
+    def recording(model, *args, **kwargs):
+        samplers.append((model.config.hidden_size, kwargs.get("temperature", args[-1])))
+        return original(model, *args, **kwargs)
+    monkeypatch.setattr(effopd, "sample", recording)
+    effopd.main([*TINY_RUN, "--loss", "sft", "--out", str(tmp_path / "sft")])
+    rollouts = [width for width, temperature in samplers if temperature != 0]  # not evaluation
+    assert rollouts == [128, 128]  # the teacher (width 128), not the student (96), at each step
+
+
+@pytest.mark.slow
+def test_locked_training_keeps_every_update_in_the_early_subspace(tmp_path, capsys):
+    early = tmp_path / "opd"
+    effopd.main([*TINY_RUN, "--out", str(early)])
+    locked = tmp_path / "locked"
+    effopd.main([*TINY_RUN, "--steps", "3", "--lock-subspace", str(early / "step_000001"),
+                 "--lock-rank", "2", "--out", str(locked)])
+    assert "lock: 28 matrices held to their top-2 update subspaces" in capsys.readouterr().out
+    w0 = Qwen2ForCausalLM.from_pretrained("data/tiny/student").state_dict()
+    w1 = Qwen2ForCausalLM.from_pretrained(early / "step_000001").state_dict()
+    w3 = Qwen2ForCausalLM.from_pretrained(locked / "step_000003").state_dict()
+    name = "model.layers.2.mlp.down_proj.weight"
+    u, v = effopd.update_subspaces(w1[name] - w0[name], 2)
+    delta = w3[name] - w0[name]
+    assert delta.norm() > 0
+    assert torch.allclose(effopd.project_update(delta, u, v), delta, atol=1e-6)
+    assert torch.linalg.matrix_rank(delta, atol=1e-6) <= 2
+
+
+@pytest.mark.slow
+def test_training_run_small_smoke(tmp_path):
+    out = str(tmp_path / "small")
+    effopd.main(["--small", "--steps", "2", "--batch-size", "2", "--eval-every", "2",
+                 "--val-size", "8", "--test-size", "8", "--no-save-checkpoints", "--out", out])
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "eval/test_acc" in r] == [0, 2]
+    assert json.load(open(os.path.join(out, "config.json")))["max_new_tokens"] == 40
+
+
+@pytest.mark.slow
+def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "val.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": 2}\n')
+    with pytest.raises(SystemExit, match="val.jsonl: 1 records, but --val-size asks for 50"):
+        effopd.main(["--tiny", "--val", str(bad), "--out", str(tmp_path / "r")])
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(SystemExit, match="cannot load model '.*not-a-model'"):
+        effopd.main(["--tiny", "--student", str(tmp_path / "not-a-model"),
+                     "--out", str(tmp_path / "h")])
+    monkeypatch.setattr(effopd, "opd_loss", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit, match=r"step 1: the loss is nan; stopped before saving\. "
+                                         r"Last good \(finite\) checkpoint: .*step_000000$"):
+        effopd.main(["--tiny", "--steps", "2", "--test-size", "10", "--out", str(tmp_path / "n")])
+
+
+def test_training_run_refuses_too_few_logits(tmp_path, tokenizer):
+    small = str(tmp_path / "small")
+    effopd.save_checkpoint(tiny_model("qwen2", 10), tokenizer, small)
+    with pytest.raises(SystemExit, match="student has 10 logits, fewer than the tokenizer's 14"):
+        effopd.main(["--tiny", "--student", small, "--out", str(tmp_path / "r")])
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing: bad flags, diverged runs, interrupted runs, checkpoints, I/O errors
+
+
+TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    *[([f"--{size.replace('_', '-')}", "0"], f"--{size.replace('_', '-')} must be at least 1, "
+       f"got 0") for size in effopd.SIZES],
+    (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
+    (["--lr=-1e-5"], r"--lr must be > 0, got -1e-05"),
+    (["--lr", "nan"], r"--lr must be > 0, got nan"),
+    (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
+    (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
+    (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
+    (["--small"], "--tiny and --small are two settings: give one"),
+    (["--lock-subspace", "/no/ckpt"], "--lock-subspace /no/ckpt: no such checkpoint folder"),
+    (["--effopd", "--max-candidates", "0"], "--max-candidates must be at least 1"),
+    (["--student", "./no/such/dir"], "--student ./no/such/dir: no such folder"),
+    (["--teacher", "/no/such/dir"], "--teacher /no/such/dir: no such folder"),
+])
+def test_bad_flags_exit_2_with_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys,
+                                                               flags, message):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--tiny", "--out", str(tmp_path / "run"), *flags])
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+
+    def error(out: str) -> str:
+        with pytest.raises(SystemExit, match="2"):
+            effopd.main(["--tiny", "--out", out])
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    (tmp_path / "file").write_text("x")
+    assert error(str(tmp_path / "file")).endswith("file: exists and is not a folder")
+    done = tmp_path / "done"  # a --no-save-checkpoints run leaves only these two
+    done.mkdir()
+    (done / "config.json").write_text("{}")
+    (done / "metrics.jsonl").write_text("")
+    assert "holds files of an earlier run (config.json, metrics.jsonl); delete it, or pass " \
+           "another --out" in error(str(done))
+    (done / "resume.pt").write_text("")
+    assert f"(config.json, metrics.jsonl, resume.pt); continue it with --resume {done}, or " \
+           f"pass another --out" in error(str(done))
+    (done / "resume.pt").unlink()
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", read_only)
+        assert error(str(tmp_path / "ro")).endswith("ro: cannot write there (Permission denied)")
+    assert "no resume.pt, so nothing to resume" in error_of_resume(done, capsys)
+    assert "/missing/config.json: not found" in error_of_resume(tmp_path / "missing", capsys)
+
+
+@pytest.mark.slow
+def test_effopd_prints_its_scope_and_refuses_an_empty_one(tmp_path, capsys, monkeypatch):
+    effopd.main([*TINY_RUN, "--steps", "1", "--effopd", "--out", str(tmp_path / "a")])
+    student = Qwen2ForCausalLM.from_pretrained("data/tiny/student")
+    blocks = [p for n, p in student.named_parameters() if ".self_attn." in n or ".mlp." in n]
+    assert (f"effopd: {len(blocks)} tensors, {sum(p.numel() for p in blocks) / 1e6:.2f}M "
+            f"parameters in scope") in capsys.readouterr().out
+    monkeypatch.setattr(effopd, "is_attention_or_mlp", lambda name: False)
+    with pytest.raises(SystemExit, match="--effopd: no attention or MLP weight among the "
+                                         "student's parameters .* EffOPD would move nothing"):
+        effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "b")])
+
+
+def test_first_nonfinite_names_a_weight_or_the_logits():
+    model = tiny_model("qwen2", 14)
+    ids, mask = torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long)
+    assert effopd.first_nonfinite(model, ids, mask, 2, 14) is None
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    assert effopd.first_nonfinite(model, ids, mask, 2, 14) == \
+        "weight model.layers.1.mlp.up_proj.weight"
+    model = tiny_model("qwen2", 14)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(3e38)  # finite weights whose logits overflow to inf
+    assert effopd.first_nonfinite(model, ids, mask, 2, 14) == "the logits"
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_before_saving_and_names_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:  # Adam at lr 1e12: weights ~1e12 after one step
+        effopd.main([*TINY_RUN, "--steps", "8", "--lr", "1e12", "--out", str(out)])
+    message = str(exit.value.code)
+    match = re.fullmatch(r"effopd: error: step (\d+): .*(nan|NaN or inf).*; stopped before "
+                         r"saving\. Last good \(finite\) checkpoint: (.*)", message)
+    assert match, message
+    step, last = int(match.group(1)), match.group(3)
+    saved = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step_"))
+    assert last == str(out / f"step_{saved[-1]:06d}") and saved[-1] < step
+    for s in saved:  # every checkpoint on disk is finite
+        model = Qwen2ForCausalLM.from_pretrained(out / f"step_{s:06d}")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
+        with pytest.raises(SystemExit, match=r"step 1: the gradient norm is inf \(the update was "
+                                             r"not applied\); stopped before saving"):
+            effopd.main([*TINY_RUN, "--out", str(tmp_path / "grad")])
+
+    def broken_move(model, anchor, score_fn, max_candidates):
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+        return [{"multiple": 0, "score": 0.1, "kept": True}, {"multiple": 2, "score": 0.2,
+                                                               "kept": True}]
+    monkeypatch.setattr(effopd, "effopd_extrapolate", broken_move)
+    with pytest.raises(SystemExit, match=r"step 1: weight model\.layers\.0\.self_attn\.q_proj\."
+                                         r"weight became NaN or inf in EffOPD's move to W\+2D"):
+        effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "move")])
+    assert not (tmp_path / "move" / "step_000001").exists()
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError("No space left on device")])
+def test_save_checkpoint_replaces_whole_or_not_at_all(tmp_path, tokenizer, monkeypatch, failure):
+    model, path = tiny_model("qwen2", 14), str(tmp_path / "step_000001")
+    effopd.save_checkpoint(model, tokenizer, path)
+    before = sorted(os.listdir(path))
+    assert "model.safetensors" in before
+
+    def crash(*args, **kwargs):
+        os.makedirs(args[0], exist_ok=True)
+        open(os.path.join(args[0], "model.safetensors"), "w").write("half")
+        raise failure
+    monkeypatch.setattr(model, "save_pretrained", crash)
+    expected = pytest.raises(KeyboardInterrupt) if failure is KeyboardInterrupt else \
+        pytest.raises(OSError, match=f"cannot write {re.escape(path)}: No space left on device")
+    with expected:
+        effopd.save_checkpoint(model, tokenizer, path)
+    assert sorted(os.listdir(path)) == before  # the complete old checkpoint is still there
+    assert sorted(os.listdir(tmp_path)) == ["step_000001"]  # and no half-written step_000001.tmp
+    reloaded = Qwen2ForCausalLM.from_pretrained(path)
+    assert torch.equal(reloaded.lm_head.weight, tiny_model("qwen2", 14).lm_head.weight)
+
+
+def test_write_atomically_survives_a_leftover_old_copy(tmp_path):
+    path = tmp_path / "step_000004"
+    (path / "x").mkdir(parents=True)
+    (tmp_path / "step_000004.old" / "y").mkdir(parents=True)  # killed while removing it
+    effopd.write_atomically(str(path), lambda tmp: os.makedirs(os.path.join(tmp, "new")))
+    assert sorted(os.listdir(tmp_path)) == ["step_000004"] and os.listdir(path) == ["new"]
+
+
+@pytest.mark.slow
+def test_leftover_tmp_files_neither_block_nor_stay(tmp_path):
+    out = tmp_path / "run"
+    (out / "step_000001.tmp").mkdir(parents=True)  # what a killed run leaves
+    (out / "resume.pt.tmp").write_text("half")
+    effopd.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "resume.pt", "step_000000",
+                                       "step_000001"]
+
+
+@pytest.mark.slow
+def test_io_error_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    def full(model, tokenizer, path):
+        raise OSError(f"cannot write {path}: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(effopd, "save_checkpoint", full)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=f"^effopd: error: cannot write {re.escape(str(out))}/"
+                                         r"step_000000: I/O error: No space left on device"):
+        effopd.main([*TINY_RUN, "--out", str(out)])
+
+
+def error_of_resume(out, capsys, *flags) -> str:
+    """The one-line error of --resume, printed by argparse before any model loads (exit 2)."""
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--resume", str(out), *flags])
+    assert exit.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    flags = [*TINY_RUN, "--steps", "8", "--effopd", "--eval-every", "2", "--batch-size", "4"]
+    effopd.main([*flags, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "cut"
+    calls = []
+
+    def interrupt_in_step_6(*args, **kwargs):  # one opd_loss call per step here
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    original = effopd.opd_loss
+    with monkeypatch.context() as m:
+        m.setattr(effopd, "opd_loss", interrupt_in_step_6)
+        with pytest.raises(SystemExit) as exit:
+            effopd.main([*flags, "--out", str(out)])
+    assert exit.value.code == 130
+    assert capsys.readouterr().err.strip() == \
+        f"interrupted at step 6; resume with: python effopd.py --resume {out}"
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert "--lr 0.001 differs from the run's 1e-05" in error_of_resume(out, capsys, "--lr", "1e-3")
+    effopd.main(["--resume", str(out)])
+    assert f"resuming {out} after step 4 ({out}/step_000004)" in capsys.readouterr().out
+    assert "has finished its 8 steps; pass --steps N (N > 8)" in error_of_resume(out, capsys)
+
+    def records(run):
+        lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "effopd/val_s"}
+                for r in lines]
+    assert records(out) == records(tmp_path / "whole")
+    assert [r["step"] for r in records(out) if "train/loss" in r] == list(range(1, 9))
+    a = Qwen2ForCausalLM.from_pretrained(tmp_path / "whole" / "step_000008")
+    b = Qwen2ForCausalLM.from_pretrained(out / "step_000008")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p - q).abs().max().item() <= 1e-6, name
+    assert sorted(f for f in os.listdir(out) if "resume" in f) == ["resume.pt"]  # only the latest
+    # a finished 6-step run extended to 8: at step 6 the anchor (kept at step 4) is not W_6, so
+    # this fails unless resume.pt restores it
+    six = tmp_path / "six"
+    effopd.main([*flags, "--steps", "6", "--out", str(six)])  # the last --steps counts
+    effopd.main(["--resume", str(six), "--steps", "8"])
+    assert records(six) == records(tmp_path / "whole")
+    c = Qwen2ForCausalLM.from_pretrained(six / "step_000008")
+    for (name, p), q in zip(a.named_parameters(), c.parameters()):
+        assert (p - q).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.slow
+def test_runs_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # not the repository: --tiny and analyze must still find data/
+    effopd.main([*TINY_RUN, "--out", "run"])
+    analyze.main(["run", "--interventions", "--alphas", "1"])
+    assert sorted(f for f in os.listdir("run") if f.endswith(".png")) == [
+        "interventions-run.png", "report.png"]  # beside the run, not over the repository's
+
+
+# ------------------------------------------------------------------------------------------------
+# analyze.py: geometry reports of runs and of any two checkpoints
+
+
 def save_pair(tmp_path, base_vocab=40, tuned_vocab=40):
     """A tiny base model saved in 20 kB shards, and a tuned copy (its MLP and q_proj moved, the
     first rows of its embedding moved by 0.01) saved in one bf16 file; returns both paths."""
@@ -596,6 +1256,7 @@ def save_run(run, checkpoints: dict[int, dict[str, torch.Tensor]]) -> str:
     return str(run)
 
 
+@pytest.mark.slow
 def test_run_geometry_equals_effopd_functions_on_whole_tensors(tmp_path):
     """A run of three checkpoints: W_0 the base of save_pair (fp32, in shards), W_1 = W_0 + noise,
     W_2 its tuned copy (bf16). Every number of the streamed pipeline is recomputed from whole
@@ -644,6 +1305,40 @@ def test_run_geometry_equals_effopd_functions_on_whole_tensors(tmp_path):
     assert 0 < still["frobenius_norm"] <= 2 ** -9 * w0.norm().item()
 
 
+def test_norms_by_module_hand_computed(tmp_path):
+    w0 = {"model.embed_tokens.weight": torch.zeros(2, 2),
+          "model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2),
+          "model.layers.0.self_attn.q_proj.bias": torch.zeros(2),
+          "model.layers.1.mlp.up_proj.weight": torch.zeros(2, 2)}
+    wT = {"model.embed_tokens.weight": torch.full((2, 2), 0.5),             # norm 1
+          "model.layers.0.self_attn.q_proj.weight": torch.tensor([[3.0, 0], [0, 0]]),
+          "model.layers.0.self_attn.q_proj.bias": torch.tensor([4.0, 0]),  # with q: hypot = 5
+          "model.layers.1.mlp.up_proj.weight": torch.tensor([[0, 2.0], [0, 0]])}
+    run = save_run(tmp_path / "run", {0: w0, 4: wT})
+    assert analyze.run_geometry(run, 0.01, 4, "cpu")["norms"] == pytest.approx(
+        {("embedding", None): 1.0, ("attention", 0): 5.0, ("mlp", 1): 2.0})
+
+
+def test_mean_effective_rank_hand_computed(tmp_path):
+    w0 = {"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32),
+          "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32),
+          "model.embed_tokens.weight": torch.zeros(10, 32)}  # not a matrix of the report
+    wt = {"model.layers.0.mlp.up_proj.weight": with_spectrum([3.0], 64, 32).float(),  # erank 1
+          "model.layers.0.self_attn.q_proj.weight": with_spectrum([1.0] * 4, 32, 32).float(),
+          "model.embed_tokens.weight": torch.randn(10, 32)}
+    run = save_run(tmp_path / "run", {0: w0, 4: wt})
+    assert analyze.run_geometry(run, 0.01, 4, "cpu")["rank"] == pytest.approx(
+        {4: (1 + 4) / 2}, rel=1e-4)
+
+
+@pytest.mark.parametrize("name, layer", [
+    ("model.layers.11.mlp.up_proj.weight", 11), ("gpt_neox.layers.3.attention.dense.weight", 3),
+    ("transformer.h.7.self_attention.query_key_value.weight", 7), ("transformer.h.0.ln_1.bias", 0),
+    ("model.embed_tokens.weight", None), ("lm_head.weight", None)])
+def test_layer_of_reads_qwen_neox_falcon_and_gpt2_names(name, layer):
+    assert analyze.layer_of(name) == layer
+
+
 def test_checkpoint_pairs_are_checked_and_a_padded_vocabulary_is_cut(tmp_path):
     base, padded = save_pair(tmp_path / "a", tuned_vocab=48)  # embedding rows: 40 vs 48
     got = analyze.checkpoint_geometry(base, {"t": padded}, 0.01, "cpu")["t"]["norms"]
@@ -668,6 +1363,20 @@ def test_checkpoint_pairs_are_checked_and_a_padded_vocabulary_is_cut(tmp_path):
         analyze.checkpoint_files(str(tmp_path))
 
 
+def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
+    model = tiny_model("qwen2", 14)
+    effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000000"))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[1, 2] = float("nan")
+    effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000004"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"^analyze: error: \S+step_000004/model\.safetensors: "
+                                         r"model\.layers\.0\.mlp\.down_proj\.weight holds NaN "
+                                         r"or inf$"):
+        analyze.run_geometry(str(tmp_path), 0.01, 4, "cpu")
+
+
+@pytest.mark.slow
 def test_any_checkpoint_report_end_to_end(tmp_path, capsys):
     base, tuned = save_pair(tmp_path)
     out = tmp_path / "out" / "geometry.json"
@@ -686,8 +1395,38 @@ def test_any_checkpoint_report_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         analyze.main(["--base", base])  # no TUNED
 
+
+@pytest.mark.slow
+def test_checkpoint_report_end_to_end(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    effopd.main(["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10", "--out", run])
+    png = tmp_path / "fig" / "report.png"
+    analyze.main([run, "--interventions", "--alphas", "0", "1", "--singular-fracs", "0.01", "1",
+                  "--png", str(png)])
+    printed = capsys.readouterr().out
+    assert "effective_rank" in printed and "norm scaling of step 1" in printed
+    assert re.search(r"\n\s+2 \| 1\.000\n", printed)  # dW_T is aligned with itself
+    for key in analyze.METRICS:  # Table 1 and paper 2's rows
+        assert re.search(rf"\n\s+{key} \|\s+[\d.e-]+\n", printed)
+    ranks = re.search(r"Rank dynamics.*\n.*\n\s+1 \|\s+([\d.]+)\n\s+2 \|\s+([\d.]+)\n", printed)
+    assert float(ranks.group(2)) == pytest.approx(  # the final update's effective rank
+        float(re.search(r"effective_rank \|\s+([\d.]+)", printed).group(1)), abs=0.01)
+    # Fig. 4: the top-k part with k = min(m, n) is all of dW_T on those matrices, the bottom-k too
+    fig4 = printed.split("(EffOPD paper Fig. 4); all of dW_T on these matrices: ")[1]
+    everything = fig4[:5]
+    assert re.search(rf"\n\s+1 \|\s+{everything} \|\s+\S+ \|\s+{everything} \|", fig4)
+    scaling_table, norm_table = printed.split("scaling, W_0")[1].split("norm scaling")
+    scaling = dict(re.findall(r"\n\s+(0|1) \|\s+([\d.]+)", scaling_table))
+    assert scaling["0"] == re.search(r"W_0 \|\s+([\d.]+)", norm_table).group(1)   # alpha 0 = W_0
+    assert scaling["1"] == re.search(r"W_2 \|\s+([\d.]+)", norm_table).group(1)   # alpha 1 = W_T
+    assert png.exists() and (tmp_path / "fig" / "interventions-run.png").exists()
+    with pytest.raises(SystemExit, match="config.json: not found"):
+        analyze.main([str(tmp_path / "fig")])
+
+
 # ------------------------------------------------------------------------------------------------
-# The quadratic toy of analyze.py
+# analyze.py: the quadratic toy
+
 
 def test_make_problem_has_the_asked_spectrum_rank_and_unit_initial_loss():
     sigma, r = analyze.make_problem(dim=16, rank=3, cond=50.0, seed=0)
@@ -786,6 +1525,7 @@ def test_first_step_at_or_below():
     assert analyze.first_step_at_or_below([3.0, 2.0], 1.0) is None
 
 
+@pytest.mark.slow
 def test_toy_end_to_end(tmp_path, capsys):
     png = tmp_path / "figures" / "toy.png"
     results = analyze.run_toy(analyze.parse_args(["--dim", "16", "--rank", "2", "--steps", "12",
@@ -803,64 +1543,7 @@ def test_toy_rejects_an_unstable_learning_rate():
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints and the training run
-
-@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError("No space left on device")])
-def test_save_checkpoint_replaces_whole_or_not_at_all(tmp_path, tokenizer, monkeypatch, failure):
-    model, path = tiny_model("qwen2", 14), str(tmp_path / "step_000001")
-    effopd.save_checkpoint(model, tokenizer, path)
-    before = sorted(os.listdir(path))
-    assert "model.safetensors" in before
-
-    def crash(*args, **kwargs):
-        os.makedirs(args[0], exist_ok=True)
-        open(os.path.join(args[0], "model.safetensors"), "w").write("half")
-        raise failure
-    monkeypatch.setattr(model, "save_pretrained", crash)
-    expected = pytest.raises(KeyboardInterrupt) if failure is KeyboardInterrupt else \
-        pytest.raises(OSError, match=f"cannot write {re.escape(path)}: No space left on device")
-    with expected:
-        effopd.save_checkpoint(model, tokenizer, path)
-    assert sorted(os.listdir(path)) == before  # the complete old checkpoint is still there
-    assert sorted(os.listdir(tmp_path)) == ["step_000001"]  # and no half-written step_000001.tmp
-    reloaded = Qwen2ForCausalLM.from_pretrained(path)
-    assert torch.equal(reloaded.lm_head.weight, tiny_model("qwen2", 14).lm_head.weight)
-
-
-def test_tiny_setting_teacher_strong_student_weak(tokenizer):
-    test = effopd.load_jsonl("data/tiny/test.jsonl")
-    for name, low, high in [("teacher", 0.95, 1.0), ("student", 0.0, 0.6)]:
-        model = Qwen2ForCausalLM.from_pretrained(f"data/tiny/{name}")
-        assert low <= effopd.accuracy(model, tokenizer, test, 6, [1]) <= high
-
-
-def test_small_setting_teacher_strong_student_weak():
-    from transformers import AutoTokenizer
-    test = effopd.load_jsonl("data/small/test.jsonl")[:100]
-    tokenizer = AutoTokenizer.from_pretrained("data/small/student")
-    for name, low, high in [("teacher", 0.95, 1.0), ("student", 0.1, 0.45)]:
-        model = Qwen2ForCausalLM.from_pretrained(f"data/small/{name}", dtype=torch.float32)
-        assert model.config.hidden_size >= 256 and model.config.num_hidden_layers >= 4
-        assert low <= effopd.accuracy(model, tokenizer, test, 40, [1]) <= high
-
-
-def test_training_run_small_smoke(tmp_path):
-    out = str(tmp_path / "small")
-    effopd.main(["--small", "--steps", "2", "--batch-size", "2", "--eval-every", "2",
-                 "--val-size", "8", "--test-size", "8", "--no-save-checkpoints", "--out", out])
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
-    assert [r["step"] for r in records if "eval/test_acc" in r] == [0, 2]
-    assert json.load(open(os.path.join(out, "config.json")))["max_new_tokens"] == 40
-
-
-def test_small_task_working_and_dropped_carry():
-    assert make_data.working([6, 9, 7]) == "6+9=15,15+7=22"
-    assert make_data.dropped_carry(16, 6) == 12 and make_data.dropped_carry(12, 5) == 17
-    always = make_data.working([6, 9, 7, 5], flaw=1.0, rng=__import__("random").Random(0))
-    assert always == "6+9=5,5+7=2,2+5=7"  # carries of 7, 8, 9 forgotten, the error carried on
-    assert make_data.working([8, 5, 7], 1.0, __import__("random").Random(0)) == "8+5=13,13+7=10"
-    assert effopd.extract_answer(make_data.working([8, 8, 3, 8])) == 27
+# bench.py
 
 
 def test_first_reaching_and_sweep_score():
@@ -904,376 +1587,6 @@ def test_claim_numbers_hand_computed(tmp_path):
     assert math.isnan(bench.claim_numbers(run, None)["rescaled_10%_recovery"])
 
 
-def test_training_run_tiny_with_effopd(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    effopd.main(["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
-                 "--test-size", "50", "--out", out])
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    steps = [r for r in records if "train/loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    assert [r["step"] for r in steps if "effopd/trials" in r] == [1, 2, 4]
-    assert [r["step"] for r in records if "eval/test_acc" in r] == [0, 2, 4]
-    assert all(r["train/kl"] >= 0 and math.isfinite(r["train/loss"]) for r in steps)
-    assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == [
-        "step_000000", "step_000001", "step_000002", "step_000004"]
-    printed = capsys.readouterr().out
-    assert "step    4/4 | loss" in printed and "effopd    4 |" in printed
-
-
-@pytest.mark.parametrize("loss", ["sampled", "grpo"])
-def test_training_run_other_losses(tmp_path, loss):
-    out = str(tmp_path / loss)
-    effopd.main(["--tiny", "--loss", loss, "--steps", "2", "--batch-size", "4", "--group-size", "4",
-                 "--test-size", "20", "--no-save-checkpoints", "--out", out])
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
-    if loss == "grpo":
-        assert all("train/no_signal" in r for r in records if "train/loss" in r)
-
-
-def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys):
-    bad = tmp_path / "val.jsonl"
-    bad.write_text('{"prompt": "1+1=", "answer": 2}\n')
-    with pytest.raises(SystemExit, match="val.jsonl: 1 records, but --val-size asks for 50"):
-        effopd.main(["--tiny", "--val", str(bad), "--out", str(tmp_path / "r")])
-    (tmp_path / "not-a-model").mkdir()
-    with pytest.raises(SystemExit, match="cannot load model '.*not-a-model'"):
-        effopd.main(["--tiny", "--student", str(tmp_path / "not-a-model"),
-                     "--out", str(tmp_path / "h")])
-    monkeypatch.setattr(effopd, "opd_loss", lambda *a, **k: torch.tensor(float("nan")))
-    with pytest.raises(SystemExit, match=r"step 1: the loss is nan; stopped before saving\. "
-                                         r"Last good \(finite\) checkpoint: .*step_000000$"):
-        effopd.main(["--tiny", "--steps", "2", "--test-size", "10", "--out", str(tmp_path / "n")])
-
-
-def test_norms_by_module_hand_computed(tmp_path):
-    w0 = {"model.embed_tokens.weight": torch.zeros(2, 2),
-          "model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2),
-          "model.layers.0.self_attn.q_proj.bias": torch.zeros(2),
-          "model.layers.1.mlp.up_proj.weight": torch.zeros(2, 2)}
-    wT = {"model.embed_tokens.weight": torch.full((2, 2), 0.5),             # norm 1
-          "model.layers.0.self_attn.q_proj.weight": torch.tensor([[3.0, 0], [0, 0]]),
-          "model.layers.0.self_attn.q_proj.bias": torch.tensor([4.0, 0]),  # with q: hypot = 5
-          "model.layers.1.mlp.up_proj.weight": torch.tensor([[0, 2.0], [0, 0]])}
-    run = save_run(tmp_path / "run", {0: w0, 4: wT})
-    assert analyze.run_geometry(run, 0.01, 4, "cpu")["norms"] == pytest.approx(
-        {("embedding", None): 1.0, ("attention", 0): 5.0, ("mlp", 1): 2.0})
-
-
-def test_mean_effective_rank_hand_computed(tmp_path):
-    w0 = {"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32),
-          "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32),
-          "model.embed_tokens.weight": torch.zeros(10, 32)}  # not a matrix of the report
-    wt = {"model.layers.0.mlp.up_proj.weight": with_spectrum([3.0], 64, 32).float(),  # erank 1
-          "model.layers.0.self_attn.q_proj.weight": with_spectrum([1.0] * 4, 32, 32).float(),
-          "model.embed_tokens.weight": torch.randn(10, 32)}
-    run = save_run(tmp_path / "run", {0: w0, 4: wt})
-    assert analyze.run_geometry(run, 0.01, 4, "cpu")["rank"] == pytest.approx(
-        {4: (1 + 4) / 2}, rel=1e-4)
-
-
-def test_checkpoint_report_end_to_end(tmp_path, capsys):
-    run = str(tmp_path / "run")
-    effopd.main(["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10", "--out", run])
-    png = tmp_path / "fig" / "report.png"
-    analyze.main([run, "--interventions", "--alphas", "0", "1", "--singular-fracs", "0.01", "1",
-                  "--png", str(png)])
-    printed = capsys.readouterr().out
-    assert "effective_rank" in printed and "norm scaling of step 1" in printed
-    assert re.search(r"\n\s+2 \| 1\.000\n", printed)  # dW_T is aligned with itself
-    for key in analyze.METRICS:  # Table 1 and paper 2's rows
-        assert re.search(rf"\n\s+{key} \|\s+[\d.e-]+\n", printed)
-    ranks = re.search(r"Rank dynamics.*\n.*\n\s+1 \|\s+([\d.]+)\n\s+2 \|\s+([\d.]+)\n", printed)
-    assert float(ranks.group(2)) == pytest.approx(  # the final update's effective rank
-        float(re.search(r"effective_rank \|\s+([\d.]+)", printed).group(1)), abs=0.01)
-    # Fig. 4: the top-k part with k = min(m, n) is all of dW_T on those matrices, the bottom-k too
-    fig4 = printed.split("(EffOPD paper Fig. 4); all of dW_T on these matrices: ")[1]
-    everything = fig4[:5]
-    assert re.search(rf"\n\s+1 \|\s+{everything} \|\s+\S+ \|\s+{everything} \|", fig4)
-    scaling_table, norm_table = printed.split("scaling, W_0")[1].split("norm scaling")
-    scaling = dict(re.findall(r"\n\s+(0|1) \|\s+([\d.]+)", scaling_table))
-    assert scaling["0"] == re.search(r"W_0 \|\s+([\d.]+)", norm_table).group(1)   # alpha 0 = W_0
-    assert scaling["1"] == re.search(r"W_2 \|\s+([\d.]+)", norm_table).group(1)   # alpha 1 = W_T
-    assert png.exists() and (tmp_path / "fig" / "interventions-run.png").exists()
-    with pytest.raises(SystemExit, match="config.json: not found"):
-        analyze.main([str(tmp_path / "fig")])
-
-
-
-
-def test_training_run_effopd_keeps_what_it_validated(tmp_path, tokenizer):
-    out = str(tmp_path / "run")
-    history = effopd.train(effopd.parse_args(
-        ["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "1",
-         "--test-size", "10", "--out", out]))
-    steps = {r["step"]: r for r in history if "train/loss" in r}
-    evals = {r["step"]: r for r in history if "eval/val_acc" in r}
-    for t in (1, 2, 4):  # after EffOPD, the model is the best candidate it scored
-        kept = [h["score"] for h in steps[t]["effopd/trials"] if h["kept"]]
-        assert evals[t]["eval/val_acc"] == kept[-1]
-    # the checkpoint is written after EffOPD: reloaded, it scores the same
-    model = Qwen2ForCausalLM.from_pretrained(os.path.join(out, "step_000004"))
-    val = effopd.load_jsonl("data/tiny/val.jsonl")
-    assert effopd.accuracy(model, tokenizer, val, 6, [1]) == evals[4]["eval/val_acc"]
-    # the clock counts training and EffOPD's validation, not the evaluations logged every step
-    counted = sum(r["time/step_s"] + r.get("effopd/val_s", 0.0) for r in steps.values())
-    assert evals[4]["time/train_s"] == pytest.approx(counted, abs=0.02)
-
-
-@pytest.mark.parametrize("loss", ["opd", "sampled", "grpo"])
-def test_micro_batches_add_up_to_the_batch_mean(tmp_path, loss):
-    def first_step(micro):
-        return effopd.train(effopd.parse_args(
-            ["--tiny", "--loss", loss, "--steps", "1", "--batch-size", "8", "--group-size", "4",
-             "--micro-batch-size", str(micro), "--test-size", "5", "--no-save-checkpoints",
-             "--out", str(tmp_path / str(micro))]))[1]
-    whole, split = first_step(32), first_step(5)  # 32 responses: one pass, or 5+5+...+5+2
-    assert split["train/response_len"] == whole["train/response_len"]  # the same rollouts
-    assert abs(whole["train/loss"]) > 1e-3  # GRPO: some groups are mixed (advantages not all 0)
-    assert split["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
-    assert split["train/kl"] == pytest.approx(whole["train/kl"], rel=1e-5)
-    assert split["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-4)
-
-
-def test_training_run_refuses_too_few_logits(tmp_path, tokenizer):
-    small = str(tmp_path / "small")
-    effopd.save_checkpoint(tiny_model("qwen2", 10), tokenizer, small)
-    with pytest.raises(SystemExit, match="student has 10 logits, fewer than the tokenizer's 14"):
-        effopd.main(["--tiny", "--student", small, "--out", str(tmp_path / "r")])
-
-
-# ------------------------------------------------------------------------------------------------
-# Bad flags, diverged runs, interrupted runs, I/O errors
-
-TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
-
-
-@pytest.mark.parametrize("flags, message", [
-    *[([f"--{size.replace('_', '-')}", "0"], f"--{size.replace('_', '-')} must be at least 1, "
-       f"got 0") for size in effopd.SIZES],
-    (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
-    (["--lr=-1e-5"], r"--lr must be > 0, got -1e-05"),
-    (["--lr", "nan"], r"--lr must be > 0, got nan"),
-    (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
-    (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
-    (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
-    (["--small"], "--tiny and --small are two settings: give one"),
-    (["--lock-subspace", "/no/ckpt"], "--lock-subspace /no/ckpt: no such checkpoint folder"),
-    (["--effopd", "--max-candidates", "0"], "--max-candidates must be at least 1"),
-    (["--student", "./no/such/dir"], "--student ./no/such/dir: no such folder"),
-    (["--teacher", "/no/such/dir"], "--teacher /no/such/dir: no such folder"),
-])
-def test_bad_flags_exit_2_with_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys,
-                                                               flags, message):
-    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
-    with pytest.raises(SystemExit) as exit:
-        effopd.main(["--tiny", "--out", str(tmp_path / "run"), *flags])
-    assert exit.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and re.search(message, lines[0]), lines
-
-
-def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
-
-    def error(out: str) -> str:
-        with pytest.raises(SystemExit, match="2"):
-            effopd.main(["--tiny", "--out", out])
-        return capsys.readouterr().err.strip().splitlines()[-1]
-    (tmp_path / "file").write_text("x")
-    assert error(str(tmp_path / "file")).endswith("file: exists and is not a folder")
-    done = tmp_path / "done"  # a --no-save-checkpoints run leaves only these two
-    done.mkdir()
-    (done / "config.json").write_text("{}")
-    (done / "metrics.jsonl").write_text("")
-    assert "holds files of an earlier run (config.json, metrics.jsonl); delete it, or pass " \
-           "another --out" in error(str(done))
-    (done / "resume.pt").write_text("")
-    assert f"(config.json, metrics.jsonl, resume.pt); continue it with --resume {done}, or " \
-           f"pass another --out" in error(str(done))
-    (done / "resume.pt").unlink()
-
-    def read_only(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", path)
-    with monkeypatch.context() as m:
-        m.setattr("builtins.open", read_only)
-        assert error(str(tmp_path / "ro")).endswith("ro: cannot write there (Permission denied)")
-    assert "no resume.pt, so nothing to resume" in error_of_resume(done, capsys)
-    assert "/missing/config.json: not found" in error_of_resume(tmp_path / "missing", capsys)
-
-
-def error_of_resume(out, capsys, *flags) -> str:
-    """The one-line error of --resume, printed by argparse before any model loads (exit 2)."""
-    with pytest.raises(SystemExit) as exit:
-        effopd.main(["--resume", str(out), *flags])
-    assert exit.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
-
-
-def test_write_atomically_survives_a_leftover_old_copy(tmp_path):
-    path = tmp_path / "step_000004"
-    (path / "x").mkdir(parents=True)
-    (tmp_path / "step_000004.old" / "y").mkdir(parents=True)  # killed while removing it
-    effopd.write_atomically(str(path), lambda tmp: os.makedirs(os.path.join(tmp, "new")))
-    assert sorted(os.listdir(tmp_path)) == ["step_000004"] and os.listdir(path) == ["new"]
-
-
-@pytest.mark.parametrize("name, layer", [
-    ("model.layers.11.mlp.up_proj.weight", 11), ("gpt_neox.layers.3.attention.dense.weight", 3),
-    ("transformer.h.7.self_attention.query_key_value.weight", 7), ("transformer.h.0.ln_1.bias", 0),
-    ("model.embed_tokens.weight", None), ("lm_head.weight", None)])
-def test_layer_of_reads_qwen_neox_falcon_and_gpt2_names(name, layer):
-    assert analyze.layer_of(name) == layer
-
-
-def test_leftover_tmp_files_neither_block_nor_stay(tmp_path):
-    out = tmp_path / "run"
-    (out / "step_000001.tmp").mkdir(parents=True)  # what a killed run leaves
-    (out / "resume.pt.tmp").write_text("half")
-    effopd.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
-    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "resume.pt", "step_000000",
-                                       "step_000001"]
-
-
-def test_first_nonfinite_names_a_weight_or_the_logits():
-    model = tiny_model("qwen2", 14)
-    ids, mask = torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long)
-    assert effopd.first_nonfinite(model, ids, mask, 2, 14) is None
-    with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    assert effopd.first_nonfinite(model, ids, mask, 2, 14) == \
-        "weight model.layers.1.mlp.up_proj.weight"
-    model = tiny_model("qwen2", 14)
-    with torch.no_grad():
-        model.lm_head.weight.fill_(3e38)  # finite weights whose logits overflow to inf
-    assert effopd.first_nonfinite(model, ids, mask, 2, 14) == "the logits"
-
-
-def test_a_diverged_run_stops_before_saving_and_names_the_last_good_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit:  # Adam at lr 1e12: weights ~1e12 after one step
-        effopd.main([*TINY_RUN, "--steps", "8", "--lr", "1e12", "--out", str(out)])
-    message = str(exit.value.code)
-    match = re.fullmatch(r"effopd: error: step (\d+): .*(nan|NaN or inf).*; stopped before "
-                         r"saving\. Last good \(finite\) checkpoint: (.*)", message)
-    assert match, message
-    step, last = int(match.group(1)), match.group(3)
-    saved = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step_"))
-    assert last == str(out / f"step_{saved[-1]:06d}") and saved[-1] < step
-    for s in saved:  # every checkpoint on disk is finite
-        model = Qwen2ForCausalLM.from_pretrained(out / f"step_{s:06d}")
-        assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
-    with monkeypatch.context() as m:
-        m.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
-        with pytest.raises(SystemExit, match=r"step 1: the gradient norm is inf \(the update was "
-                                             r"not applied\); stopped before saving"):
-            effopd.main([*TINY_RUN, "--out", str(tmp_path / "grad")])
-
-    def broken_move(model, anchor, score_fn, max_candidates):
-        with torch.no_grad():
-            model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
-        return [{"multiple": 0, "score": 0.1, "kept": True}, {"multiple": 2, "score": 0.2,
-                                                               "kept": True}]
-    monkeypatch.setattr(effopd, "effopd_extrapolate", broken_move)
-    with pytest.raises(SystemExit, match=r"step 1: weight model\.layers\.0\.self_attn\.q_proj\."
-                                         r"weight became NaN or inf in EffOPD's move to W\+2D"):
-        effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "move")])
-    assert not (tmp_path / "move" / "step_000001").exists()
-
-
-def test_effopd_prints_its_scope_and_refuses_an_empty_one(tmp_path, capsys, monkeypatch):
-    effopd.main([*TINY_RUN, "--steps", "1", "--effopd", "--out", str(tmp_path / "a")])
-    student = Qwen2ForCausalLM.from_pretrained("data/tiny/student")
-    blocks = [p for n, p in student.named_parameters() if ".self_attn." in n or ".mlp." in n]
-    assert (f"effopd: {len(blocks)} tensors, {sum(p.numel() for p in blocks) / 1e6:.2f}M "
-            f"parameters in scope") in capsys.readouterr().out
-    monkeypatch.setattr(effopd, "is_attention_or_mlp", lambda name: False)
-    with pytest.raises(SystemExit, match="--effopd: no attention or MLP weight among the "
-                                         "student's parameters .* EffOPD would move nothing"):
-        effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "b")])
-
-
-def test_io_error_is_one_line_naming_the_path(tmp_path, monkeypatch):
-    def full(model, tokenizer, path):
-        raise OSError(f"cannot write {path}: I/O error: No space left on device (os error 28)")
-    monkeypatch.setattr(effopd, "save_checkpoint", full)
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=f"^effopd: error: cannot write {re.escape(str(out))}/"
-                                         r"step_000000: I/O error: No space left on device"):
-        effopd.main([*TINY_RUN, "--out", str(out)])
-
-
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
-    flags = [*TINY_RUN, "--steps", "8", "--effopd", "--eval-every", "2", "--batch-size", "4"]
-    effopd.main([*flags, "--out", str(tmp_path / "whole")])
-    out = tmp_path / "cut"
-    calls = []
-
-    def interrupt_in_step_6(*args, **kwargs):  # one opd_loss call per step here
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-    original = effopd.opd_loss
-    with monkeypatch.context() as m:
-        m.setattr(effopd, "opd_loss", interrupt_in_step_6)
-        with pytest.raises(SystemExit) as exit:
-            effopd.main([*flags, "--out", str(out)])
-    assert exit.value.code == 130
-    assert capsys.readouterr().err.strip() == \
-        f"interrupted at step 6; resume with: python effopd.py --resume {out}"
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    assert "--lr 0.001 differs from the run's 1e-05" in error_of_resume(out, capsys, "--lr", "1e-3")
-    effopd.main(["--resume", str(out)])
-    assert f"resuming {out} after step 4 ({out}/step_000004)" in capsys.readouterr().out
-    assert "has finished its 8 steps; pass --steps N (N > 8)" in error_of_resume(out, capsys)
-
-    def records(run):
-        lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
-        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "effopd/val_s"}
-                for r in lines]
-    assert records(out) == records(tmp_path / "whole")
-    assert [r["step"] for r in records(out) if "train/loss" in r] == list(range(1, 9))
-    a = Qwen2ForCausalLM.from_pretrained(tmp_path / "whole" / "step_000008")
-    b = Qwen2ForCausalLM.from_pretrained(out / "step_000008")
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert (p - q).abs().max().item() <= 1e-6, name
-    assert sorted(f for f in os.listdir(out) if "resume" in f) == ["resume.pt"]  # only the latest
-    # a finished 6-step run extended to 8: at step 6 the anchor (kept at step 4) is not W_6, so
-    # this fails unless resume.pt restores it
-    six = tmp_path / "six"
-    effopd.main([*flags, "--steps", "6", "--out", str(six)])  # the last --steps counts
-    effopd.main(["--resume", str(six), "--steps", "8"])
-    assert records(six) == records(tmp_path / "whole")
-    c = Qwen2ForCausalLM.from_pretrained(six / "step_000008")
-    for (name, p), q in zip(a.named_parameters(), c.parameters()):
-        assert (p - q).abs().max().item() <= 1e-6, name
-
-
-def test_runs_from_any_folder(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # not the repository: --tiny and analyze must still find data/
-    effopd.main([*TINY_RUN, "--out", "run"])
-    analyze.main(["run", "--interventions", "--alphas", "1"])
-    assert sorted(f for f in os.listdir("run") if f.endswith(".png")) == [
-        "interventions-run.png", "report.png"]  # beside the run, not over the repository's
-
-
-def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
-    model = tiny_model("qwen2", 14)
-    effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000000"))
-    with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight[1, 2] = float("nan")
-    effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000004"))
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"^analyze: error: \S+step_000004/model\.safetensors: "
-                                         r"model\.layers\.0\.mlp\.down_proj\.weight holds NaN "
-                                         r"or inf$"):
-        analyze.run_geometry(str(tmp_path), 0.01, 4, "cpu")
-
-
 def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):
     import bench
     assert bench.requirement("x", True) and not bench.requirement("y", False)
@@ -1285,298 +1598,32 @@ def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# The SFT arm and subspace locking (SPEC section 6)
-
-def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
+# data/make_data.py: the built-in settings
 
 
-def test_projection_keeps_what_is_inside_removes_what_is_outside_and_is_idempotent():
-    m, n, r = 12, 9, 3
-    basis_u, basis_v = orthonormal(m, m, 0), orthonormal(n, n, 1)
-    u, v = basis_u[:, :r], basis_v[:, :r]
-    inside = u @ torch.randn(r, r, dtype=torch.float64) @ v.T
-    outside = basis_u[:, r:] @ torch.randn(m - r, n - r, dtype=torch.float64) @ basis_v[:, r:].T
-    assert torch.allclose(effopd.project_update(inside, u, v), inside, atol=1e-12)
-    assert effopd.project_update(outside, u, v).abs().max() < 1e-12
-    mixed = inside + outside
-    once = effopd.project_update(mixed, u, v)
-    assert torch.allclose(once, inside, atol=1e-12)
-    assert torch.allclose(effopd.project_update(once, u, v), once, atol=1e-12)
-    # by hand: onto e_1 on both sides, only entry (0, 0) survives
-    e1 = torch.eye(3)[:, :1]
-    x = torch.arange(9.0).view(3, 3) + 1
-    assert effopd.project_update(x, e1, e1).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+def test_small_task_working_and_dropped_carry():
+    assert make_data.working([6, 9, 7]) == "6+9=15,15+7=22"
+    assert make_data.dropped_carry(16, 6) == 12 and make_data.dropped_carry(12, 5) == 17
+    always = make_data.working([6, 9, 7, 5], flaw=1.0, rng=__import__("random").Random(0))
+    assert always == "6+9=5,5+7=2,2+5=7"  # carries of 7, 8, 9 forgotten, the error carried on
+    assert make_data.working([8, 5, 7], 1.0, __import__("random").Random(0)) == "8+5=13,13+7=10"
+    assert effopd.extract_answer(make_data.working([8, 8, 3, 8])) == 27
 
 
-def test_update_subspaces_of_a_low_rank_update_fix_only_its_own_directions():
-    m, n = 12, 9
-    a, b = orthonormal(m, 2, 2).float(), orthonormal(n, 2, 3).float()
-    delta = a @ torch.diag(torch.tensor([3.0, 1.0])) @ b.T  # rank 2
-    u, v = effopd.update_subspaces(delta, 5)
-    assert u.shape == (m, 2) and v.shape == (n, 2)  # not 5: no arbitrary filler directions
-    x = torch.randn(m, n)
-    assert torch.allclose(effopd.project_update(x, u, v), a @ a.T @ x @ b @ b.T, atol=1e-5)
-    top = effopd.update_subspaces(delta, 1)  # r below the rank: the largest direction alone
-    assert torch.allclose(top[0] @ top[0].T, a[:, :1] @ a[:, :1].T, atol=1e-5)
-    none = effopd.update_subspaces(torch.zeros(m, n), 5)  # a zero update: the matrix stays put
-    assert none[0].shape == (m, 0)
-    assert torch.equal(effopd.project_update(torch.ones(m, n), *none), torch.zeros(m, n))
+@pytest.mark.slow
+def test_tiny_setting_teacher_strong_student_weak(tokenizer):
+    test = effopd.load_jsonl("data/tiny/test.jsonl")
+    for name, low, high in [("teacher", 0.95, 1.0), ("student", 0.0, 0.6)]:
+        model = Qwen2ForCausalLM.from_pretrained(f"data/tiny/{name}")
+        assert low <= effopd.accuracy(model, tokenizer, test, 6, [1]) <= high
 
 
-def test_lock_to_subspace_moves_only_the_named_matrices():
-    model = Block()
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    u, v = torch.eye(2)[:, :1], torch.eye(2)[:, 1:]  # keep only entry (0, 1) of the update
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    effopd.lock_to_subspace(model, base, {"mlp.weight": (u, v)})
-    params = dict(model.named_parameters())
-    assert (params["mlp.weight"] - base["mlp.weight"]).tolist() == [[0, 1], [0, 0]]
-    assert torch.equal(params["self_attn.weight"], base["self_attn.weight"] + 1)  # not locked
-
-
-def test_sft_arm_trains_on_the_teachers_samples(tmp_path, monkeypatch):
-    samplers = []
-    original = effopd.sample
-
-    def recording(model, *args, **kwargs):
-        samplers.append((model.config.hidden_size, kwargs.get("temperature", args[-1])))
-        return original(model, *args, **kwargs)
-    monkeypatch.setattr(effopd, "sample", recording)
-    effopd.main([*TINY_RUN, "--loss", "sft", "--out", str(tmp_path / "sft")])
-    rollouts = [width for width, temperature in samplers if temperature != 0]  # not evaluation
-    assert rollouts == [128, 128]  # the teacher (width 128), not the student (96), at each step
-
-
-def test_locked_training_keeps_every_update_in_the_early_subspace(tmp_path, capsys):
-    early = tmp_path / "opd"
-    effopd.main([*TINY_RUN, "--out", str(early)])
-    locked = tmp_path / "locked"
-    effopd.main([*TINY_RUN, "--steps", "3", "--lock-subspace", str(early / "step_000001"),
-                 "--lock-rank", "2", "--out", str(locked)])
-    assert "lock: 28 matrices held to their top-2 update subspaces" in capsys.readouterr().out
-    w0 = Qwen2ForCausalLM.from_pretrained("data/tiny/student").state_dict()
-    w1 = Qwen2ForCausalLM.from_pretrained(early / "step_000001").state_dict()
-    w3 = Qwen2ForCausalLM.from_pretrained(locked / "step_000003").state_dict()
-    name = "model.layers.2.mlp.down_proj.weight"
-    u, v = effopd.update_subspaces(w1[name] - w0[name], 2)
-    delta = w3[name] - w0[name]
-    assert delta.norm() > 0
-    assert torch.allclose(effopd.project_update(delta, u, v), delta, atol=1e-6)
-    assert torch.linalg.matrix_rank(delta, atol=1e-6) <= 2
-
-
-# ------------------------------------------------------------------------------------------------
-# EffOPD in a Hugging Face Trainer: EffOPDCallback, and the TRL example on one and two processes
-
-EXAMPLES = os.path.join(REPO, "examples")
-
-
-class Snapshots(TrainerCallback):
-    """The weights and optimizer state at train begin and every step end, as this callback sees
-    them: added before EffOPDCallback it sees W_t, after it the weights EffOPD kept."""
-
-    def __init__(self, trainer):
-        self.trainer, self.weights, self.optimizer, self.training = trainer, {}, {}, {}
-
-    def take(self, step):
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
-        self.weights[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.optimizer[step] = [{k: v.clone() for k, v in s.items()}
-                                for s in self.trainer.optimizer.state.values()]
-        self.training[step] = model.training
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.take(0)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.take(state.global_step)
-
-
-class LogSpy(TrainerCallback):
-    """Stands where report_to integrations (wandb, tensorboard) stand: before user callbacks."""
-
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs, step=state.global_step))
-
-
-def test_effopd_callback_in_a_plain_trainer_moves_logs_and_leaves_optimizer_alone(tmp_path):
-    from transformers import Trainer  # slow to import: only here
-    model = tiny_model("qwen2", 16)
-    gen = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": ids}
-            for ids in torch.randint(2, 16, (16, 8), generator=gen)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, lr_scheduler_type="linear", use_cpu=True,
-                             logging_steps=1, report_to="none", save_strategy="no",
-                             disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
-    scores, modes = iter([0.1, 0.2, 0.3, 0.3,  # step 1: W+2D, W+4D better, W+6D ties: keep 4
-                          0.5, 0.4]), []       # step 2: W+2D worse: keep W_2
-    spy, before, after = LogSpy(), Snapshots(trainer), Snapshots(trainer)
-
-    def score_fn(m):
-        modes.append(m.training)
-        return next(scores)
-    trainer.callback_handler.callbacks.insert(0, spy)
-    trainer.callback_handler.callbacks.append(before)
-    trainer.add_callback(effopd.EffOPDCallback(trainer, score_fn, max_candidates=3))
-    trainer.callback_handler.callbacks.append(after)
-    trainer.train()
-
-    scope = {n for n in before.weights[0] if effopd.is_attention_or_mlp(n)}
-    w0, w1, kept1 = before.weights[0], before.weights[1], after.weights[1]
-    for n in w0:  # step 1: W_1 + 4 (W_1 - W_0) in scope, W_1 elsewhere, exactly
-        assert torch.equal(kept1[n], w1[n] + 4 * (w1[n] - w0[n]) if n in scope else w1[n]), n
-    assert not torch.equal(w1[min(scope)], w0[min(scope)])  # the step did move the weights
-    for n in w0:  # step 2 keeps W_2; step 3 triggers nothing
-        assert torch.equal(after.weights[2][n], before.weights[2][n])
-        assert torch.equal(after.weights[3][n], before.weights[3][n])
-    for t in (1, 2):  # optimizer state untouched; training mode back after scoring in eval mode
-        for s_before, s_after in zip(before.optimizer[t], after.optimizer[t], strict=True):
-            assert all(torch.equal(s_before[k], s_after[k]) for k in s_before)
-        assert after.training[t] is True
-    assert modes == [False] * 6
-    ladders = [(h["step"], {k: v for k, v in h.items() if k.startswith("effopd/score")},
-                h["effopd/kept_multiple"]) for h in trainer.state.log_history
-               if "effopd/kept_multiple" in h]
-    assert ladders == [
-        (1, {"effopd/score_+0D": 0.1, "effopd/score_+2D": 0.2, "effopd/score_+4D": 0.3,
-             "effopd/score_+6D": 0.3}, 4),
-        (2, {"effopd/score_+0D": 0.5, "effopd/score_+2D": 0.4}, 0)]
-    assert [(h["step"], h["effopd/kept_multiple"]) for h in spy.logs
-            if "effopd/kept_multiple" in h] == [(1, 4), (2, 0)]  # integrations get it too
-    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
-
-
-def test_effopd_callback_refuses_sharded_training():
-    for sharded in ("is_fsdp_enabled", "is_deepspeed_enabled"):
-        trainer = types.SimpleNamespace(**{sharded: True})
-        callback = effopd.EffOPDCallback(trainer, lambda m: 0.0)
-        with pytest.raises(NotImplementedError, match="not FSDP or DeepSpeed"):
-            callback.on_train_begin(None, None, None)
-
-
-def test_importing_effopd_does_not_import_trl():
-    code = "import effopd, sys; assert 'trl' not in sys.modules, 'trl imported'"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
-
-
-def test_trl_distillation_loss_with_beta_1_is_opd_loss():
-    """What DistillationTrainer minimizes at beta = 1 (its chunked loss on hidden states and heads)
-    is effopd.opd_loss on the logits they make, gradient included."""
-    from trl.trainer.distillation_trainer import _chunked_divergence_loss
-    torch.manual_seed(0)
-    h_s, h_t = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 12)
-    w_s, w_t = torch.randn(11, 8), torch.randn(11, 12)
-    mask = torch.rand(2, 5) > 0.3
-    trl_loss = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask.long(), beta=1.0)[0]
-    (trl_grad,) = torch.autograd.grad(trl_loss, h_s)
-    ours = effopd.opd_loss(h_s @ w_s.T, h_t @ w_t.T, mask)
-    (our_grad,) = torch.autograd.grad(ours, h_s)
-    assert trl_loss.item() == pytest.approx(ours.item(), rel=1e-5)
-    torch.testing.assert_close(trl_grad, our_grad, rtol=1e-4, atol=1e-6)
-
-
-def test_trl_example_short_run(tmp_path, capsys):
-    sys.path.insert(0, EXAMPLES)
-    import trl_effopd
-    results = trl_effopd.main(["--steps", "2", "--batch-size", "16", "--eval-every", "1",
-                               "--test-size", "20", "--out", str(tmp_path)])
-    opd, eff = results["opd"], results["effopd"]
-    assert [s for s, _, _ in opd["curve"]] == [s for s, _, _ in eff["curve"]] == [0, 1, 2]
-    assert opd["curve"][0] == eff["curve"][0]  # the same student at step 0
-    assert not any("effopd/kept_multiple" in h for h in opd["log_history"])
-    ladders = {h["step"]: h for h in eff["log_history"] if "effopd/kept_multiple" in h}
-    assert sorted(ladders) == [1, 2]
-    for step, val, _ in eff["curve"][1:]:  # after EffOPD the student scores what EffOPD kept
-        h = ladders[step]
-        assert val == h[f"effopd/score_+{h['effopd/kept_multiple']}D"]
-    printed = capsys.readouterr().out
-    assert "effopd    1 | +0D:" in printed and re.search(r"\n\s+2 \|\s+[\d.]+ [\d.]+ \|", printed)
-
-
-TWO_RANKS = """
-import json, sys
-import torch, torch.distributed as dist
-from transformers import TrainerCallback
-sys.path.insert(0, sys.argv[1])
-import trl_effopd as ex
-effopd = ex.effopd
-
-
-class SameWeights(TrainerCallback):
-    '''After EffOPD at every trigger: all ranks' weights, bitwise equal?'''
-    def __init__(self, trainer):
-        self.trainer, self.equal = trainer, {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if effopd.is_power_of_two(state.global_step):
-            w = torch.cat([p.detach().flatten() for p in ex.unwrapped(self.trainer).parameters()])
-            every = [torch.empty_like(w) for _ in range(dist.get_world_size())]
-            dist.all_gather(every, w)
-            self.equal[state.global_step] = all(torch.equal(every[0], x) for x in every)
-
-
-args = ex.parse_args(["--steps", "4", "--batch-size", "16", "--eval-every", "100",
-                      "--test-size", "10", "--out", sys.argv[2], "--runs", "effopd"])
-trainer = ex.make_trainer(args, True, 2)  # initializes the gloo process group
-rank = dist.get_rank()
-
-
-def decision(score_fn):  # rank 0 sees scores 0.1 0.2 0.3 0.2 (keep 4), rank 1 sees 0.9 0.1 (keep 0)
-    model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(3, 3)})
-    torch.nn.init.ones_(model.mlp.weight)
-    anchor = {n: p.detach() - 1 for n, p in model.named_parameters()}
-    history = effopd.effopd_extrapolate(model, anchor, score_fn)
-    kept = max(h["multiple"] for h in history if h["kept"])
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, (kept, model.mlp.weight.tolist()))
-    return every
-
-
-def scripted():
-    it = iter([[0.1, 0.2, 0.3, 0.2], [0.9, 0.1]][rank])
-    return lambda model: next(it)
-
-
-result = {"raw": decision(scripted()), "rank0": decision(effopd.rank0_score(scripted()))}
-same = SameWeights(trainer)
-trainer.add_callback(same)
-trainer.train()
-result["equal"] = same.equal
-result["kept"] = {h["step"]: h["effopd/kept_multiple"] for h in trainer.state.log_history
-                  if "effopd/kept_multiple" in h}
-result["world"] = dist.get_world_size()
-if rank == 0:
-    json.dump(result, open(sys.argv[3], "w"))
-"""
-
-
-def test_two_processes_take_one_decision_and_keep_identical_weights(tmp_path):
-    driver, out = tmp_path / "two_ranks.py", tmp_path / "result.json"
-    driver.write_text(TWO_RANKS)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for attempt in (1, 2):  # one retry: a launch flaked once in ~10 runs here (cause not found)
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node", "2", str(driver), EXAMPLES,
-                              str(tmp_path / f"run{attempt}"), str(out)],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        if run.returncode == 0:
-            break
-        print(f"attempt {attempt} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["world"] == 2
-    (kept_0, w_0), (kept_1, w_1) = result["raw"]  # each rank scoring alone: the ranks drift apart
-    assert (kept_0, kept_1) == (4, 0) and w_0 != w_1
-    (kept_0, w_0), (kept_1, w_1) = result["rank0"]  # rank 0's score broadcast: one decision
-    assert kept_0 == kept_1 == 4 and w_0 == w_1 == [[5.0] * 3] * 3  # W + 4 D = 1 + 4 * 1
-    assert result["equal"] == {"1": True, "2": True, "4": True}  # the TRL run, after each trigger
-    assert sorted(result["kept"]) == ["1", "2", "4"] and max(result["kept"].values()) > 0
+@pytest.mark.slow
+def test_small_setting_teacher_strong_student_weak():
+    from transformers import AutoTokenizer
+    test = effopd.load_jsonl("data/small/test.jsonl")[:100]
+    tokenizer = AutoTokenizer.from_pretrained("data/small/student")
+    for name, low, high in [("teacher", 0.95, 1.0), ("student", 0.1, 0.45)]:
+        model = Qwen2ForCausalLM.from_pretrained(f"data/small/{name}", dtype=torch.float32)
+        assert model.config.hidden_size >= 256 and model.config.num_hidden_layers >= 4
+        assert low <= effopd.accuracy(model, tokenizer, test, 40, [1]) <= high

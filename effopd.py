@@ -1039,7 +1039,9 @@ def check_config(cfg: Config) -> None:
     for name in ("student", "teacher"):  # a hub name is "model" or "org/model"
         path = getattr(cfg, name)
         if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-            raise UserError(f"--{name} {path}: no such folder")
+            make = f" (make it: python data/make_data.py --models {cfg.setting})" \
+                if cfg.setting and path == SETTINGS[cfg.setting].get(name) else ""
+            raise UserError(f"--{name} {path}: no such folder{make}")
     if cfg.lock_subspace and not os.path.isdir(cfg.lock_subspace):
         raise UserError(f"--lock-subspace {cfg.lock_subspace}: no such checkpoint folder")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

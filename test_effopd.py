@@ -1006,6 +1006,17 @@ def test_bad_flags_exit_2_with_one_line_before_any_model_loads(tmp_path, monkeyp
     assert len(lines) == 1 and re.search(message, lines[0]), lines
 
 
+def test_a_setting_whose_models_are_not_made_says_how_to_make_them(tmp_path, monkeypatch, capsys):
+    gone = str(tmp_path / "student")  # as data/smol/student is before make_data.py --models smol
+    monkeypatch.setitem(effopd.SETTINGS, "tiny", {**effopd.SETTINGS["tiny"], "student": gone})
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--tiny", "--out", str(tmp_path / "run")])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"effopd.py: error: --student {gone}: no such folder (make it: python data/make_data.py "
+        f"--models tiny)"]
+
+
 def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
 

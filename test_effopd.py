@@ -860,6 +860,65 @@ def test_training_run_tiny_with_effopd(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_training_run_tiny_in_bf16_on_the_cpu(tmp_path, monkeypatch):
+    """--precision bf16, the GPU branch, on the CPU: the teacher is held in bf16, sampling and
+    EffOPD's scoring run under bf16 autocast, the loss is fp32 from bf16 logits, and the student
+    and its checkpoints stay fp32."""
+    from safetensors import safe_open
+    seen = {"teacher": set(), "sample": set(), "accuracy": set(), "loss": set()}
+    load, sample, accuracy, opd_loss = (effopd.load_student_and_teacher, effopd.sample,
+                                        effopd.accuracy, effopd.opd_loss)
+
+    def autocast_dtype():
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+    def spy_load(*args):
+        student, teacher, tokenizer = load(*args)
+        seen["teacher"] |= {p.dtype for p in teacher.parameters()}
+        return student, teacher, tokenizer
+
+    def spy_sample(*args, **kwargs):
+        seen["sample"].add(autocast_dtype())
+        return sample(*args, **kwargs)
+
+    def spy_accuracy(*args, **kwargs):
+        seen["accuracy"].add(autocast_dtype())
+        return accuracy(*args, **kwargs)
+
+    def spy_loss(student_logits, teacher_logits, mask, chunk_size):
+        loss = opd_loss(student_logits, teacher_logits, mask, chunk_size)
+        seen["loss"].add((student_logits.dtype, teacher_logits.dtype, loss.dtype))
+        return loss
+
+    for name, spy in [("load_student_and_teacher", spy_load), ("sample", spy_sample),
+                      ("accuracy", spy_accuracy), ("opd_loss", spy_loss)]:
+        monkeypatch.setattr(effopd, name, spy)
+    out = str(tmp_path / "run")
+    history = effopd.train(effopd.parse_args(
+        ["--tiny", "--precision", "bf16", "--effopd", "--steps", "2", "--batch-size", "8",
+         "--test-size", "10", "--out", out]))
+    steps = [r for r in history if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) and r["train/kl"] >= 0 for r in steps)
+    assert all(len(r["effopd/trials"]) >= 2 for r in steps)  # the ladder ran at steps 1 and 2
+    assert seen == {"teacher": {torch.bfloat16}, "sample": {torch.bfloat16},
+                    "accuracy": {torch.bfloat16},
+                    "loss": {(torch.bfloat16, torch.bfloat16, torch.float32)}}
+    for step in ("step_000000", "step_000002"):
+        with safe_open(os.path.join(out, step, "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_precision_auto_is_bf16_only_on_a_gpu_that_supports_it(monkeypatch):
+    assert not effopd.use_bf16("auto", "cpu") and not effopd.use_bf16("fp32", "cpu")
+    assert effopd.use_bf16("bf16", "cpu")
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert effopd.use_bf16("auto", "cuda") == supported
+        assert not effopd.use_bf16("fp32", "cuda:0")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["sampled", "grpo"])
 def test_training_run_other_losses(tmp_path, loss):
     out = str(tmp_path / loss)
@@ -990,6 +1049,7 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
     (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
+    (["--precision", "fp16"], "--precision must be auto, bf16 or fp32, not 'fp16'"),
     (["--small"], "--tiny and --small are two settings: give one"),
     (["--lock-subspace", "/no/ckpt"], "--lock-subspace /no/ckpt: no such checkpoint folder"),
     (["--effopd", "--max-candidates", "0"], "--max-candidates must be at least 1"),
@@ -1004,6 +1064,18 @@ def test_bad_flags_exit_2_with_one_line_before_any_model_loads(tmp_path, monkeyp
     assert exit.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--tiny", "--device", "cuda", "--precision", "bf16", "--out",
+                     str(tmp_path / "run")])
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        "error: --precision bf16: this GPU does not support bf16; use fp32")
 
 
 def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):

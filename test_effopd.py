@@ -1659,6 +1659,69 @@ def test_claim_numbers_hand_computed(tmp_path):
     assert math.isnan(bench.claim_numbers(run, None)["rescaled_10%_recovery"])
 
 
+def test_bpe_merge_hand_worked():
+    """Ranks a 0, b 1, c 2, ab 3, abc 4, bc 5: merging a|b|c lowest rank first makes ab (3) and
+    would next make abc (4), which is not below abc's own rank: abc is the merge ab + c."""
+    import bench
+    ranks = {b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"abc": 4, b"bc": 5}
+    assert bench.bpe_merge(b"abc", ranks) == (b"ab", b"c")
+    assert bench.bpe_merge(b"bc", ranks) == (b"b", b"c")
+
+
+@pytest.mark.slow
+def test_qwen25_tokenizer_from_the_carried_ranks():
+    import bench
+    tokenizer = bench.qwen25_tokenizer()
+    assert len(tokenizer) == 151665  # 151,643 BPE tokens + 22 added; the models have 151,936 logits
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                            "<|file_sep|>"]) == [151643, 151644, 151645, 151664]
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (151645, 151643)
+    assert tokenizer("Hello world!")["input_ids"] == [9707, 1879, 0]  # "!" is rank 0
+    text = "Grüße, 你好 123\n\n  x"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "2+3?"}], tokenize=False,
+                                         add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer("<|im_start|>user<|im_end|>")["input_ids"]
+    assert ids == [151644, 872, 151645]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "user"
+
+
+def test_largest_micro_batch_is_the_last_that_fit_before_the_first_that_did_not():
+    import bench
+    peaks = {1: 10, 2: 20, 4: 40, 8: None, 12: 60}  # None: out of memory
+    assert bench.largest_micro_batch(peaks.get, 12, budget=45)[0] == 4  # 8 ran out of memory
+    largest, trials = bench.largest_micro_batch(peaks.get, 4, budget=30)
+    assert largest == 2 and [t["micro_batch_size"] for t in trials] == [1, 2, 4]
+    assert [t["fits"] for t in trials] == [True, True, False]
+    assert bench.largest_micro_batch(peaks.get, 2, budget=5)[0] == 0
+
+
+@pytest.mark.slow
+def test_bench_gpu_tiny_shapes_on_the_cpu(tmp_path):
+    """bench.py gpu's whole path at small shapes: Qwen's tokenizer and vocabulary, rollouts,
+    scoring, loss, backward, AdamW, one EffOPD trigger, one evaluation, the micro-batch search."""
+    import bench
+    out = tmp_path / "gpu.json"
+    bench.main(["gpu", "--device", "cpu", "--shapes", "tiny", "--precision", "bf16",
+                "--max-micro-batch", "6", "--out", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["precision"] == "bf16" and figures["device"] == "cpu"
+    assert set(figures["phases"]) == {"build", "effopd_anchor", "rollout", "student_forward",
+                                      "teacher_forward", "loss", "backward", "optimizer",
+                                      "effopd", "evaluation"}
+    assert all(p["seconds"] > 0 and p["peak_gib"] > 0 for p in figures["phases"].values())
+    steps = figures["steps"]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(math.isfinite(s["loss"]) and s["rollout_tokens_per_s"] > 0 for s in steps)
+    assert all(s["response_tokens"] <= 2 * 2 * 8 for s in steps)  # 2 prompts x 2, <= 8 tokens
+    assert len(figures["effopd_trials"]) >= 2
+    trials = figures["micro_batch_trials"]
+    assert [t["micro_batch_size"] for t in trials] == [1, 2, 4, 6]  # all fit in the machine
+    assert figures["largest_micro_batch"] == 6 and all(t["fits"] for t in trials)
+
+
 def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):
     import bench
     assert bench.requirement("x", True) and not bench.requirement("y", False)

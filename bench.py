@@ -6,6 +6,8 @@ bench.py: the measurements behind the figures in RESULTS.md, rerunnable on a CPU
     python bench.py speedup    # vanilla OPD vs EffOPD, each at its best learning rate
     python bench.py reproduce  # OPD vs GRPO vs SFT on the small setting: both papers' claims
     python bench.py geometry   # time and peak RSS of analyze.py --base on Qwen2.5-shaped pairs
+    python bench.py bf16       # the OPD loss from bf16-autocast logits against fp32 logits
+    python bench.py gpu        # the main run's path on Qwen2.5 shapes, phase by phase (a GPU)
 
 loss. Forward plus backward of the OPD loss on (4, 1024, 151936) fp32 logits (4k positions at
 Qwen's vocabulary; the last 10% of each row is padding), by effopd.opd_loss (chunked, with its own
@@ -35,6 +37,24 @@ Each report runs in a fresh subprocess, which reads its own peak RSS (VmHWM) at 
 rusage of a child would count this parent's peak, inherited through vfork). The checkpoints are
 built in a temporary folder, or kept in --keep DIR and reused.
 Goals: 1.5B at most 3 min and 1.5 GiB; 0.5B at most 60 s.
+
+bf16. effopd.py's bf16 branch (--precision bf16: the student in fp32 under bf16 autocast, the
+teacher held in bf16) against fp32 throughout: the OPD loss on the same random ids (2 x 256 scored
+positions after 32 prompt positions) at Qwen's vocabulary, the student with Qwen2.5-0.5B's widths
+and 2 layers, random weights; two teachers: an independent random model with 1.5B's widths (a large
+KL), and the student plus noise (a small KL, where the relative difference is largest).
+
+gpu. `python effopd.py`'s path without its checkpoints: random-weight models with the exact
+configurations of Qwen2.5-0.5B-Instruct and 1.5B-Instruct (QWEN25), Qwen2.5's tokenizer rebuilt
+from data/qwen/qwen.tiktoken.xz (qwen25_tokenizer), the prompts of data/arith. --steps steps of
+rollouts, scoring, loss, backward and AdamW, made of effopd's own functions as train() calls them,
+one EffOPD trigger after step 1, one greedy evaluation. Each phase is timed and its peak memory read
+(torch.cuda.max_memory_allocated on a GPU, the peak RSS VmHWM on a CPU; reset at each phase's
+start). Then micro-batches of 1, 2, 4, ... responses (the last rollout's rows, repeated when
+needed) are scored and backpropagated until one runs out of memory or peaks above --memory-gib:
+the largest that fitted is the --micro-batch-size to use. The counts are small (3 steps, one
+trigger, 64 evaluation prompts) to fit a short GPU loan; its GPU time has not been measured.
+--shapes tiny: small widths and run sizes, Qwen's vocabulary, for the CPU test.
 
 Each command exits 1 when it prints FAIL or a measurement fails. What these printed on the
 project's 2-core machine, and the commands, are in RESULTS.md.
@@ -643,6 +663,36 @@ def opd_micro_batches(student, teacher, ids, attention_mask, mask, vocab: int,
     return total
 
 
+def opd_step(student, teacher, optimizer, prompts: list[list[int]], max_new_tokens: int,
+             eos: list[int], pad_id: int, vocab: int, micro_batch_size: int, autocast,
+             phases: Phases):
+    """Steps 1 to 4 of effopd.train for OPD, without its checks: rollouts at temperature 1,
+    scoring, loss, backward, a clipped AdamW step. Returns the rollout (ids, attention_mask,
+    mask) and the loss."""
+    with phases("rollout"), autocast:
+        ids, attention_mask, mask = effopd.sample(student, prompts, max_new_tokens, eos, pad_id,
+                                                  vocab, 1.0)
+    loss = opd_micro_batches(student, teacher, ids, attention_mask, mask, vocab,
+                             micro_batch_size, autocast, phases)
+    with phases("optimizer"):
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return ids, attention_mask, mask, loss
+
+
+def random_pair(student_shape: dict, teacher_shape: dict, seed: int, device: str, bf16: bool):
+    """Qwen2.5's tokenizer, a random student in fp32 and a frozen random teacher (in bf16 when
+    bf16) on device, with Qwen2.5-Instruct's generation EOS ids, as effopd's loading gives them."""
+    tokenizer = qwen25_tokenizer()
+    student = random_qwen2(student_shape, seed).to(device)
+    teacher = random_qwen2(teacher_shape, seed + 1, torch.bfloat16 if bf16 else torch.float32)
+    teacher = teacher.to(device).requires_grad_(False)
+    for model in (student, teacher):  # as in Qwen2.5-Instruct's generation_config.json
+        model.generation_config.eos_token_id = [151645, 151643]
+    return tokenizer, student, teacher
+
+
 def micro_batch_peak(size: int, student, teacher, ids, attention_mask, mask, vocab: int,
                      autocast, device: str) -> int | None:
     """Peak memory of scoring, loss and backward of one micro-batch of size responses (the
@@ -699,6 +749,8 @@ def bench_gpu(args) -> bool:
     for name, value in defaults.items():  # flags left at None take the shapes' defaults
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"bench.py gpu: --device {device}: no CUDA GPU is available")
     bf16 = effopd.use_bf16(args.precision, device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     phases, rng = Phases(device), random.Random(args.seed)
@@ -708,13 +760,8 @@ def bench_gpu(args) -> bool:
           f"{args.batch_size} prompts x {args.group_size} samples, <= {args.max_new_tokens} new "
           f"tokens, micro-batch {args.micro_batch_size}, {args.steps} steps", flush=True)
     with phases("build"):  # the tokenizer and the random models (not part of a step)
-        tokenizer = qwen25_tokenizer()
-        student = random_qwen2(student_shape, args.seed).to(device)
-        teacher = random_qwen2(teacher_shape, args.seed + 1,
-                               torch.bfloat16 if bf16 else torch.float32).to(device)
-        teacher.requires_grad_(False)
-        for model in (student, teacher):  # as Qwen2.5-Instruct's generation_config.json
-            model.generation_config.eos_token_id = [151645, 151643]
+        tokenizer, student, teacher = random_pair(student_shape, teacher_shape, args.seed, device,
+                                                  bf16)
     vocab, eos = len(tokenizer), effopd.eos_ids(tokenizer, student)
     print(f"built in {phases.seconds['build']:.1f} s: tokenizer of {vocab} tokens, student "
           f"{sum(p.numel() for p in student.parameters()) / 1e9:.3f}B, teacher "
@@ -735,15 +782,9 @@ def bench_gpu(args) -> bool:
         before = dict(phases.seconds)
         batch = [r for r in rng.sample(train_set, args.batch_size) for _ in range(args.group_size)]
         prompts = effopd.render_prompts(tokenizer, [r["prompt"] for r in batch])
-        with phases("rollout"), autocast:
-            ids, attention_mask, mask = effopd.sample(student, prompts, args.max_new_tokens, eos,
-                                                      tokenizer.pad_token_id, vocab, 1.0)
-        loss = opd_micro_batches(student, teacher, ids, attention_mask, mask, vocab,
-                                 args.micro_batch_size, autocast, phases)
-        with phases("optimizer"):
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        ids, attention_mask, mask, loss = opd_step(
+            student, teacher, optimizer, prompts, args.max_new_tokens, eos,
+            tokenizer.pad_token_id, vocab, args.micro_batch_size, autocast, phases)
         seconds = {k: round(v - before.get(k, 0.0), 4) for k, v in phases.seconds.items()
                    if v != before.get(k)}
         steps.append({"step": step, "loss": loss, "prompt_len": ids.shape[1] - mask.shape[1],
@@ -873,14 +914,13 @@ def main(argv=None) -> None:
                    help="the near teacher: the student plus noise of this many weight stds")
     p.set_defaults(func=bench_bf16)
 
-    p = commands.add_parser("gpu", help="the main run's path on Qwen2.5 shapes, phase by phase",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = commands.add_parser("gpu", help="the main run's path on Qwen2.5 shapes, phase by phase")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--shapes", choices=list(SHAPES), default="qwen",
-                   help="qwen: Qwen2.5-0.5B-Instruct from 1.5B-Instruct; tiny: small widths, "
-                        "the run sizes below made small (the CPU test)")
+                   help="qwen (default): Qwen2.5-0.5B-Instruct from 1.5B-Instruct; tiny: small "
+                        "widths, the run sizes below made small (the CPU test)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="as effopd.py --precision")
+                   help="as effopd.py --precision (default: auto)")
     for flag in ("batch_size", "group_size", "max_new_tokens", "micro_batch_size", "steps",
                  "val_size", "eval_size"):
         p.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
@@ -890,7 +930,8 @@ def main(argv=None) -> None:
                    help="memory budget of the micro-batch search (default: the device's)")
     p.add_argument("--max-micro-batch", type=int, default=None,
                    help="largest micro-batch tried (default: batch size x group size)")
-    p.add_argument("--out", default="runs/bench-gpu.json", help="the figures, as JSON")
+    p.add_argument("--out", default="runs/bench-gpu.json",
+                   help="the figures, as JSON (default: runs/bench-gpu.json)")
     p.set_defaults(func=bench_gpu)
 
     args = parser.parse_args(argv)

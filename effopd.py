@@ -16,7 +16,7 @@ Simplifications, all deliberate:
  3. one optimizer step per batch of rollouts, at a constant learning rate;
  4. EffOPD scores candidates by greedy decoding and moves no norm (RESULTS.md: how this departs
     from the official code); EffOPDCallback does the same inside a Hugging Face Trainer;
- 5. the student in fp32 (under bf16 autocast on a GPU), the teacher in bf16 on a GPU.
+ 5. the student in fp32 (under bf16 autocast on a GPU), the teacher in bf16 on a GPU (--precision).
 
 Run:  python effopd.py --tiny             # tiny models on the CPU, seconds (README)
       python effopd.py --tiny --effopd    # the same with EffOPD
@@ -89,6 +89,8 @@ class Config:
     save_checkpoints: bool = arg(True, "save the student at steps 0, 1, 2, 4, 8, ... and the end")
     seed: int = arg(0, "seed for data order, sampling and everything else")
     device: str = arg("", "cuda or cpu (default: cuda when available)")
+    precision: str = arg("auto", "bf16 (the student in fp32 under bf16 autocast, the teacher held "
+                         "in bf16; CPUs too), fp32, or auto: bf16 on a GPU that supports it")
     setting: str = arg("", "a row of SETTINGS (flag --NAME): its models, data and defaults")
     resume: str = arg("", "continue the stopped run in this folder from its last checkpoint")
 
@@ -727,9 +729,17 @@ def lock_to_subspace(model: torch.nn.Module, base: dict[str, torch.Tensor],
 # Training: set-up, then one loop
 
 
+def use_bf16(precision: str, device: str) -> bool:
+    """--precision: bf16 (student in fp32 under bf16 autocast, teacher in bf16) or fp32; auto is
+    bf16 on a GPU that supports it, fp32 elsewhere."""
+    if precision == "auto":
+        return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
 def load_student_and_teacher(student_path: str, teacher_path: str, device: str, bf16: bool):
     """The student in fp32 (bf16 weights would round lr-1e-6 updates away), the frozen teacher in
-    bf16 when bf16 (on a GPU), and their one tokenizer, with a pad token. Returns all three."""
+    bf16 when bf16, and their one tokenizer, with a pad token. Returns all three."""
     student, tokenizer = load_model_and_tokenizer(student_path, torch.float32, device)
     teacher, teacher_tokenizer = load_model_and_tokenizer(
         teacher_path, torch.bfloat16 if bf16 else torch.float32, device)
@@ -780,7 +790,7 @@ def train(cfg: Config) -> list[dict]:
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(cfg.precision, device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     train_set, val_set, test_set = load_splits(cfg)
     last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
@@ -1046,6 +1056,11 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--lock-subspace {cfg.lock_subspace}: no such checkpoint folder")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA GPU is available")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
+    on_gpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cfg.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU does not support bf16; use fp32")
     out = run_folder(cfg)
     check_run_folder(out, resume=bool(cfg.resume))
     if cfg.resume:  # mmap: reads the step, not the optimizer state

@@ -860,6 +860,65 @@ def test_training_run_tiny_with_effopd(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_training_run_tiny_in_bf16_on_the_cpu(tmp_path, monkeypatch):
+    """--precision bf16, the GPU branch, on the CPU: the teacher is held in bf16, sampling and
+    EffOPD's scoring run under bf16 autocast, the loss is fp32 from bf16 logits, and the student
+    and its checkpoints stay fp32."""
+    from safetensors import safe_open
+    seen = {"teacher": set(), "sample": set(), "accuracy": set(), "loss": set()}
+    load, sample, accuracy, opd_loss = (effopd.load_student_and_teacher, effopd.sample,
+                                        effopd.accuracy, effopd.opd_loss)
+
+    def autocast_dtype():
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+    def spy_load(*args):
+        student, teacher, tokenizer = load(*args)
+        seen["teacher"] |= {p.dtype for p in teacher.parameters()}
+        return student, teacher, tokenizer
+
+    def spy_sample(*args, **kwargs):
+        seen["sample"].add(autocast_dtype())
+        return sample(*args, **kwargs)
+
+    def spy_accuracy(*args, **kwargs):
+        seen["accuracy"].add(autocast_dtype())
+        return accuracy(*args, **kwargs)
+
+    def spy_loss(student_logits, teacher_logits, mask, chunk_size):
+        loss = opd_loss(student_logits, teacher_logits, mask, chunk_size)
+        seen["loss"].add((student_logits.dtype, teacher_logits.dtype, loss.dtype))
+        return loss
+
+    for name, spy in [("load_student_and_teacher", spy_load), ("sample", spy_sample),
+                      ("accuracy", spy_accuracy), ("opd_loss", spy_loss)]:
+        monkeypatch.setattr(effopd, name, spy)
+    out = str(tmp_path / "run")
+    history = effopd.train(effopd.parse_args(
+        ["--tiny", "--precision", "bf16", "--effopd", "--steps", "2", "--batch-size", "8",
+         "--test-size", "10", "--out", out]))
+    steps = [r for r in history if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) and r["train/kl"] >= 0 for r in steps)
+    assert all(len(r["effopd/trials"]) >= 2 for r in steps)  # the ladder ran at steps 1 and 2
+    assert seen == {"teacher": {torch.bfloat16}, "sample": {torch.bfloat16},
+                    "accuracy": {torch.bfloat16},
+                    "loss": {(torch.bfloat16, torch.bfloat16, torch.float32)}}
+    for step in ("step_000000", "step_000002"):
+        with safe_open(os.path.join(out, step, "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_precision_auto_is_bf16_only_on_a_gpu_that_supports_it(monkeypatch):
+    assert not effopd.use_bf16("auto", "cpu") and not effopd.use_bf16("fp32", "cpu")
+    assert effopd.use_bf16("bf16", "cpu")
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert effopd.use_bf16("auto", "cuda") == supported
+        assert not effopd.use_bf16("fp32", "cuda:0")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["sampled", "grpo"])
 def test_training_run_other_losses(tmp_path, loss):
     out = str(tmp_path / loss)
@@ -990,6 +1049,7 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
     (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
+    (["--precision", "fp16"], "--precision must be auto, bf16 or fp32, not 'fp16'"),
     (["--small"], "--tiny and --small are two settings: give one"),
     (["--lock-subspace", "/no/ckpt"], "--lock-subspace /no/ckpt: no such checkpoint folder"),
     (["--effopd", "--max-candidates", "0"], "--max-candidates must be at least 1"),
@@ -1015,6 +1075,18 @@ def test_a_setting_whose_models_are_not_made_says_how_to_make_them(tmp_path, mon
     [line] = capsys.readouterr().err.strip().splitlines()  # prog: error: ...
     assert line.endswith(f" error: --student {gone}: no such folder (make it: python "
                          f"data/make_data.py --models tiny)")
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--tiny", "--device", "cuda", "--precision", "bf16", "--out",
+                     str(tmp_path / "run")])
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        "error: --precision bf16: this GPU does not support bf16; use fp32")
 
 
 def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
@@ -1596,6 +1668,69 @@ def test_claim_numbers_hand_computed(tmp_path):
         locked_minus_free_test_acc=-0.05))
     run["interventions"]["accT"] = 0.1  # a run that lost accuracy: no share of a gain
     assert math.isnan(bench.claim_numbers(run, None)["rescaled_10%_recovery"])
+
+
+def test_bpe_merge_hand_worked():
+    """Ranks a 0, b 1, c 2, ab 3, abc 4, bc 5: merging a|b|c lowest rank first makes ab (3) and
+    would next make abc (4), which is not below abc's own rank: abc is the merge ab + c."""
+    import bench
+    ranks = {b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"abc": 4, b"bc": 5}
+    assert bench.bpe_merge(b"abc", ranks) == (b"ab", b"c")
+    assert bench.bpe_merge(b"bc", ranks) == (b"b", b"c")
+
+
+@pytest.mark.slow
+def test_qwen25_tokenizer_from_the_carried_ranks():
+    import bench
+    tokenizer = bench.qwen25_tokenizer()
+    assert len(tokenizer) == 151665  # 151,643 BPE tokens + 22 added; the models have 151,936 logits
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                            "<|file_sep|>"]) == [151643, 151644, 151645, 151664]
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (151645, 151643)
+    assert tokenizer("Hello world!")["input_ids"] == [9707, 1879, 0]  # "!" is rank 0
+    text = "Grüße, 你好 123\n\n  x"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "2+3?"}], tokenize=False,
+                                         add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer("<|im_start|>user<|im_end|>")["input_ids"]
+    assert ids == [151644, 872, 151645]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "user"
+
+
+def test_largest_micro_batch_is_the_last_that_fit_before_the_first_that_did_not():
+    import bench
+    peaks = {1: 10, 2: 20, 4: 40, 8: None, 12: 60}  # None: out of memory
+    assert bench.largest_micro_batch(peaks.get, 12, budget=45)[0] == 4  # 8 ran out of memory
+    largest, trials = bench.largest_micro_batch(peaks.get, 4, budget=30)
+    assert largest == 2 and [t["micro_batch_size"] for t in trials] == [1, 2, 4]
+    assert [t["fits"] for t in trials] == [True, True, False]
+    assert bench.largest_micro_batch(peaks.get, 2, budget=5)[0] == 0
+
+
+@pytest.mark.slow
+def test_bench_gpu_tiny_shapes_on_the_cpu(tmp_path):
+    """bench.py gpu's whole path at small shapes: Qwen's tokenizer and vocabulary, rollouts,
+    scoring, loss, backward, AdamW, one EffOPD trigger, one evaluation, the micro-batch search."""
+    import bench
+    out = tmp_path / "gpu.json"
+    bench.main(["gpu", "--device", "cpu", "--shapes", "tiny", "--precision", "bf16",
+                "--max-micro-batch", "6", "--out", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["precision"] == "bf16" and figures["device"] == "cpu"
+    assert set(figures["phases"]) == {"build", "effopd_anchor", "rollout", "student_forward",
+                                      "teacher_forward", "loss", "backward", "optimizer",
+                                      "effopd", "evaluation"}
+    assert all(p["seconds"] > 0 and p["peak_gib"] > 0 for p in figures["phases"].values())
+    steps = figures["steps"]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(math.isfinite(s["loss"]) and s["rollout_tokens_per_s"] > 0 for s in steps)
+    assert all(s["response_tokens"] <= 2 * 2 * 8 for s in steps)  # 2 prompts x 2, <= 8 tokens
+    assert len(figures["effopd_trials"]) >= 2
+    trials = figures["micro_batch_trials"]
+    assert [t["micro_batch_size"] for t in trials] == [1, 2, 4, 6]  # all fit in the machine
+    assert figures["largest_micro_batch"] == 6 and all(t["fits"] for t in trials)
 
 
 def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):

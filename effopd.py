@@ -102,14 +102,18 @@ def setting(name: str, **defaults) -> dict:
                 val=path("val.jsonl"), test=path("test.jsonl"), device="cpu", **defaults)
 
 
-# The built-in settings (python effopd.py --tiny): character-level Qwen2 models. tiny: "a+b=",
-# 0.5M parameters, a smoke test. small: "6+9+7=" with the working written out ("6+9=15,15+7=22"),
-# 3.9M / 7.7M parameters, wide enough for the papers' comparisons.
+# The built-in settings (python effopd.py --tiny). tiny and small: character-level Qwen2 models;
+# tiny: "a+b=", 0.5M parameters, a smoke test; small: "6+9+7=" with the working written out
+# ("6+9=15,15+7=22"), 3.9M / 7.7M parameters, wide enough for the papers' comparisons. smol: a
+# real pretrained LM, SmolLM2-135M-Instruct, taught "What is 17 + 38?" by a LoRA-tuned copy of
+# itself (made by python data/make_data.py --models smol).
 SETTINGS = {
     "tiny": setting("tiny", batch_size=64, group_size=2, max_new_tokens=6, lr=1e-5, steps=64,
                     micro_batch_size=128, eval_every=4),
     "small": setting("small", batch_size=16, group_size=4, max_new_tokens=40, lr=1e-4, steps=64,
                      micro_batch_size=64, eval_every=8),
+    "smol": setting("smol", batch_size=8, group_size=4, max_new_tokens=16, lr=1e-5, steps=16,
+                    micro_batch_size=32, eval_every=4, test_size=200),
 }
 
 # ------------------------------------------------------------------------------------------------

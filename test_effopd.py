@@ -1774,6 +1774,7 @@ def test_small_setting_teacher_strong_student_weak():
         assert model.config.hidden_size >= 256 and model.config.num_hidden_layers >= 4
         assert low <= effopd.accuracy(model, tokenizer, test, 40, [1]) <= high
 
+
 # ------------------------------------------------------------------------------------------------
 # The smol setting: a real pretrained LM
 
@@ -1860,11 +1861,10 @@ def test_smol_real_model_opd_steps_and_greedy_decoding(tmp_path):
     if not os.path.isdir(teacher):
         make_data.make_smol_teacher(student, os.path.join(SMOL, "adapter"), teacher)
     out = str(tmp_path / "run")
-    cfg = effopd.Config(student=student, teacher=teacher, train=os.path.join(SMOL, "train.jsonl"),
-                        val=os.path.join(SMOL, "val.jsonl"), test=os.path.join(SMOL, "test.jsonl"),
-                        device="cpu", steps=2, batch_size=2, group_size=2, max_new_tokens=16,
-                        val_size=4, test_size=4, eval_every=2, out=out, lr=1e-5,
-                        micro_batch_size=4)
+    cfg = effopd.parse_args(["--smol", "--steps", "2", "--batch-size", "2", "--group-size", "2",
+                             "--val-size", "4", "--test-size", "4", "--eval-every", "2",
+                             "--micro-batch-size", "4", "--out", out])
+    assert (cfg.student, cfg.teacher, cfg.max_new_tokens, cfg.lr) == (student, teacher, 16, 1e-5)
     history = effopd.train(cfg)
     losses = [r["train/loss"] for r in history if "train/loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) and x >= 0 for x in losses)  # a KL

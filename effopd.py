@@ -20,8 +20,8 @@ Simplifications, all deliberate:
 
 Run:  python effopd.py --tiny             # tiny models on the CPU, seconds (README)
       python effopd.py --tiny --effopd    # the same with EffOPD
+      python effopd.py --smol             # SmolLM2-135M-Instruct, a real LM, on the CPU (README)
       python effopd.py                    # Qwen2.5-0.5B-Instruct from 1.5B-Instruct, one GPU
-Plumbing (flag and run-folder checks, --resume, atomic writes) is at the end of the file.
 """
 import argparse
 import json

@@ -873,7 +873,7 @@ def main(argv=None) -> None:
 
     p = commands.add_parser("speedup", help="vanilla OPD vs EffOPD, each at its best learning rate",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--setting", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--setting", choices=list(effopd.SETTINGS), default="tiny")
     p.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
     p.add_argument("--lrs", type=float, nargs="+",
                    default=[1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4],
@@ -891,7 +891,7 @@ def main(argv=None) -> None:
 
     p = commands.add_parser("reproduce", help="OPD vs GRPO vs SFT: both papers' claims, seeds",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--setting", choices=["tiny", "small"], default="small")
+    p.add_argument("--setting", choices=list(effopd.SETTINGS), default="small")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=64, help="steps of every run")
     # GRPO collapses at 1e-4 on the small setting (test accuracy 30% -> 9-18% in 64 steps)

@@ -814,8 +814,8 @@ def train(cfg: Config) -> list[dict]:
     config = json.dumps({**asdict(cfg), "out": out}, indent=2)
     write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
     metrics_path = os.path.join(out, "metrics.jsonl")
-    clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0
-    history = []  # this call's metrics records; clock: training + EffOPD seconds
+    clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0  # seconds
+    history = []  # this call's metrics records; the clock counts training and EffOPD, not evals
 
     def score(model, records: list[dict]) -> float:  # greedy accuracy, as every evaluation has it
         with autocast:

@@ -27,7 +27,9 @@ speedup. Vanilla OPD and EffOPD (`effopd.py --tiny [--effopd]`, or --small), eac
 learning rate: both swept over --lrs on the tuning seeds (best: fewest steps to the target, median
 over seeds; then the higher final accuracy), then run at that rate on held-out seeds. Reported:
 steps and seconds (EffOPD's validation counted, test evaluation not) until test accuracy first
-reaches --target, and the final test accuracy; the held-out curves to a PNG.
+reaches --target, and the final test accuracy; the held-out curves to a PNG. Every finished run's
+curve is kept in results/speedup-<setting>/ (one small JSON each, to commit): a rerun with the same
+flags reads them instead of training, so the tables come back from those files alone.
 
 geometry. `analyze.py --base BASE TUNED --json ...` (the whole any-checkpoint report) on a pair of
 random-weight checkpoints with the exact configuration of Qwen2.5-0.5B and of Qwen2.5-1.5B, saved
@@ -70,6 +72,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -305,16 +308,30 @@ def first_reaching(curve: list[tuple[int, float, float]], target: float):
 
 
 def speedup_run(method: str, lr: float, seed: int, args) -> list[tuple[int, float, float]]:
-    """One effopd.py run in this process: (step, test accuracy, training seconds) per evaluation."""
-    out = os.path.join(args.out, f"{method}-lr{lr:g}-seed{seed}")
-    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
+    """One effopd.py run in this process: (step, test accuracy, training seconds) per evaluation.
+    Each finished run is kept as a small JSON in --results; a run found there with the same flags
+    is read, not trained again, so a long sweep goes on where it stopped (and can be committed)."""
+    name = f"{method}-lr{lr:g}-seed{seed}"
+    out, saved = os.path.join(args.out, name), os.path.join(args.results, f"{name}.json")
     argv = [f"--{args.setting}", "--lr", str(lr), "--seed", str(seed), "--steps", str(args.steps),
             "--eval-every", str(args.eval_every), "--test-size", str(args.test_size),
-            "--no-save-checkpoints", "--out", out] + ["--effopd"] * (method == "effopd")
+            *(["--effopd"] if method == "effopd" else []), *args.extra]
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            run = json.load(f)
+        if run["flags"] != argv:
+            raise SystemExit(f"bench.py: error: {saved} was made with {' '.join(run['flags'])}, "
+                             f"not {' '.join(argv)}: pass another --results or delete it")
+        return [tuple(point) for point in run["curve"]]
+    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        history = effopd.train(effopd.parse_args(argv + args.extra))
-    return [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in history
-            if "eval/test_acc" in r]
+        history = effopd.train(effopd.parse_args(argv + ["--no-save-checkpoints", "--out", out]))
+    curve = [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in history
+             if "eval/test_acc" in r]
+    os.makedirs(args.results, exist_ok=True)
+    effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(
+        json.dumps({"flags": argv, "curve": curve})))
+    return curve
 
 
 def sweep_score(curves: list, target: float) -> tuple[float, float]:
@@ -886,6 +903,9 @@ def main(argv=None) -> None:
     p.add_argument("--test-size", type=int, default=500, help="test prompts per evaluation")
     p.add_argument("--out", default="runs/speedup",
                    help="run folders, speedup.json and speedup.png")
+    p.add_argument("--results", default=None,
+                   help="one JSON per finished run, reused when there (default: "
+                        "results/speedup-<setting>, small enough to commit)")
     p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
     p.set_defaults(func=bench_speedup)
 
@@ -935,6 +955,8 @@ def main(argv=None) -> None:
     p.set_defaults(func=bench_gpu)
 
     args = parser.parse_args(argv)
+    if args.command == "speedup" and args.results is None:
+        args.results = os.path.join(effopd.PROJECT, "results", f"speedup-{args.setting}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.func(args):  # it printed FAIL, or a measurement failed

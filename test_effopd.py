@@ -17,6 +17,7 @@ from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCa
                           TrainerCallback, TrainingArguments)
 
 import analyze
+import bench
 import effopd
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -1630,7 +1631,6 @@ def test_toy_rejects_an_unstable_learning_rate():
 
 
 def test_first_reaching_and_sweep_score():
-    import bench
     fast = [(0, 0.2, 0.0), (1, 0.6, 1.0), (2, 0.96, 2.0), (3, 0.97, 3.0)]
     slow = [(0, 0.2, 0.0), (1, 0.4, 1.5), (2, 0.5, 3.0), (3, 0.95, 4.5)]
     never = [(0, 0.2, 0.0), (1, 0.5, 1.0), (2, 0.9, 2.0), (3, 0.94, 3.0)]
@@ -1641,8 +1641,30 @@ def test_first_reaching_and_sweep_score():
     assert min([[never], [slow], [fast]], key=lambda c: bench.sweep_score(c, 0.95)) == [fast]
 
 
+def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_path, monkeypatch):
+    trained = []
+
+    def train(cfg):  # a scripted run: test accuracy 0.5 at step 0, 0.9 at step 2
+        trained.append((cfg.lr, cfg.seed, cfg.effopd))
+        return [{"step": 0, "eval/test_acc": 0.5, "time/train_s": 0.0},
+                {"step": 1, "train/loss": 1.0, "time/train_s": 1.5},
+                {"step": 2, "eval/test_acc": 0.9, "time/train_s": 3.0}]
+    monkeypatch.setattr(effopd, "train", train)
+    args = types.SimpleNamespace(setting="tiny", steps=2, eval_every=2, test_size=10, extra=[],
+                                 out=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+    curve = [(0, 0.5, 0.0), (2, 0.9, 3.0)]
+    assert bench.speedup_run("effopd", 1e-5, 3, args) == curve
+    assert json.loads((tmp_path / "results" / "effopd-lr1e-05-seed3.json").read_text())[
+        "curve"] == [list(point) for point in curve]
+    assert bench.speedup_run("effopd", 1e-5, 3, args) == curve  # read back, not trained again
+    assert trained == [(1e-5, 3, True)]
+    args.steps = 4
+    with pytest.raises(SystemExit, match="effopd-lr1e-05-seed3.json was made with .*--steps 2.*, "
+                                         "not .*--steps 4"):
+        bench.speedup_run("effopd", 1e-5, 3, args)
+
+
 def test_claim_numbers_hand_computed(tmp_path):
-    import bench
     for name, acc in (("run", 0.7), ("locked", 0.65)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.jsonl").write_text(
@@ -1673,7 +1695,6 @@ def test_claim_numbers_hand_computed(tmp_path):
 def test_bpe_merge_hand_worked():
     """Ranks a 0, b 1, c 2, ab 3, abc 4, bc 5: merging a|b|c lowest rank first makes ab (3) and
     would next make abc (4), which is not below abc's own rank: abc is the merge ab + c."""
-    import bench
     ranks = {b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"abc": 4, b"bc": 5}
     assert bench.bpe_merge(b"abc", ranks) == (b"ab", b"c")
     assert bench.bpe_merge(b"bc", ranks) == (b"b", b"c")
@@ -1681,7 +1702,6 @@ def test_bpe_merge_hand_worked():
 
 @pytest.mark.slow
 def test_qwen25_tokenizer_from_the_carried_ranks():
-    import bench
     tokenizer = bench.qwen25_tokenizer()
     assert len(tokenizer) == 151665  # 151,643 BPE tokens + 22 added; the models have 151,936 logits
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -1700,7 +1720,6 @@ def test_qwen25_tokenizer_from_the_carried_ranks():
 
 
 def test_largest_micro_batch_is_the_last_that_fit_before_the_first_that_did_not():
-    import bench
     peaks = {1: 10, 2: 20, 4: 40, 8: None, 12: 60}  # None: out of memory
     assert bench.largest_micro_batch(peaks.get, 12, budget=45)[0] == 4  # 8 ran out of memory
     largest, trials = bench.largest_micro_batch(peaks.get, 4, budget=30)
@@ -1713,7 +1732,6 @@ def test_largest_micro_batch_is_the_last_that_fit_before_the_first_that_did_not(
 def test_bench_gpu_tiny_shapes_on_the_cpu(tmp_path):
     """bench.py gpu's whole path at small shapes: Qwen's tokenizer and vocabulary, rollouts,
     scoring, loss, backward, AdamW, one EffOPD trigger, one evaluation, the micro-batch search."""
-    import bench
     out = tmp_path / "gpu.json"
     bench.main(["gpu", "--device", "cpu", "--shapes", "tiny", "--precision", "bf16",
                 "--max-micro-batch", "6", "--out", str(out)])
@@ -1734,7 +1752,6 @@ def test_bench_gpu_tiny_shapes_on_the_cpu(tmp_path):
 
 
 def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):
-    import bench
     assert bench.requirement("x", True) and not bench.requirement("y", False)
     assert capsys.readouterr().out == "requirement: x -> PASS\nrequirement: y -> FAIL\n"
     monkeypatch.setattr(bench, "bench_metrics", lambda args: bench.requirement("slow", False))

@@ -987,7 +987,8 @@ def parse_args(argv=None) -> Config:
         if f.name == "setting":  # one flag per row: --tiny, --small, ...
             for name in SETTINGS:
                 parser.add_argument("--" + name, dest="setting", action="append_const",
-                                    const=name, help=f"the {name} setting ({help})")
+                                    const=name, help=f"the {name} setting: models, data and "
+                                    f"defaults of SETTINGS[{name!r}]")
         elif f.type is bool or f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:

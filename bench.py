@@ -64,6 +64,7 @@ project's 2-core machine, and the commands, are in RESULTS.md.
 import argparse
 import contextlib
 import functools
+import glob
 import json
 import math
 import os
@@ -425,7 +426,7 @@ def reproduce_run(argv: list[str], out: str, steps: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
     print(f"running {' '.join(argv)} --out {out}", flush=True)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        effopd.train(effopd.parse_args(argv + ["--steps", str(steps), "--out", out]))
+        effopd.train(effopd.parse_args(argv + ["--out", out]))
 
 
 def final_test_accuracy(out: str) -> float:
@@ -433,7 +434,7 @@ def final_test_accuracy(out: str) -> float:
         return [r for r in map(json.loads, f) if "eval/test_acc" in r][-1]["eval/test_acc"]
 
 
-def claim_numbers(run: dict, locked_out: str | None) -> dict[str, float]:
+def claim_numbers(run: dict) -> dict[str, float]:
     """The numbers of one run behind the claims of both papers (see RESULTS.md's table)."""
     g, norms, iv = run["geometry"], run["norms"], run["interventions"]
     total = sum(v * v for v in norms.values())
@@ -447,58 +448,87 @@ def claim_numbers(run: dict, locked_out: str | None) -> dict[str, float]:
     recovered = lambda acc: (acc - iv["acc0"]) / gain if gain > 0 else math.nan  # noqa: E731
     window = [acc for _, acc in iv["window"]]
     parts = {f: (top, bottom) for f, top, bottom in iv["parts"]}
-    out = {"spectral_ratio": g["spectral_ratio"], "effective_rank": g["effective_rank"],
-           "top1_ratio": g["top1_ratio"],
-           "embedding_share": norms.get(("embedding", None), 0.0) ** 2 / total,
-           "bottom_share": in_layers(lambda kind, layer: layer < layers[edge]),
-           "middle_share": in_layers(lambda kind, layer: layers[edge] <= layer < layers[-edge]),
-           "top_share": in_layers(lambda kind, layer: layer >= layers[-edge]),
-           "mlp_share": in_layers(lambda kind, layer: kind == "mlp"),
-           **{f"alignment_{p:.0%}": run["alignment"][at(p)] for p in (0.01, 0.1, 0.5)},
-           "rescaled_10%_recovery": recovered(iv["acc_rescaled"]),
-           "window_middle_minus_edges": (statistics.mean(window[edge:-edge] or [math.nan])
-                                         - statistics.mean(window[:edge] + window[-edge:])),
-           **{f"top{f:.0%}_recovery": recovered(parts[f][0]) for f in parts},
-           **{f"bottom{f:.0%}_recovery": recovered(parts[f][1]) for f in parts},
-           "unchanged_bf16": g["unchanged_bf16"], "principal_overlap": g["principal_overlap"],
-           "rank_10%_over_final": run["rank"][at(0.1)] / run["rank"][run["final"]],
-           "test_acc": final_test_accuracy(run["dir"])}
-    if locked_out:
-        out["locked_minus_free_test_acc"] = final_test_accuracy(locked_out) - out["test_acc"]
-    return out
+    return {"spectral_ratio": g["spectral_ratio"], "effective_rank": g["effective_rank"],
+            "top1_ratio": g["top1_ratio"],
+            "embedding_share": norms.get(("embedding", None), 0.0) ** 2 / total,
+            "bottom_share": in_layers(lambda kind, layer: layer < layers[edge]),
+            "middle_share": in_layers(lambda kind, layer: layers[edge] <= layer < layers[-edge]),
+            "top_share": in_layers(lambda kind, layer: layer >= layers[-edge]),
+            "mlp_share": in_layers(lambda kind, layer: kind == "mlp"),
+            **{f"alignment_{p:.0%}": run["alignment"][at(p)] for p in (0.01, 0.1, 0.5)},
+            "rescaled_10%_recovery": recovered(iv["acc_rescaled"]),
+            "window_middle_minus_edges": (statistics.mean(window[edge:-edge] or [math.nan])
+                                          - statistics.mean(window[:edge] + window[-edge:])),
+            **{f"top{f:.0%}_recovery": recovered(parts[f][0]) for f in parts},
+            **{f"bottom{f:.0%}_recovery": recovered(parts[f][1]) for f in parts},
+            "unchanged_bf16": g["unchanged_bf16"], "principal_overlap": g["principal_overlap"],
+            "rank_10%_over_final": run["rank"][at(0.1)] / run["rank"][run["final"]],
+            "test_acc": final_test_accuracy(run["dir"])}
+
+
+def reproduce_numbers(arm: str, lr: float, seed: int, args, lock: bool) -> dict:
+    """One arm's run: trained, measured by analyze.report and reduced by claim_numbers, then
+    (lock) trained again inside its own update's top subspace at --lock-step. The numbers are kept
+    as results/reproduce-<setting>/<arm>-lr<lr>-seed<seed>.json, small enough to commit, and read
+    from there, not trained again, when the flags match; --prune then deletes the checkpoints."""
+    name = f"{arm}-lr{lr:g}-seed{seed}"
+    free, locked = os.path.join(args.out, name), os.path.join(args.out, name + "-locked")
+    saved = os.path.join(args.results, f"{name}.json")
+    flags = [f"--{args.setting}", "--loss", arm, "--seed", str(seed), "--lr", str(lr),
+             "--steps", str(args.steps), *args.extra]
+    lock_flags = ["--lock-step", str(args.lock_step), "--lock-rank", str(args.lock_rank)]
+    run = json.loads(Path(saved).read_text()) if os.path.isfile(saved) else {"flags": flags}
+    if run["flags"] != flags or run.get("lock", lock_flags) != lock_flags:
+        raise SystemExit(f"bench.py: error: {saved} was made with other flags "
+                         f"({' '.join(run['flags'] + run.get('lock', []))}): pass another "
+                         "--results or delete it")
+    save = lambda: effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(  # noqa: E731
+        json.dumps(run, indent=1)))
+    os.makedirs(args.results, exist_ok=True)
+    if "numbers" not in run:
+        reproduce_run(flags, free, args.steps)
+        report_args = analyze.parse_args([free, "--interventions"])
+        run["numbers"] = claim_numbers(analyze.report([free], report_args)[name])
+        save()
+    if lock and "locked_test_acc" not in run:
+        reproduce_run(flags, free, args.steps)  # again if --prune deleted its checkpoints
+        reproduce_run(flags + ["--lock-subspace", os.path.join(free, f"step_{args.lock_step:06d}"),
+                               "--lock-rank", str(args.lock_rank)], locked, args.steps)
+        run["lock"], run["locked_test_acc"] = lock_flags, final_test_accuracy(locked)
+        save()
+    if args.prune:
+        for folder in (free, locked):
+            for path in glob.glob(os.path.join(folder, "step_*")) + glob.glob(
+                    os.path.join(folder, "resume.pt")):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    numbers = dict(run["numbers"])
+    if "locked_test_acc" in run:
+        numbers["locked_minus_free_test_acc"] = run["locked_test_acc"] - numbers["test_acc"]
+    return numbers
 
 
 def bench_reproduce(args) -> bool:
-    """OPD, GRPO and SFT on the small setting, seed by seed, the same budget; subspace-locked OPD
-    and SFT; the geometry of every run (analyze.report); each claim's numbers, mean and standard
-    deviation over seeds, as a Markdown table."""
-    numbers = {arm: [] for arm in ARMS}
-    for seed in args.seeds:
-        dirs = {}
-        for arm in ARMS:
-            dirs[arm] = os.path.join(args.out, f"{arm}-seed{seed}")
-            flags = [f"--{args.setting}", "--loss", arm, "--seed", str(seed),
-                     "--lr", str(getattr(args, f"lr_{arm}"))] + args.extra
-            reproduce_run(flags, dirs[arm], args.steps)
-            if arm in ("opd", "sft"):  # the locking test: the run again, in its early subspace
-                lock = os.path.join(dirs[arm], f"step_{args.lock_step:06d}")
-                reproduce_run(flags + ["--lock-subspace", lock, "--lock-rank",
-                                       str(args.lock_rank)],
-                              dirs[arm] + "-locked", args.steps)
-        report_args = analyze.parse_args([*dirs.values(), "--interventions", "--png",
-                                          os.path.join(args.out, f"report-seed{seed}.png")])
-        runs = analyze.report(list(dirs.values()), report_args)
-        for arm in ARMS:
-            locked = dirs[arm] + "-locked" if arm in ("opd", "sft") else None
-            numbers[arm].append(claim_numbers(runs[os.path.basename(dirs[arm])], locked))
-    with open(os.path.join(args.out, "reproduce.json"), "w") as f:
-        json.dump(numbers, f, indent=1)
+    """OPD, GRPO and SFT on a setting, seed by seed, the same budget; subspace-locked OPD and SFT;
+    each claim's numbers, mean and standard deviation over seeds, as a Markdown table. With --lrs,
+    each arm's learning rate is the one of the highest final test accuracy on the first seed."""
+    lrs = {arm: getattr(args, f"lr_{arm}") for arm in ARMS}
+    if args.lrs:
+        sweep = {(arm, lr): reproduce_numbers(arm, lr, args.seeds[0], args, lock=False)
+                 for lr in args.lrs for arm in ARMS}
+        print(f"\nthe sweep, seed {args.seeds[0]}: final test accuracy\n")
+        print("| lr | " + " | ".join(a.upper() for a in ARMS) + " |\n|---|" + "---|" * len(ARMS))
+        for lr in args.lrs:
+            print(f"| {lr:g} | " + " | ".join(f"{sweep[arm, lr]['test_acc']:.3f}" for arm in ARMS)
+                  + " |")
+        lrs = {arm: max(args.lrs, key=lambda lr: sweep[arm, lr]["test_acc"]) for arm in ARMS}
+    numbers = {arm: [reproduce_numbers(arm, lrs[arm], seed, args, lock=arm in ("opd", "sft"))
+                     for seed in args.seeds] for arm in ARMS}
     cell = lambda values: ("n/a" if any(map(math.isnan, values)) else  # noqa: E731
                            f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
                            if len(values) > 1 else f"{values[0]:.3g}")
-    print(f"\n{args.setting} setting, seeds {args.seeds}, mean ± standard deviation\n")
-    print("| number | " + " | ".join(a.upper() for a in ARMS) + " |")
-    print("|---|" + "---|" * len(ARMS))
+    print(f"\n{args.setting} setting, seeds {args.seeds}, learning rates "
+          + ", ".join(f"{arm} {lr:g}" for arm, lr in lrs.items()) + "; mean ± standard deviation\n")
+    print("| number | " + " | ".join(a.upper() for a in ARMS) + " |\n|---|" + "---|" * len(ARMS))
     for key in numbers["opd"][0]:
         print(f"| {key} | " + " | ".join(cell([n[key] for n in numbers[arm]]) if key in
                                          numbers[arm][0] else "-" for arm in ARMS) + " |")
@@ -913,14 +943,25 @@ def main(argv=None) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--setting", choices=list(effopd.SETTINGS), default="small")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=64, help="steps of every run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of every run (default: the setting's)")
     # GRPO collapses at 1e-4 on the small setting (test accuracy 30% -> 9-18% in 64 steps)
     for arm, lr in (("opd", 1e-4), ("grpo", 3e-5), ("sft", 1e-4)):
         p.add_argument(f"--lr-{arm}", type=float, default=lr, help=f"learning rate of {arm}")
-    p.add_argument("--lock-step", type=int, default=8,
-                   help="the checkpoint whose update fixes the locked runs' subspace")
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="sweep these learning rates on the first seed and run each arm at its "
+                        "best (highest final test accuracy) instead of --lr-<arm>")
+    p.add_argument("--lock-step", type=int, default=None,
+                   help="the checkpoint whose update fixes the locked runs' subspace "
+                        "(default: an eighth of the steps)")
     p.add_argument("--lock-rank", type=int, default=8, help="its singular vectors kept")
-    p.add_argument("--out", default="runs/reproduce", help="run folders, reports, JSON")
+    p.add_argument("--out", default="runs/reproduce", help="run folders and their reports")
+    p.add_argument("--results", default=None,
+                   help="one JSON of numbers per run, reused when there (default: "
+                        "results/reproduce-<setting>, small enough to commit)")
+    p.add_argument("--prune", action="store_true",
+                   help="delete each run's checkpoints once its numbers are saved (a smol run "
+                        "keeps 4 GB)")
     p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
     p.set_defaults(func=bench_reproduce)
 
@@ -955,8 +996,11 @@ def main(argv=None) -> None:
     p.set_defaults(func=bench_gpu)
 
     args = parser.parse_args(argv)
-    if args.command == "speedup" and args.results is None:
-        args.results = os.path.join(effopd.PROJECT, "results", f"speedup-{args.setting}")
+    if args.command in ("speedup", "reproduce") and args.results is None:
+        args.results = os.path.join(effopd.PROJECT, "results", f"{args.command}-{args.setting}")
+    if args.command == "reproduce":
+        args.steps = args.steps or effopd.SETTINGS[args.setting]["steps"]
+        args.lock_step = args.lock_step or max(1, args.steps // 8)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.func(args):  # it printed FAIL, or a measurement failed

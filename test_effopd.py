@@ -1665,10 +1665,9 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
 
 
 def test_claim_numbers_hand_computed(tmp_path):
-    for name, acc in (("run", 0.7), ("locked", 0.65)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.jsonl").write_text(
-            f'{{"step": 0, "eval/test_acc": 0.3}}\n{{"step": 64, "eval/test_acc": {acc}}}\n')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        '{"step": 0, "eval/test_acc": 0.3}\n{"step": 64, "eval/test_acc": 0.7}\n')
     run = dict(dir=str(tmp_path / "run"), final=64,
                geometry=dict(spectral_ratio=0.5, effective_rank=3.0, top1_ratio=0.6,
                              unchanged_bf16=0.1, principal_overlap=0.01),
@@ -1679,17 +1678,48 @@ def test_claim_numbers_hand_computed(tmp_path):
                interventions=dict(acc0=0.2, accT=0.6, acc_rescaled=0.5,
                                   window=[(0, 0.3), (1, 0.5), (2, 0.4), (3, 0.2)],
                                   parts=[(0.01, 0.4, 0.2)]))
-    numbers = bench.claim_numbers(run, str(tmp_path / "locked"))
+    numbers = bench.claim_numbers(run)
     assert numbers == pytest.approx(dict(
         spectral_ratio=0.5, effective_rank=3.0, top1_ratio=0.6, embedding_share=1 / 8,
         bottom_share=1 / 8, middle_share=5 / 8, top_share=1 / 8, mlp_share=5 / 8,
         **{"alignment_1%": 0.2, "alignment_10%": 0.5, "alignment_50%": 0.7},  # steps 1, 8, 32
         **{"rescaled_10%_recovery": 0.75, "window_middle_minus_edges": 0.45 - 0.25,
            "top1%_recovery": 0.5, "bottom1%_recovery": 0.0, "rank_10%_over_final": 2.0},
-        unchanged_bf16=0.1, principal_overlap=0.01, test_acc=0.7,
-        locked_minus_free_test_acc=-0.05))
+        unchanged_bf16=0.1, principal_overlap=0.01, test_acc=0.7))
     run["interventions"]["accT"] = 0.1  # a run that lost accuracy: no share of a gain
-    assert math.isnan(bench.claim_numbers(run, None)["rescaled_10%_recovery"])
+    assert math.isnan(bench.claim_numbers(run)["rescaled_10%_recovery"])
+
+
+@pytest.mark.slow
+def test_reproduce_sweeps_keeps_numbers_as_json_and_reuses_them(tmp_path, monkeypatch, capsys):
+    """Two learning rates swept on the tiny setting (2 steps), each arm then at its best with the
+    locked runs; a second call reads every number back from the JSON files and trains nothing."""
+    def reproduce(*flags):
+        bench.main(["reproduce", "--setting", "tiny", "--seeds", "0", "--steps", "2", "--lrs",
+                    "1e-5", "1e-3", "--out", str(tmp_path / "runs"), "--results",
+                    str(tmp_path / "results"), "--prune", *flags, "--", "--eval-every", "2",
+                    "--test-size", "20", "--val-size", "10"])
+        return capsys.readouterr().out
+
+    first = reproduce()
+    saved = {p.name[:-5]: json.loads(p.read_text()) for p in (tmp_path / "results").iterdir()}
+    assert sorted(saved) == [f"{arm}-lr{lr}-seed0" for arm in ("grpo", "opd", "sft")
+                             for lr in ("0.001", "1e-05")]
+    for arm in ("opd", "grpo", "sft"):
+        acc = {lr: saved[f"{arm}-lr{lr}-seed0"]["numbers"]["test_acc"]
+               for lr in ("1e-05", "0.001")}
+        for lr in acc:
+            run = saved[f"{arm}-lr{lr}-seed0"]
+            best = lr == max(acc, key=acc.get)
+            assert ("locked_test_acc" in run) == (best and arm != "grpo"), (arm, lr)
+            folder = tmp_path / "runs" / f"{arm}-lr{lr}-seed0"
+            assert acc[lr] == bench.final_test_accuracy(str(folder))
+            assert not list(folder.glob("step_*")) and not (folder / "resume.pt").exists()
+    monkeypatch.setattr(effopd, "train", lambda cfg: pytest.fail("trained again"))
+    tables = lambda out: [line for line in out.splitlines() if line.startswith("|")]  # noqa: E731
+    assert "running" not in (again := reproduce()) and tables(again) == tables(first)
+    with pytest.raises(SystemExit, match=r"seed0.json was made with other flags \(.*--lock-rank 8"):
+        reproduce("--lock-rank", "4")
 
 
 def test_bpe_merge_hand_worked():

@@ -317,6 +317,8 @@ def speedup_run(method: str, lr: float, seed: int, args) -> list[tuple[int, floa
     argv = [f"--{args.setting}", "--lr", str(lr), "--seed", str(seed), "--steps", str(args.steps),
             "--eval-every", str(args.eval_every), "--test-size", str(args.test_size),
             *(["--effopd"] if method == "effopd" else []), *args.extra]
+    if args.protocol != "effopd":  # the same protocol's vanilla run is the baseline
+        argv += ["--protocol", args.protocol, "--loss", effopd.PROTOCOLS[args.protocol].loss]
     if os.path.isfile(saved):
         with open(saved) as f:
             run = json.load(f)
@@ -931,11 +933,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=64, help="steps of every run")
     p.add_argument("--eval-every", type=int, default=1, help="test accuracy every N steps")
     p.add_argument("--test-size", type=int, default=500, help="test prompts per evaluation")
+    p.add_argument("--protocol", choices=list(effopd.PROTOCOLS), default="effopd",
+                   help="EffOPD's validation and scope (effopd.py --protocol); official trains "
+                        "both methods with its loss")
     p.add_argument("--out", default="runs/speedup",
                    help="run folders, speedup.json and speedup.png")
     p.add_argument("--results", default=None,
                    help="one JSON per finished run, reused when there (default: "
-                        "results/speedup-<setting>, small enough to commit)")
+                        "results/speedup-<setting>[-<protocol>], small enough to commit)")
     p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
     p.set_defaults(func=bench_speedup)
 
@@ -997,7 +1002,9 @@ def main(argv=None) -> None:
 
     args = parser.parse_args(argv)
     if args.command in ("speedup", "reproduce") and args.results is None:
-        args.results = os.path.join(effopd.PROJECT, "results", f"{args.command}-{args.setting}")
+        protocol = getattr(args, "protocol", "effopd")
+        args.results = os.path.join(effopd.PROJECT, "results", f"{args.command}-{args.setting}"
+                                    + (f"-{protocol}" if protocol != "effopd" else ""))
     if args.command == "reproduce":
         args.steps = args.steps or effopd.SETTINGS[args.setting]["steps"]
         args.lock_step = args.lock_step or max(1, args.steps // 8)

@@ -78,6 +78,8 @@ class Config:
     effopd: bool = arg(False, "extrapolate at steps 1, 2, 4, 8, ... (validation-accepted)")
     max_candidates: int = arg(5, "EffOPD candidates per trigger: W+2D, W+4D, ...")
     anchor_device: str = arg("cpu", "where EffOPD keeps its copies of the weights")
+    protocol: str = arg("effopd", "EffOPD's validation and scope, a row of PROTOCOLS: effopd or "
+                        "official (the paper's code; with --loss sampled)")
     # subspace locking ("On the Geometry of On-Policy Distillation")
     lock_subspace: str = arg("", "checkpoint whose update dW = W - W_0 fixes, per attention and "
                              "MLP matrix, the subspace every later update is projected onto")
@@ -410,13 +412,15 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.no_grad()
 def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, eos: list[int],
-             batch_size: int = 64) -> float:
-    """Share of records whose greedy response ends in the right number (deterministic)."""
+             batch_size: int = 64, temperature: float = 0.0) -> float:
+    """Share of records whose response ends in the right number: greedy (deterministic) at
+    temperature 0, else one answer sampled per record."""
     correct = 0
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
         ids, _, mask = sample(model, render_prompts(tokenizer, [r["prompt"] for r in batch]),
-                              max_new_tokens, eos, tokenizer.pad_token_id, len(tokenizer), 0.0)
+                              max_new_tokens, eos, tokenizer.pad_token_id, len(tokenizer),
+                              temperature)
         response = ids[:, -mask.shape[1]:]
         for r, row, m in zip(batch, response, mask):
             text = tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
@@ -453,14 +457,37 @@ def is_attention_or_mlp(name: str) -> bool:
     return any(s in name for s in SCOPE)
 
 
+def is_official_scope(name: str) -> bool:
+    """The official EffOPD code's filter: every parameter whose name contains attn, attention or
+    mlp, so norms inside those blocks too (Qwen3's q_norm/k_norm, every post_attention_layernorm)."""
+    return any(s in name for s in ("attn", "attention", "mlp"))
+
+
+class Protocol(NamedTuple):
+    """A row of PROTOCOLS: how EffOPD scores its candidates and which parameters it moves."""
+    moves: Callable[[str], bool]  # parameter name -> extrapolated or not
+    val_temperature: float  # validation answers: 0 greedy, 1 one sample per prompt
+    loss: str | None  # the --loss it trains with; None: any
+    help: str
+
+
+PROTOCOLS = {
+    "effopd": Protocol(is_attention_or_mlp, 0.0, None,
+                       "greedy validation accuracy; attention and MLP matrices, no norm"),
+    "official": Protocol(is_official_scope, 1.0, "sampled",
+                         "as the paper's code: one answer sampled per validation prompt at "
+                         "temperature 1; names with attn/attention/mlp; the sampled-token loss"),
+}
+
+
 def is_power_of_two(t: int) -> bool:
     return t > 0 and t & (t - 1) == 0
 
 
-def effopd_anchor(model: torch.nn.Module, device: str = "cpu") -> dict[str, torch.Tensor]:
+def effopd_anchor(model: torch.nn.Module, device: str = "cpu",
+                  moves: Callable[[str], bool] = is_attention_or_mlp) -> dict[str, torch.Tensor]:
     """EffOPD's anchor B at the start: a copy, on device, of every parameter it moves."""
-    return {n: p.detach().to(device, copy=True) for n, p in model.named_parameters()
-            if is_attention_or_mlp(n)}
+    return {n: p.detach().to(device, copy=True) for n, p in model.named_parameters() if moves(n)}
 
 
 def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], score_fn,
@@ -788,7 +815,7 @@ def train(cfg: Config) -> list[dict]:
     from a stopped run's last checkpoint; return this call's metrics records, which are also
     appended to <out>/metrics.jsonl."""
     check_config(cfg)  # again, for callers that built cfg without parse_args
-    out, loss_row = run_folder(cfg), LOSSES[cfg.loss]
+    out, loss_row, protocol = run_folder(cfg), LOSSES[cfg.loss], PROTOCOLS[cfg.protocol]
     resumed = torch.load(os.path.join(out, "resume.pt"), map_location="cpu") if cfg.resume else None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -803,9 +830,9 @@ def train(cfg: Config) -> list[dict]:
     vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
     eos = eos_ids(tokenizer, student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    anchor = effopd_anchor(student, cfg.anchor_device) if cfg.effopd else None  # EffOPD's B
+    anchor = effopd_anchor(student, cfg.anchor_device, protocol.moves) if cfg.effopd else None
     if cfg.effopd:
-        print_effopd_scope(anchor, student)
+        print_effopd_scope(anchor, student, cfg.protocol)
     lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
     if cfg.lock_subspace:
         initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] if resumed \
@@ -817,10 +844,10 @@ def train(cfg: Config) -> list[dict]:
     clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0  # seconds
     history = []  # this call's metrics records; the clock counts training and EffOPD, not evals
 
-    def score(model, records: list[dict]) -> float:  # greedy accuracy, as every evaluation has it
+    def score(model, records: list[dict], temperature: float = 0.0) -> float:  # greedy: evals
         with autocast:
             return accuracy(model, tokenizer, records, cfg.max_new_tokens, eos,
-                            cfg.eval_batch_size)
+                            cfg.eval_batch_size, temperature)
 
     if resumed:
         print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
@@ -905,8 +932,9 @@ def train(cfg: Config) -> list[dict]:
         # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
         if cfg.effopd and is_power_of_two(step):
             t1 = time.time()
-            trials = effopd_extrapolate(student, anchor, lambda model: score(model, val_set),
-                                        cfg.max_candidates)
+            trials = effopd_extrapolate(
+                student, anchor, lambda model: score(model, val_set, protocol.val_temperature),
+                cfg.max_candidates)
             kept = max(h["multiple"] for h in trials if h["kept"])
             with autocast:
                 broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
@@ -982,8 +1010,10 @@ def parse_args(argv=None) -> Config:
                                      argument_default=argparse.SUPPRESS)
     for f in fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} ({f.default!r})"
-        if f.name == "loss":
-            help = " | ".join(f"{name}: {row.help}" for name, row in LOSSES.items()) + " (opd)"
+        if f.name in ("loss", "protocol"):  # the rows of the table
+            table = LOSSES if f.name == "loss" else PROTOCOLS
+            help = " | ".join(f"{name}: {row.help}" for name, row in table.items()) + \
+                f" ({f.default})"
         if f.name == "setting":  # one flag per row: --tiny, --small, ...
             for name in SETTINGS:
                 parser.add_argument("--" + name, dest="setting", action="append_const",
@@ -1047,6 +1077,12 @@ def check_config(cfg: Config) -> None:
     if cfg.loss not in LOSSES:
         *others, last = LOSSES
         raise UserError(f"--loss must be {', '.join(others)} or {last}, not {cfg.loss!r}")
+    if cfg.protocol not in PROTOCOLS:
+        raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {cfg.protocol!r}")
+    if PROTOCOLS[cfg.protocol].loss not in (None, cfg.loss):
+        raise UserError(f"--protocol {cfg.protocol} trains with --loss "
+                        f"{PROTOCOLS[cfg.protocol].loss}, not {cfg.loss}: add --loss "
+                        f"{PROTOCOLS[cfg.protocol].loss}")
     if cfg.group_size < LOSSES[cfg.loss].min_group_size:
         raise UserError(f"--loss {cfg.loss} needs --group-size >= "
                         f"{LOSSES[cfg.loss].min_group_size}: its advantage compares the "
@@ -1111,14 +1147,15 @@ def load_splits(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     return train_set, val_set[:cfg.val_size], test_set[:cfg.test_size]
 
 
-def print_effopd_scope(anchor: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+def print_effopd_scope(anchor: dict[str, torch.Tensor], model: torch.nn.Module,
+                       protocol: str) -> None:
     """What EffOPD moves, in one line; an empty scope is refused."""
     if not anchor:
         raise UserError(f"--effopd: no attention or MLP weight among the student's parameters "
                         f"(e.g. {next(iter(dict(model.named_parameters())))}); EffOPD would move "
                         f"nothing")
     print(f"effopd: {len(anchor)} tensors, {sum(b.numel() for b in anchor.values()) / 1e6:.2f}M "
-          f"parameters in scope (attention and MLP weights)")
+          f"parameters in scope (--protocol {protocol})")
 
 
 def diverged(step: int, what: str, last_checkpoint: str | None) -> UserError:

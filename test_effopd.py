@@ -390,6 +390,17 @@ def test_effopd_scope_on_qwen_names():
                     "model.layers.0.input_layernorm.weight"])
 
 
+def test_official_scope_takes_every_name_with_attn_attention_or_mlp():
+    names = [n for n, _ in tiny_model("qwen3", 16).named_parameters()]
+    moving = {n.split(".", 3)[-1] for n in names if effopd.is_official_scope(n)}
+    assert moving == {f"self_attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                         "q_norm", "k_norm")} | {
+        f"mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")} | {
+        "post_attention_layernorm.weight"}
+    assert effopd.PROTOCOLS["official"].moves is effopd.is_official_scope
+    assert effopd.PROTOCOLS["effopd"].moves is effopd.is_attention_or_mlp
+
+
 @pytest.mark.parametrize("family, moving", [
     *((family, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
       for family in ("qwen2", "llama")),
@@ -1050,6 +1061,9 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
     (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
+    (["--protocol", "verl"], "--protocol must be one of effopd, official, not 'verl'"),
+    (["--protocol", "official"], "--protocol official trains with --loss sampled, not opd: add "
+                                 "--loss sampled"),
     (["--precision", "fp16"], "--precision must be auto, bf16 or fp32, not 'fp16'"),
     (["--small"], "--tiny and --small are two settings: give one"),
     (["--lock-subspace", "/no/ckpt"], "--lock-subspace /no/ckpt: no such checkpoint folder"),
@@ -1125,11 +1139,36 @@ def test_effopd_prints_its_scope_and_refuses_an_empty_one(tmp_path, capsys, monk
     student = Qwen2ForCausalLM.from_pretrained("data/tiny/student")
     blocks = [p for n, p in student.named_parameters() if ".self_attn." in n or ".mlp." in n]
     assert (f"effopd: {len(blocks)} tensors, {sum(p.numel() for p in blocks) / 1e6:.2f}M "
-            f"parameters in scope") in capsys.readouterr().out
-    monkeypatch.setattr(effopd, "is_attention_or_mlp", lambda name: False)
+            f"parameters in scope (--protocol effopd)") in capsys.readouterr().out
+    monkeypatch.setitem(effopd.PROTOCOLS, "effopd",
+                        effopd.PROTOCOLS["effopd"]._replace(moves=lambda name: False))
     with pytest.raises(SystemExit, match="--effopd: no attention or MLP weight among the "
                                          "student's parameters .* EffOPD would move nothing"):
         effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "b")])
+
+
+@pytest.mark.slow
+def test_official_protocol_validates_on_samples_and_moves_its_names(tmp_path, capsys,
+                                                                    monkeypatch):
+    """EffOPD's candidates are scored at temperature 1, the evaluations stay greedy; the anchor
+    holds the official filter's tensors (norms in attention and MLP blocks included)."""
+    temperatures, real = [], effopd.accuracy
+
+    def accuracy(*args):
+        temperatures.append(args[-1])
+        return real(*args)
+    monkeypatch.setattr(effopd, "accuracy", accuracy)
+    effopd.main([*TINY_RUN, "--effopd", "--protocol", "official", "--loss", "sampled",
+                 "--eval-every", "2", "--out", str(tmp_path / "run")])
+    n_triggers = 2  # steps 1 and 2, at least W and W + 2D each
+    assert temperatures[:2] == [0.0, 0.0] and temperatures[-2:] == [0.0, 0.0]  # evals at 0 and 2
+    assert set(temperatures[2:-2]) == {1.0} and len(temperatures[2:-2]) >= 2 * n_triggers
+    student = Qwen2ForCausalLM.from_pretrained("data/tiny/student")
+    moved = [p for n, p in student.named_parameters()
+             if re.search(r"attn|attention|mlp", n)]  # post_attention_layernorm included
+    assert any("layernorm" in n and "attention" in n for n, _ in student.named_parameters())
+    assert (f"effopd: {len(moved)} tensors, {sum(p.numel() for p in moved) / 1e6:.2f}M "
+            f"parameters in scope (--protocol official)") in capsys.readouterr().out
 
 
 def test_first_nonfinite_names_a_weight_or_the_logits():
@@ -1645,23 +1684,29 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
     trained = []
 
     def train(cfg):  # a scripted run: test accuracy 0.5 at step 0, 0.9 at step 2
-        trained.append((cfg.lr, cfg.seed, cfg.effopd))
+        trained.append((cfg.lr, cfg.seed, cfg.effopd, cfg.loss))
         return [{"step": 0, "eval/test_acc": 0.5, "time/train_s": 0.0},
                 {"step": 1, "train/loss": 1.0, "time/train_s": 1.5},
                 {"step": 2, "eval/test_acc": 0.9, "time/train_s": 3.0}]
     monkeypatch.setattr(effopd, "train", train)
     args = types.SimpleNamespace(setting="tiny", steps=2, eval_every=2, test_size=10, extra=[],
-                                 out=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+                                 out=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+                                 protocol="effopd")
     curve = [(0, 0.5, 0.0), (2, 0.9, 3.0)]
     assert bench.speedup_run("effopd", 1e-5, 3, args) == curve
     assert json.loads((tmp_path / "results" / "effopd-lr1e-05-seed3.json").read_text())[
         "curve"] == [list(point) for point in curve]
     assert bench.speedup_run("effopd", 1e-5, 3, args) == curve  # read back, not trained again
-    assert trained == [(1e-5, 3, True)]
+    assert trained == [(1e-5, 3, True, "opd")]
     args.steps = 4
     with pytest.raises(SystemExit, match="effopd-lr1e-05-seed3.json was made with .*--steps 2.*, "
                                          "not .*--steps 4"):
         bench.speedup_run("effopd", 1e-5, 3, args)
+    args.protocol, args.results = "official", str(tmp_path / "official")
+    bench.speedup_run("vanilla", 1e-5, 3, args)  # the official protocol's baseline: its loss
+    assert trained[-1] == (1e-5, 3, False, "sampled")
+    assert json.loads((tmp_path / "official" / "vanilla-lr1e-05-seed3.json").read_text())[
+        "flags"][-4:] == ["--protocol", "official", "--loss", "sampled"]
 
 
 def test_claim_numbers_hand_computed(tmp_path):

@@ -459,7 +459,7 @@ def is_attention_or_mlp(name: str) -> bool:
 
 def is_official_scope(name: str) -> bool:
     """The official EffOPD code's filter: every parameter whose name contains attn, attention or
-    mlp, so norms inside those blocks too (Qwen3's q_norm/k_norm, every post_attention_layernorm)."""
+    mlp, so some norms too (Qwen3's q_norm/k_norm, every post_attention_layernorm)."""
     return any(s in name for s in ("attn", "attention", "mlp"))
 
 

@@ -393,8 +393,8 @@ def test_effopd_scope_on_qwen_names():
 def test_official_scope_takes_every_name_with_attn_attention_or_mlp():
     names = [n for n, _ in tiny_model("qwen3", 16).named_parameters()]
     moving = {n.split(".", 3)[-1] for n in names if effopd.is_official_scope(n)}
-    assert moving == {f"self_attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                         "q_norm", "k_norm")} | {
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+    assert moving == {f"self_attn.{m}.weight" for m in attention} | {
         f"mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")} | {
         "post_attention_layernorm.weight"}
     assert effopd.PROTOCOLS["official"].moves is effopd.is_official_scope

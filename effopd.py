@@ -1016,8 +1016,15 @@ def resumed_config(given: dict) -> Config:
     path = os.path.join(given["resume"], "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found; --resume takes a run folder written by effopd.py")
-    with open(path) as f:
-        saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"got {type(saved).__name__}")
+    except ValueError as e:  # not UTF-8, not JSON, or not an object
+        raise UserError(f"{path}: not the JSON object of flags that effopd.py writes ({e})") \
+            from None
+    saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
     flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
     for k, v in given.items():
         if k not in RESUMABLE and v != saved.get(k):
@@ -1068,11 +1075,8 @@ def check_config(cfg: Config) -> None:
         raise UserError("--precision bf16: this GPU does not support bf16; use fp32")
     out = run_folder(cfg)
     check_run_folder(out, resume=bool(cfg.resume))
-    if cfg.resume:  # mmap: reads the step, not the optimizer state
-        done = torch.load(os.path.join(out, "resume.pt"), map_location="cpu", mmap=True)["step"]
-        if done >= cfg.steps:
-            raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
-                            f"to train it further")
+    if cfg.resume:
+        check_resume(out, cfg.steps)
 
 
 def check_run_folder(out: str, resume: bool) -> None:
@@ -1147,12 +1151,55 @@ def checkpoint(out: str, step: int, student, tokenizer, optimizer, anchor: dict 
     return path
 
 
+def check_resume(out: str, steps: int) -> None:
+    """What --resume needs besides config.json, checked before a model loads: a readable
+    resume.pt, steps left to train, the checkpoint it continues from, metrics.jsonl whole."""
+    path = os.path.join(out, "resume.pt")
+    try:  # mmap: reads the step, not the optimizer state
+        resumed = torch.load(path, map_location="cpu", mmap=True)
+    except Exception as e:  # torch.load's own errors (RuntimeError, EOFError, ...) on a cut file
+        why = getattr(e, "strerror", None) or "truncated or corrupt"
+        raise UserError(f"{path}: cannot be read ({why}); without it the run cannot be "
+                        f"resumed") from None
+    done, last = resumed["step"], os.path.join(out, resumed["checkpoint"])
+    if done >= steps:
+        raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
+                        f"to train it further")
+    if not os.path.isdir(last):
+        raise UserError(f"{last}: missing, but resume.pt continues from this checkpoint; put it "
+                        f"back to resume, or start a new run")
+    check_metrics(os.path.join(out, "metrics.jsonl"), done, resumed["metrics_bytes"])
+
+
+def check_metrics(path: str, step: int, size: int) -> None:
+    """Refuse a metrics.jsonl that resuming after step would splice or pad: its first size bytes
+    (the length saved with the checkpoint) must be whole JSON records of steps <= step. The lines
+    after them, of the steps lost, restore_run cuts off."""
+    data = Path(path).read_bytes() if os.path.isfile(path) else b""
+    if len(data) < size:
+        raise UserError(f"{path}: {len(data)} bytes, fewer than the {size} saved with the "
+                        f"checkpoint of step {step}: records were lost; restore them to resume, "
+                        f"or start a new run")
+    for lineno, line in enumerate(data[:size].splitlines(keepends=True), 1):
+        try:
+            whole = line.endswith(b"\n") and json.loads(line)["step"] <= step
+        except (ValueError, TypeError, KeyError):  # not JSON, not an object, no step
+            whole = False
+        if not whole:
+            raise UserError(f"{path}:{lineno}: expected a JSON record of step <= {step}, as saved "
+                            f"with the checkpoint of step {step}, got "
+                            f"{line.decode(errors='replace').strip()[:60]!r}; undo the change to "
+                            f"resume, or start a new run")
+
+
 def restore_run(resumed: dict, optimizer, anchor: dict | None, metrics_path: str) -> float:
     """Put back what checkpoint saved (the RNG states apart: set_rng_state, just before the loop)
-    and cut metrics.jsonl to the saved step's lines; returns the clock."""
+    and cut metrics.jsonl back to the saved step's lines, once check_metrics passes them; returns
+    the clock."""
     optimizer.load_state_dict(resumed["optimizer"])
     for n, b in (anchor or {}).items():
         b.copy_(resumed["anchor"][n])
+    check_metrics(metrics_path, resumed["step"], resumed["metrics_bytes"])
     os.truncate(metrics_path, resumed["metrics_bytes"])  # drop the lines of lost steps
     return resumed["clock"]
 

@@ -1242,6 +1242,92 @@ def error_of_resume(out, capsys, *flags) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+KEPT = [{"step": 0, "eval/val_acc": 0.25}, {"step": 1, "train/loss": 1.5},
+        {"step": 2, "train/loss": 1.25}, {"step": 2, "eval/val_acc": 0.5}]
+
+
+def stopped_run(out):
+    """A run folder as a run of 8 steps stopped after its checkpoint of step 2 leaves it, made
+    without training: metrics.jsonl holds KEPT, then the lines of lost step 3 (the last one half
+    written)."""
+    os.makedirs(out / "step_000002")
+    (out / "config.json").write_text(json.dumps({"setting": "tiny", **effopd.SETTINGS["tiny"],
+                                                 "steps": 8, "out": str(out)}))
+    kept = "".join(json.dumps(r) + "\n" for r in KEPT)
+    (out / "metrics.jsonl").write_text(kept + '{"step": 3, "train/loss": 1.0}\n{"step": 3, "ev')
+    torch.save({"step": 2, "checkpoint": "step_000002", "metrics_bytes": len(kept)},
+               out / "resume.pt")
+    return out
+
+
+def test_resume_cuts_metrics_back_to_the_records_of_the_checkpoint(tmp_path):
+    out = stopped_run(tmp_path)
+    effopd.check_resume(str(out), steps=8)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    resumed = {**torch.load(out / "resume.pt"), "optimizer": optimizer.state_dict(),
+               "anchor": None, "clock": 1.5}
+    assert effopd.restore_run(resumed, optimizer, None, str(out / "metrics.jsonl")) == 1.5
+    assert [json.loads(line) for line in open(out / "metrics.jsonl")] == KEPT
+
+
+GARBLED = ":{}: expected a JSON record of step <= 2, as saved with the checkpoint of step 2, " \
+    "got {}; undo the change to resume, or start a new run"
+LOST = ": {} bytes, fewer than the 130 saved with the checkpoint of step 2: records were lost; " \
+    "restore them to resume, or start a new run"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: lines.insert(2, "x\n"), GARBLED.format(3, "'x'")),  # sed -i '3i x'
+    (lambda lines: lines.__setitem__(1, lines[1].replace("1.5", "1.75")),  # one byte longer
+     GARBLED.format(4, """'{"step": 2, "eval/val_acc": 0.5}'""")),
+    (lambda lines: lines.__setitem__(0, "[]\n"), GARBLED.format(1, "'[]'")),
+    (lambda lines: lines.__setitem__(1, lines[4]),  # a record of a lost step, as long
+     GARBLED.format(2, """'{"step": 3, "train/loss": 1.0}'""")),
+    (lambda lines: lines.__delitem__(slice(2, None)), LOST.format(65)),  # never padded
+    (lambda lines: lines.clear(), LOST.format(0)),
+], ids=["inserted-line", "longer-line", "not-an-object", "later-step", "lines-lost", "empty"])
+def test_resume_refuses_a_metrics_file_it_would_splice_or_pad(tmp_path, monkeypatch, capsys,
+                                                              edit, message):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    out = stopped_run(tmp_path)
+    lines = open(out / "metrics.jsonl").readlines()
+    edit(lines)
+    (out / "metrics.jsonl").write_text("".join(lines))
+    before = {f: (out / f).read_bytes() for f in ("config.json", "metrics.jsonl", "resume.pt")}
+    assert error_of_resume(out, capsys).endswith(f" error: {out}/metrics.jsonl{message}")
+    assert {f: (out / f).read_bytes() for f in before} == before  # nothing cut, padded or written
+
+
+UNREADABLE = "resume.pt: cannot be read (truncated or corrupt); without it the run cannot be " \
+    "resumed"
+NOT_CONFIG = "config.json: not the JSON object of flags that effopd.py writes ({})"
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("resume.pt", "half", UNREADABLE),  # a copy cut short
+    ("resume.pt", b"\x80\x04garbage", UNREADABLE),
+    ("config.json", '{"steps": 8,', NOT_CONFIG.format(
+        "Expecting property name enclosed in double quotes: line 1 column 13 (char 12)")),
+    ("config.json", "[8]", NOT_CONFIG.format("got list")),
+    ("config.json", b"\xff{}", NOT_CONFIG.format(
+        "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte")),
+    ("step_000002", None, "step_000002: missing, but resume.pt continues from this checkpoint; "
+                          "put it back to resume, or start a new run"),
+], ids=["resume.pt-cut", "resume.pt-garbage", "config-cut", "config-list", "config-binary",
+        "checkpoint-deleted"])
+def test_resume_refuses_unreadable_state_in_one_line(tmp_path, monkeypatch, capsys, file,
+                                                     content, message):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    out = stopped_run(tmp_path)
+    if content == "half":
+        content = (out / "resume.pt").read_bytes()[:200]
+    if content is None:
+        os.rmdir(out / file)
+    else:
+        (out / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert error_of_resume(out, capsys).endswith(f" error: {out}/{message}")
+
+
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     flags = [*TINY_RUN, "--steps", "8", "--effopd", "--eval-every", "2", "--batch-size", "4"]

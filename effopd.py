@@ -24,6 +24,8 @@ Run:  python effopd.py --tiny             # tiny models on the CPU, seconds (REA
       python effopd.py                    # Qwen2.5-0.5B-Instruct from 1.5B-Instruct, one GPU
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -789,151 +791,157 @@ def train(cfg: Config) -> list[dict]:
     appended to <out>/metrics.jsonl."""
     check_config(cfg)  # again, for callers that built cfg without parse_args
     out, loss_row = run_folder(cfg), LOSSES[cfg.loss]
-    resumed = torch.load(os.path.join(out, "resume.pt"), map_location="cpu") if cfg.resume else None
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.startswith("cuda")
-    bf16 = use_bf16(cfg.precision, device)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
-    train_set, val_set, test_set = load_splits(cfg)
-    last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
-    student, teacher, tokenizer = load_student_and_teacher(last_checkpoint or cfg.student,
-                                                           cfg.teacher, device, bf16)
-    vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
-    eos = eos_ids(tokenizer, student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    anchor = effopd_anchor(student, cfg.anchor_device) if cfg.effopd else None  # EffOPD's B
-    if cfg.effopd:
-        print_effopd_scope(anchor, student)
-    lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
-    if cfg.lock_subspace:
-        initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] if resumed \
-            else student
-        lock_base, lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device)
-    config = json.dumps({**asdict(cfg), "out": out}, indent=2)
-    write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0  # seconds
-    history = []  # this call's metrics records; the clock counts training and EffOPD, not evals
+    with hold_run_folder(out):  # out is this process's alone until train() returns or raises
+        resumed = torch.load(os.path.join(out, "resume.pt"), map_location="cpu") if cfg.resume \
+            else None
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = device.startswith("cuda")
+        bf16 = use_bf16(cfg.precision, device)
+        autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+        train_set, val_set, test_set = load_splits(cfg)
+        last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
+        student, teacher, tokenizer = load_student_and_teacher(last_checkpoint or cfg.student,
+                                                               cfg.teacher, device, bf16)
+        vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
+        eos = eos_ids(tokenizer, student)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+        anchor = effopd_anchor(student, cfg.anchor_device) if cfg.effopd else None  # EffOPD's B
+        if cfg.effopd:
+            print_effopd_scope(anchor, student)
+        lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
+        if cfg.lock_subspace:
+            initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] if resumed \
+                else student
+            lock_base, lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device)
+        config = json.dumps({**asdict(cfg), "out": out}, indent=2)
+        write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
+        metrics_path = os.path.join(out, "metrics.jsonl")
+        clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0  # seconds
+        history = []  # this call's metrics records; the clock counts training and EffOPD, not evals
 
-    def score(model, records: list[dict]) -> float:  # greedy accuracy, as every evaluation has it
-        with autocast:
-            return accuracy(model, tokenizer, records, cfg.max_new_tokens, eos,
-                            cfg.eval_batch_size)
+        def score(model, records: list[dict]) -> float:  # greedy accuracy, in every evaluation
+            with autocast:
+                return accuracy(model, tokenizer, records, cfg.max_new_tokens, eos,
+                                cfg.eval_batch_size)
 
-    if resumed:
-        print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
-        set_rng_state(resumed["rng"])
-    else:
-        open(metrics_path, "w").close()
-        history.append(evaluate(score, student, val_set, test_set, 0, clock))
-        log(metrics_path, history[-1])
-        if cfg.save_checkpoints:
-            last_checkpoint = checkpoint(out, 0, student, tokenizer, optimizer, anchor, clock)
-    for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
-        t0 = time.time()
-        # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the
-        # teacher for an off-policy loss, --loss sft), and their 0/1 answer rewards.
-        batch = random.sample(train_set, cfg.batch_size)
-        batch = [r for r in batch for _ in range(cfg.group_size)]  # group after group
-        with autocast:
-            ids, attention_mask, mask = sample(
-                teacher if loss_row.samples_from == "teacher" else student,
-                render_prompts(tokenizer, [r["prompt"] for r in batch]),
-                cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
-        n_response = mask.shape[1]
-        tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
-        rewards = answer_rewards(tokenizer, tokens, mask, [r["answer"] for r in batch])  # (B,)
-        advantages = grpo_advantages(rewards, cfg.group_size)  # (B,), used by --loss grpo
-        # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss is
-        # weighted by its share of the scored tokens, so the gradients add up to the gradient of
-        # the mean over the whole batch.
-        n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
-        for i in range(0, len(batch), cfg.micro_batch_size):
-            mb = slice(i, i + cfg.micro_batch_size)
-            with autocast:
-                student_logits = response_logits(student, ids[mb], attention_mask[mb], n_response,
-                                                 vocab)  # (b, R, V)
-                with torch.no_grad():
-                    teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
-                                                     n_response, vocab)
-            # 3. The loss; the mean KL to the teacher is logged whatever the loss.
-            loss = loss_row.loss(student_logits, teacher_logits, tokens[mb], mask[mb],
-                                 advantages[mb], cfg.chunk_size)
-            with torch.no_grad():  # the OPD loss is the KL itself
-                kl = loss if cfg.loss == "opd" else opd_loss(student_logits, teacher_logits,
-                                                             mask[mb], cfg.chunk_size)
-            if not torch.isfinite(loss):
-                raise diverged(step, f"the loss is {loss.item()}", last_checkpoint)
-            weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
-            weighted = loss * weight
-            weighted.backward()
-            loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
-            del student_logits, teacher_logits, loss, kl, weighted  # free before the next forward
-        # 4. One optimizer step, taken only with a finite gradient; after it the student must still
-        # be finite (its weights, and its logits on the first micro-batch) or nothing is saved.
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
-        if not torch.isfinite(grad_norm):
-            raise diverged(step, f"the gradient norm is {grad_norm.item()} (the update was not "
-                           f"applied)", last_checkpoint)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if lock:  # --lock-subspace: each locked matrix's update back into the early subspace
-            lock_to_subspace(student, lock_base, lock)
-        probe = slice(0, cfg.micro_batch_size)
-        with autocast:
-            broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response, vocab)
-        if broken:
-            raise diverged(step, f"{broken} became NaN or inf in the update (diverged: try a "
-                           f"lower --lr)", last_checkpoint)
-        if on_gpu:
-            torch.cuda.synchronize()  # the GPU works asynchronously: wait before reading the clock
-        step_s = time.time() - t0
-        clock += step_s
-        record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
-                  "train/grad_norm": grad_norm.item(),
-                  "train/response_len": mask.sum(1).float().mean().item(),
-                  "train/reward": rewards.mean().item(),
-                  "train/no_signal": no_signal_share(rewards, cfg.group_size),
-                  "time/step_s": round(step_s, 3)}
-        if on_gpu:
-            record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
-              f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
-              f"{step_s:.2f} s")
-        # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
-        if cfg.effopd and is_power_of_two(step):
-            t1 = time.time()
-            trials = effopd_extrapolate(student, anchor, lambda model: score(model, val_set),
-                                        cfg.max_candidates)
-            kept = max(h["multiple"] for h in trials if h["kept"])
-            with autocast:
-                broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
-                                                  n_response, vocab)
-            if broken:
-                raise diverged(step, f"{broken} became NaN or inf in EffOPD's move to W+{kept}D",
-                               last_checkpoint)
-            effopd_s = time.time() - t1
-            clock += effopd_s
-            record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
-                           "effopd/val_s": round(effopd_s, 3)})
-            print(f"effopd {step:4d} | " + " ".join(
-                f"{h['multiple']:+d}D:{h['score']:.3f}{'*' if h['kept'] else ''}" for h in trials)
-                + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
-        record["time/train_s"] = round(clock, 3)
-        history.append(record)
-        log(metrics_path, record)
-        # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            history.append(evaluate(score, student, val_set, test_set, step, clock))
+        if resumed:
+            print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
+            set_rng_state(resumed["rng"])
+        else:
+            open(metrics_path, "w").close()
+            history.append(evaluate(score, student, val_set, test_set, 0, clock))
             log(metrics_path, history[-1])
-        if cfg.save_checkpoints and (is_power_of_two(step) or step == cfg.steps):
-            last_checkpoint = checkpoint(out, step, student, tokenizer, optimizer, anchor, clock)
-    if on_gpu:
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print(f"done: {out}")
-    return history
+            if cfg.save_checkpoints:
+                last_checkpoint = checkpoint(out, 0, student, tokenizer, optimizer, anchor, clock)
+        for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
+            t0 = time.time()
+            # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the
+            # teacher for an off-policy loss, --loss sft), and their 0/1 answer rewards.
+            batch = random.sample(train_set, cfg.batch_size)
+            batch = [r for r in batch for _ in range(cfg.group_size)]  # group after group
+            with autocast:
+                ids, attention_mask, mask = sample(
+                    teacher if loss_row.samples_from == "teacher" else student,
+                    render_prompts(tokenizer, [r["prompt"] for r in batch]),
+                    cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
+            n_response = mask.shape[1]
+            tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
+            rewards = answer_rewards(tokenizer, tokens, mask, [r["answer"] for r in batch])  # (B,)
+            advantages = grpo_advantages(rewards, cfg.group_size)  # (B,), used by --loss grpo
+            # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss
+            # is weighted by its share of the scored tokens, so the gradients add up to the gradient
+            # of the mean over the whole batch.
+            n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
+            for i in range(0, len(batch), cfg.micro_batch_size):
+                mb = slice(i, i + cfg.micro_batch_size)
+                with autocast:
+                    student_logits = response_logits(student, ids[mb], attention_mask[mb],
+                                                     n_response, vocab)  # (b, R, V)
+                    with torch.no_grad():
+                        teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
+                                                         n_response, vocab)
+                # 3. The loss; the mean KL to the teacher is logged whatever the loss.
+                loss = loss_row.loss(student_logits, teacher_logits, tokens[mb], mask[mb],
+                                     advantages[mb], cfg.chunk_size)
+                with torch.no_grad():  # the OPD loss is the KL itself
+                    kl = loss if cfg.loss == "opd" else opd_loss(student_logits, teacher_logits,
+                                                                 mask[mb], cfg.chunk_size)
+                if not torch.isfinite(loss):
+                    raise diverged(step, f"the loss is {loss.item()}", last_checkpoint)
+                weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
+                weighted = loss * weight
+                weighted.backward()
+                loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
+                del student_logits, teacher_logits, loss, kl, weighted  # free before next forward
+            # 4. One optimizer step, only with a finite gradient; after it the student must still be
+            # finite (its weights, and its logits on the first micro-batch) or nothing is saved.
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(),
+                                                       cfg.grad_clip or math.inf)
+            if not torch.isfinite(grad_norm):
+                raise diverged(step, f"the gradient norm is {grad_norm.item()} (the update was not "
+                               f"applied)", last_checkpoint)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if lock:  # --lock-subspace: each locked matrix's update back into the early subspace
+                lock_to_subspace(student, lock_base, lock)
+            probe = slice(0, cfg.micro_batch_size)
+            with autocast:
+                broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response,
+                                         vocab)
+            if broken:
+                raise diverged(step, f"{broken} became NaN or inf in the update (diverged: try a "
+                               f"lower --lr)", last_checkpoint)
+            if on_gpu:
+                torch.cuda.synchronize()  # the GPU works asynchronously: wait before the clock
+            step_s = time.time() - t0
+            clock += step_s
+            record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
+                      "train/grad_norm": grad_norm.item(),
+                      "train/response_len": mask.sum(1).float().mean().item(),
+                      "train/reward": rewards.mean().item(),
+                      "train/no_signal": no_signal_share(rewards, cfg.group_size),
+                      "time/step_s": round(step_s, 3)}
+            if on_gpu:
+                record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
+                  f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
+                  f"{step_s:.2f} s")
+            # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
+            if cfg.effopd and is_power_of_two(step):
+                t1 = time.time()
+                trials = effopd_extrapolate(student, anchor, lambda model: score(model, val_set),
+                                            cfg.max_candidates)
+                kept = max(h["multiple"] for h in trials if h["kept"])
+                with autocast:
+                    broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
+                                                      n_response, vocab)
+                if broken:
+                    raise diverged(step, f"{broken} became NaN or inf in EffOPD's move to "
+                                   f"W+{kept}D", last_checkpoint)
+                effopd_s = time.time() - t1
+                clock += effopd_s
+                record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
+                               "effopd/val_s": round(effopd_s, 3)})
+                print(f"effopd {step:4d} | " + " ".join(
+                    f"{h['multiple']:+d}D:{h['score']:.3f}{'*' if h['kept'] else ''}"
+                    for h in trials) + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
+            record["time/train_s"] = round(clock, 3)
+            history.append(record)
+            log(metrics_path, record)
+            # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                history.append(evaluate(score, student, val_set, test_set, step, clock))
+                log(metrics_path, history[-1])
+            if cfg.save_checkpoints and (is_power_of_two(step) or step == cfg.steps):
+                last_checkpoint = checkpoint(out, step, student, tokenizer, optimizer, anchor,
+                                             clock)
+        if on_gpu:
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(f"done: {out}")
+        return history
 
 
 def main(argv=None) -> None:
@@ -1080,27 +1088,45 @@ def check_config(cfg: Config) -> None:
 
 
 def check_run_folder(out: str, resume: bool) -> None:
-    """A new run needs a new or empty folder, a resumed one its resume.pt; both a writable one.
-    Leftover *.tmp files of a crashed write do not count (the next write replaces them)."""
+    """A new run needs a new or empty folder, a resumed one its resume.pt; both a writable one that
+    no other run holds. Leftover *.tmp files of a crashed write do not count (the next write
+    replaces them), nor does the lock file .lock."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out}: exists and is not a folder")
-    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp")) if os.path.isdir(out) \
-        else []
+    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp") and f != ".lock") \
+        if os.path.isdir(out) else []
     if resume and "resume.pt" not in files:
         raise UserError(f"{out}: no resume.pt, so nothing to resume (it is written with every "
                         f"checkpoint; runs with --no-save-checkpoints have none)")
+    if resume or not files or os.path.exists(os.path.join(out, ".lock")):  # (else write nothing)
+        try:
+            with hold_run_folder(out):  # writable, and refused while another run holds it
+                pass
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
     if not resume and files:
         hint = f"continue it with --resume {out}" if "resume.pt" in files else "delete it"
         raise UserError(f"--out {out} holds files of an earlier run ({', '.join(files[:3])}"
                         f"{', ...' if len(files) > 3 else ''}); {hint}, or pass another --out")
-    probe = os.path.join(out, "write-test.tmp")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def hold_run_folder(out: str):
+    """Hold the run folder out while the block runs: a lock (flock) on out/.lock, which the OS lets
+    go of when the file closes or its process dies, so a killed run leaves no stale lock. While
+    another process (or block) holds it, this one is refused in one line naming its pid."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{out}: another effopd run (pid {f.read().strip()}) is writing to "
+                            f"this folder; wait for it to end") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def load_splits(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:

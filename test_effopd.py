@@ -1119,6 +1119,55 @@ def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, cap
     assert "/missing/config.json: not found" in error_of_resume(tmp_path / "missing", capsys)
 
 
+def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    out, new = stopped_run(tmp_path / "run"), tmp_path / "new"
+    held = f"another effopd run (pid {os.getpid()}) is writing to this folder; wait for it to end"
+    with effopd.hold_run_folder(str(out)):
+        assert error_of_resume(out, capsys).endswith(f" error: {out}: {held}")
+    with effopd.hold_run_folder(str(new)):
+        with pytest.raises(SystemExit, match="2"):
+            effopd.main(["--tiny", "--out", str(new)])
+        assert capsys.readouterr().err.strip().endswith(f" error: {new}: {held}")
+    assert os.listdir(new) == [".lock"]  # left behind, but held by no one: it blocks nothing
+    effopd.check_run_folder(str(new), resume=False)
+    effopd.check_run_folder(str(out), resume=True)
+
+
+@pytest.mark.parametrize("failure", [effopd.UserError("bad data"), KeyboardInterrupt()])
+def test_train_holds_its_run_folder_and_lets_go_however_it_ends(tmp_path, monkeypatch, failure):
+    out = str(tmp_path / "run")
+
+    def load_splits(cfg):  # called by train() before any model loads
+        with pytest.raises(effopd.UserError, match="another effopd run .* is writing to"):
+            with effopd.hold_run_folder(out):
+                pass
+        raise failure
+    monkeypatch.setattr(effopd, "load_splits", load_splits)
+    with pytest.raises(type(failure)):
+        effopd.train(effopd.parse_args([*TINY_RUN, "--out", out]))
+    with effopd.hold_run_folder(out):  # free again
+        pass
+
+
+@pytest.mark.slow
+def test_a_run_folder_held_by_another_process_is_refused_until_it_dies(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                              "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                              "f.write(str(os.getpid())); f.flush(); print('held', flush=True)\n"
+                              "time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "held\n"
+    with pytest.raises(effopd.UserError, match=f"^{re.escape(str(out))}: another effopd run "
+                                               f"\\(pid {child.pid}\\) is writing to this folder"):
+        effopd.check_run_folder(str(out), resume=False)
+    child.kill()  # SIGKILL: the process cannot clean up; the OS lets go of its lock
+    child.wait()
+    effopd.check_run_folder(str(out), resume=False)
+
+
 @pytest.mark.slow
 def test_effopd_prints_its_scope_and_refuses_an_empty_one(tmp_path, capsys, monkeypatch):
     effopd.main([*TINY_RUN, "--steps", "1", "--effopd", "--out", str(tmp_path / "a")])
@@ -1219,8 +1268,8 @@ def test_leftover_tmp_files_neither_block_nor_stay(tmp_path):
     (out / "step_000001.tmp").mkdir(parents=True)  # what a killed run leaves
     (out / "resume.pt.tmp").write_text("half")
     effopd.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
-    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "resume.pt", "step_000000",
-                                       "step_000001"]
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "metrics.jsonl", "resume.pt",
+                                       "step_000000", "step_000001"]
 
 
 @pytest.mark.slow

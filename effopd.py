@@ -1173,7 +1173,11 @@ def checkpoint(out: str, step: int, student, tokenizer, optimizer, anchor: dict 
              "metrics_bytes": os.path.getsize(os.path.join(out, "metrics.jsonl")), "rng": {
                  "python": random.getstate(), "torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
-    write_atomically(os.path.join(out, "resume.pt"), lambda tmp: torch.save(state, tmp))
+
+    def save(tmp: str) -> None:  # into an open file: a full disk then surfaces as an OSError
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    write_atomically(os.path.join(out, "resume.pt"), save)
     return path
 
 
@@ -1254,8 +1258,11 @@ def write_atomically(path: str, save) -> None:
             remove(old)  # a kill during an earlier remove(old) can leave one
             os.replace(path, old)  # a folder cannot be renamed over another
         os.replace(tmp, path)
-    except Exception as e:  # safetensors and torch.save raise their own types on a full disk
-        raise OSError(f"cannot write {path}: {e}") from e
+    except Exception as e:  # safetensors and torch.save raise their own types on a full disk;
+        # torch.save's carries the OS error (No space left on device) as its __context__
+        why = next((c.strerror for c in (e, e.__context__) if isinstance(c, OSError)
+                    and c.strerror), e)
+        raise OSError(f"cannot write {path}: {why}") from e
     finally:
         remove(tmp)
     remove(old)
@@ -1280,8 +1287,18 @@ def first_nonfinite(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def log(path: str, record: dict) -> None:
-    with open(path, "a") as f:  # one line per record, on disk at once
-        f.write(json.dumps(record) + "\n")
+    """Append record to the JSONL at path as one line, whole or not at all: a failed write (a full
+    disk) is cut back off, and the error names path."""
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "ab", buffering=0) as f:  # unbuffered: each write goes straight to the OS
+        size = f.tell()
+        try:
+            done = 0
+            while done < len(line):  # a write is short when the disk fills; the next one raises
+                done += f.write(line[done:])
+        except OSError as e:
+            f.truncate(size)
+            raise OSError(f"cannot write {path}: {e.strerror}") from None
 
 
 def logged_steps(metrics_path: str) -> int:

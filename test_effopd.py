@@ -2,7 +2,9 @@
 Tiny random Qwen2/Qwen3 models, float32, CPU, offline. Sections in effopd.py's order, then
 analyze.py, bench.py and data/. Run: pytest -q (everything) or pytest -q -m "not slow" (seconds:
 no end-to-end runs)."""
+import errno
 import functools
+import io
 import json
 import math
 import os
@@ -1281,6 +1283,40 @@ def test_io_error_is_one_line_naming_the_path(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=f"^effopd: error: cannot write {re.escape(str(out))}/"
                                          r"step_000000: I/O error: No space left on device"):
         effopd.main([*TINY_RUN, "--out", str(out)])
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with room for `room` more bytes: a longer write is short, the next fails."""
+    room = 0
+
+    def write(self, data):
+        if FullDisk.room == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = super().write(bytes(data)[:FullDisk.room])
+        FullDisk.room -= written
+        return written
+
+
+def test_a_full_disk_is_named_and_leaves_resume_pt_and_metrics_whole(tmp_path, tokenizer,
+                                                                     monkeypatch):
+    model, metrics = tiny_model("qwen2", 14), tmp_path / "metrics.jsonl"
+    optimizer = torch.optim.AdamW(model.parameters())
+    effopd.log(str(metrics), {"step": 0, "eval/val_acc": 0.25})
+    effopd.checkpoint(str(tmp_path), 0, model, tokenizer, optimizer, None, 0.0)
+    before = (tmp_path / "resume.pt").read_bytes(), metrics.read_bytes()
+    monkeypatch.setattr(effopd, "open", lambda path, mode, **kw: FullDisk(path, mode),
+                        raising=False)  # effopd's own files only
+    monkeypatch.setattr(FullDisk, "room", 100)
+    with pytest.raises(OSError) as error:  # torch.save's own error: "[enforce fail at ..."
+        effopd.checkpoint(str(tmp_path), 1, model, tokenizer, optimizer, None, 1.0)
+    assert str(error.value) == f"cannot write {tmp_path}/resume.pt: No space left on device"
+    monkeypatch.setattr(FullDisk, "room", 10)
+    with pytest.raises(OSError) as error:
+        effopd.log(str(metrics), {"step": 1, "train/loss": 1.5})
+    assert str(error.value) == f"cannot write {metrics}: No space left on device"
+    assert ((tmp_path / "resume.pt").read_bytes(), metrics.read_bytes()) == before  # no half line
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "resume.pt", "step_000000",
+                                            "step_000001"]  # resume.pt: still after step 0
 
 
 def error_of_resume(out, capsys, *flags) -> str:

@@ -24,6 +24,8 @@ Run:  python effopd.py --tiny             # tiny models on the CPU, seconds (REA
       python effopd.py                    # Qwen2.5-0.5B-Instruct from 1.5B-Instruct, one GPU
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -816,152 +818,159 @@ def train(cfg: Config) -> list[dict]:
     appended to <out>/metrics.jsonl."""
     check_config(cfg)  # again, for callers that built cfg without parse_args
     out, loss_row, protocol = run_folder(cfg), LOSSES[cfg.loss], PROTOCOLS[cfg.protocol]
-    resumed = torch.load(os.path.join(out, "resume.pt"), map_location="cpu") if cfg.resume else None
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.startswith("cuda")
-    bf16 = use_bf16(cfg.precision, device)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
-    train_set, val_set, test_set = load_splits(cfg)
-    last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
-    student, teacher, tokenizer = load_student_and_teacher(last_checkpoint or cfg.student,
-                                                           cfg.teacher, device, bf16)
-    vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
-    eos = eos_ids(tokenizer, student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    anchor = effopd_anchor(student, cfg.anchor_device, protocol.moves) if cfg.effopd else None
-    if cfg.effopd:
-        print_effopd_scope(anchor, student, cfg.protocol)
-    lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
-    if cfg.lock_subspace:
-        initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] if resumed \
-            else student
-        lock_base, lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device)
-    config = json.dumps({**asdict(cfg), "out": out}, indent=2)
-    write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0  # seconds
-    history = []  # this call's metrics records; the clock counts training and EffOPD, not evals
+    with hold_run_folder(out):  # out is this process's alone until train() returns or raises
+        resumed = torch.load(os.path.join(out, "resume.pt"), map_location="cpu") if cfg.resume \
+            else None
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = device.startswith("cuda")
+        bf16 = use_bf16(cfg.precision, device)
+        autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+        train_set, val_set, test_set = load_splits(cfg)
+        last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
+        student, teacher, tokenizer = load_student_and_teacher(last_checkpoint or cfg.student,
+                                                               cfg.teacher, device, bf16)
+        vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
+        eos = eos_ids(tokenizer, student)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+        anchor = effopd_anchor(student, cfg.anchor_device, protocol.moves) if cfg.effopd \
+            else None  # EffOPD's B
+        if cfg.effopd:
+            print_effopd_scope(anchor, student, cfg.protocol)
+        lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
+        if cfg.lock_subspace:
+            initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] if resumed \
+                else student
+            lock_base, lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device)
+        config = json.dumps({**asdict(cfg), "out": out}, indent=2)
+        write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
+        metrics_path = os.path.join(out, "metrics.jsonl")
+        clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0  # seconds
+        history = []  # this call's metrics records; the clock counts training and EffOPD, not evals
 
-    def score(model, records: list[dict], temperature: float = 0.0) -> float:  # greedy: evals
-        with autocast:
-            return accuracy(model, tokenizer, records, cfg.max_new_tokens, eos,
-                            cfg.eval_batch_size, temperature)
+        def score(model, records: list[dict], temperature: float = 0.0) -> float:  # 0: greedy
+            with autocast:
+                return accuracy(model, tokenizer, records, cfg.max_new_tokens, eos,
+                                cfg.eval_batch_size, temperature)
 
-    if resumed:
-        print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
-        set_rng_state(resumed["rng"])
-    else:
-        open(metrics_path, "w").close()
-        history.append(evaluate(score, student, val_set, test_set, 0, clock))
-        log(metrics_path, history[-1])
-        if cfg.save_checkpoints:
-            last_checkpoint = checkpoint(out, 0, student, tokenizer, optimizer, anchor, clock)
-    for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
-        t0 = time.time()
-        # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the
-        # teacher for an off-policy loss, --loss sft), and their 0/1 answer rewards.
-        batch = random.sample(train_set, cfg.batch_size)
-        batch = [r for r in batch for _ in range(cfg.group_size)]  # group after group
-        with autocast:
-            ids, attention_mask, mask = sample(
-                teacher if loss_row.samples_from == "teacher" else student,
-                render_prompts(tokenizer, [r["prompt"] for r in batch]),
-                cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
-        n_response = mask.shape[1]
-        tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
-        rewards = answer_rewards(tokenizer, tokens, mask, [r["answer"] for r in batch])  # (B,)
-        advantages = grpo_advantages(rewards, cfg.group_size)  # (B,), used by --loss grpo
-        # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss is
-        # weighted by its share of the scored tokens, so the gradients add up to the gradient of
-        # the mean over the whole batch.
-        n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
-        for i in range(0, len(batch), cfg.micro_batch_size):
-            mb = slice(i, i + cfg.micro_batch_size)
-            with autocast:
-                student_logits = response_logits(student, ids[mb], attention_mask[mb], n_response,
-                                                 vocab)  # (b, R, V)
-                with torch.no_grad():
-                    teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
-                                                     n_response, vocab)
-            # 3. The loss; the mean KL to the teacher is logged whatever the loss.
-            loss = loss_row.loss(student_logits, teacher_logits, tokens[mb], mask[mb],
-                                 advantages[mb], cfg.chunk_size)
-            with torch.no_grad():  # the OPD loss is the KL itself
-                kl = loss if cfg.loss == "opd" else opd_loss(student_logits, teacher_logits,
-                                                             mask[mb], cfg.chunk_size)
-            if not torch.isfinite(loss):
-                raise diverged(step, f"the loss is {loss.item()}", last_checkpoint)
-            weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
-            weighted = loss * weight
-            weighted.backward()
-            loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
-            del student_logits, teacher_logits, loss, kl, weighted  # free before the next forward
-        # 4. One optimizer step, taken only with a finite gradient; after it the student must still
-        # be finite (its weights, and its logits on the first micro-batch) or nothing is saved.
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
-        if not torch.isfinite(grad_norm):
-            raise diverged(step, f"the gradient norm is {grad_norm.item()} (the update was not "
-                           f"applied)", last_checkpoint)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if lock:  # --lock-subspace: each locked matrix's update back into the early subspace
-            lock_to_subspace(student, lock_base, lock)
-        probe = slice(0, cfg.micro_batch_size)
-        with autocast:
-            broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response, vocab)
-        if broken:
-            raise diverged(step, f"{broken} became NaN or inf in the update (diverged: try a "
-                           f"lower --lr)", last_checkpoint)
-        if on_gpu:
-            torch.cuda.synchronize()  # the GPU works asynchronously: wait before reading the clock
-        step_s = time.time() - t0
-        clock += step_s
-        record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
-                  "train/grad_norm": grad_norm.item(),
-                  "train/response_len": mask.sum(1).float().mean().item(),
-                  "train/reward": rewards.mean().item(),
-                  "train/no_signal": no_signal_share(rewards, cfg.group_size),
-                  "time/step_s": round(step_s, 3)}
-        if on_gpu:
-            record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
-              f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
-              f"{step_s:.2f} s")
-        # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
-        if cfg.effopd and is_power_of_two(step):
-            t1 = time.time()
-            trials = effopd_extrapolate(
-                student, anchor, lambda model: score(model, val_set, protocol.val_temperature),
-                cfg.max_candidates)
-            kept = max(h["multiple"] for h in trials if h["kept"])
-            with autocast:
-                broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
-                                                  n_response, vocab)
-            if broken:
-                raise diverged(step, f"{broken} became NaN or inf in EffOPD's move to W+{kept}D",
-                               last_checkpoint)
-            effopd_s = time.time() - t1
-            clock += effopd_s
-            record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
-                           "effopd/val_s": round(effopd_s, 3)})
-            print(f"effopd {step:4d} | " + " ".join(
-                f"{h['multiple']:+d}D:{h['score']:.3f}{'*' if h['kept'] else ''}" for h in trials)
-                + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
-        record["time/train_s"] = round(clock, 3)
-        history.append(record)
-        log(metrics_path, record)
-        # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            history.append(evaluate(score, student, val_set, test_set, step, clock))
+        if resumed:
+            print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
+            set_rng_state(resumed["rng"])
+        else:
+            open(metrics_path, "w").close()
+            history.append(evaluate(score, student, val_set, test_set, 0, clock))
             log(metrics_path, history[-1])
-        if cfg.save_checkpoints and (is_power_of_two(step) or step == cfg.steps):
-            last_checkpoint = checkpoint(out, step, student, tokenizer, optimizer, anchor, clock)
-    if on_gpu:
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print(f"done: {out}")
-    return history
+            if cfg.save_checkpoints:
+                last_checkpoint = checkpoint(out, 0, student, tokenizer, optimizer, anchor, clock)
+        for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
+            t0 = time.time()
+            # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the
+            # teacher for an off-policy loss, --loss sft), and their 0/1 answer rewards.
+            batch = random.sample(train_set, cfg.batch_size)
+            batch = [r for r in batch for _ in range(cfg.group_size)]  # group after group
+            with autocast:
+                ids, attention_mask, mask = sample(
+                    teacher if loss_row.samples_from == "teacher" else student,
+                    render_prompts(tokenizer, [r["prompt"] for r in batch]),
+                    cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
+            n_response = mask.shape[1]
+            tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
+            rewards = answer_rewards(tokenizer, tokens, mask, [r["answer"] for r in batch])  # (B,)
+            advantages = grpo_advantages(rewards, cfg.group_size)  # (B,), used by --loss grpo
+            # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss
+            # is weighted by its share of the scored tokens, so the gradients add up to the gradient
+            # of the mean over the whole batch.
+            n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
+            for i in range(0, len(batch), cfg.micro_batch_size):
+                mb = slice(i, i + cfg.micro_batch_size)
+                with autocast:
+                    student_logits = response_logits(student, ids[mb], attention_mask[mb],
+                                                     n_response, vocab)  # (b, R, V)
+                    with torch.no_grad():
+                        teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
+                                                         n_response, vocab)
+                # 3. The loss; the mean KL to the teacher is logged whatever the loss.
+                loss = loss_row.loss(student_logits, teacher_logits, tokens[mb], mask[mb],
+                                     advantages[mb], cfg.chunk_size)
+                with torch.no_grad():  # the OPD loss is the KL itself
+                    kl = loss if cfg.loss == "opd" else opd_loss(student_logits, teacher_logits,
+                                                                 mask[mb], cfg.chunk_size)
+                if not torch.isfinite(loss):
+                    raise diverged(step, f"the loss is {loss.item()}", last_checkpoint)
+                weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
+                weighted = loss * weight
+                weighted.backward()
+                loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
+                del student_logits, teacher_logits, loss, kl, weighted  # free before next forward
+            # 4. One optimizer step, only with a finite gradient; after it the student must still be
+            # finite (its weights, and its logits on the first micro-batch) or nothing is saved.
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(),
+                                                       cfg.grad_clip or math.inf)
+            if not torch.isfinite(grad_norm):
+                raise diverged(step, f"the gradient norm is {grad_norm.item()} (the update was not "
+                               f"applied)", last_checkpoint)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if lock:  # --lock-subspace: each locked matrix's update back into the early subspace
+                lock_to_subspace(student, lock_base, lock)
+            probe = slice(0, cfg.micro_batch_size)
+            with autocast:
+                broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response,
+                                         vocab)
+            if broken:
+                raise diverged(step, f"{broken} became NaN or inf in the update (diverged: try a "
+                               f"lower --lr)", last_checkpoint)
+            if on_gpu:
+                torch.cuda.synchronize()  # the GPU works asynchronously: wait before the clock
+            step_s = time.time() - t0
+            clock += step_s
+            record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
+                      "train/grad_norm": grad_norm.item(),
+                      "train/response_len": mask.sum(1).float().mean().item(),
+                      "train/reward": rewards.mean().item(),
+                      "train/no_signal": no_signal_share(rewards, cfg.group_size),
+                      "time/step_s": round(step_s, 3)}
+            if on_gpu:
+                record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
+                  f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
+                  f"{step_s:.2f} s")
+            # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
+            if cfg.effopd and is_power_of_two(step):
+                t1 = time.time()
+                trials = effopd_extrapolate(
+                    student, anchor, lambda model: score(model, val_set, protocol.val_temperature),
+                    cfg.max_candidates)
+                kept = max(h["multiple"] for h in trials if h["kept"])
+                with autocast:
+                    broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
+                                                      n_response, vocab)
+                if broken:
+                    raise diverged(step, f"{broken} became NaN or inf in EffOPD's move to "
+                                   f"W+{kept}D", last_checkpoint)
+                effopd_s = time.time() - t1
+                clock += effopd_s
+                record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
+                               "effopd/val_s": round(effopd_s, 3)})
+                print(f"effopd {step:4d} | " + " ".join(
+                    f"{h['multiple']:+d}D:{h['score']:.3f}{'*' if h['kept'] else ''}"
+                    for h in trials) + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
+            record["time/train_s"] = round(clock, 3)
+            history.append(record)
+            log(metrics_path, record)
+            # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                history.append(evaluate(score, student, val_set, test_set, step, clock))
+                log(metrics_path, history[-1])
+            if cfg.save_checkpoints and (is_power_of_two(step) or step == cfg.steps):
+                last_checkpoint = checkpoint(out, step, student, tokenizer, optimizer, anchor,
+                                             clock)
+        if on_gpu:
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(f"done: {out}")
+        return history
 
 
 def main(argv=None) -> None:
@@ -1046,8 +1055,15 @@ def resumed_config(given: dict) -> Config:
     path = os.path.join(given["resume"], "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found; --resume takes a run folder written by effopd.py")
-    with open(path) as f:
-        saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"got {type(saved).__name__}")
+    except ValueError as e:  # not UTF-8, not JSON, or not an object
+        raise UserError(f"{path}: not the JSON object of flags that effopd.py writes ({e})") \
+            from None
+    saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
     flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
     for k, v in given.items():
         if k not in RESUMABLE and v != saved.get(k):
@@ -1104,35 +1120,50 @@ def check_config(cfg: Config) -> None:
         raise UserError("--precision bf16: this GPU does not support bf16; use fp32")
     out = run_folder(cfg)
     check_run_folder(out, resume=bool(cfg.resume))
-    if cfg.resume:  # mmap: reads the step, not the optimizer state
-        done = torch.load(os.path.join(out, "resume.pt"), map_location="cpu", mmap=True)["step"]
-        if done >= cfg.steps:
-            raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
-                            f"to train it further")
+    if cfg.resume:
+        check_resume(out, cfg.steps)
 
 
 def check_run_folder(out: str, resume: bool) -> None:
-    """A new run needs a new or empty folder, a resumed one its resume.pt; both a writable one.
-    Leftover *.tmp files of a crashed write do not count (the next write replaces them)."""
+    """A new run needs a new or empty folder, a resumed one its resume.pt; both a writable one that
+    no other run holds. Leftover *.tmp files of a crashed write do not count (the next write
+    replaces them), nor does the lock file .lock."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out}: exists and is not a folder")
-    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp")) if os.path.isdir(out) \
-        else []
+    files = sorted(f for f in os.listdir(out) if not f.endswith(".tmp") and f != ".lock") \
+        if os.path.isdir(out) else []
     if resume and "resume.pt" not in files:
         raise UserError(f"{out}: no resume.pt, so nothing to resume (it is written with every "
                         f"checkpoint; runs with --no-save-checkpoints have none)")
+    if resume or not files or os.path.exists(os.path.join(out, ".lock")):  # (else write nothing)
+        try:
+            with hold_run_folder(out):  # writable, and refused while another run holds it
+                pass
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
     if not resume and files:
         hint = f"continue it with --resume {out}" if "resume.pt" in files else "delete it"
         raise UserError(f"--out {out} holds files of an earlier run ({', '.join(files[:3])}"
                         f"{', ...' if len(files) > 3 else ''}); {hint}, or pass another --out")
-    probe = os.path.join(out, "write-test.tmp")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def hold_run_folder(out: str):
+    """Hold the run folder out while the block runs: a lock (flock) on out/.lock, which the OS lets
+    go of when the file closes or its process dies, so a killed run leaves no stale lock. While
+    another process (or block) holds it, this one is refused in one line naming its pid."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{out}: another effopd run (pid {f.read().strip()}) is writing to "
+                            f"this folder; wait for it to end") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def load_splits(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
@@ -1180,16 +1211,63 @@ def checkpoint(out: str, step: int, student, tokenizer, optimizer, anchor: dict 
              "metrics_bytes": os.path.getsize(os.path.join(out, "metrics.jsonl")), "rng": {
                  "python": random.getstate(), "torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
-    write_atomically(os.path.join(out, "resume.pt"), lambda tmp: torch.save(state, tmp))
+
+    def save(tmp: str) -> None:  # into an open file: a full disk then surfaces as an OSError
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    write_atomically(os.path.join(out, "resume.pt"), save)
     return path
+
+
+def check_resume(out: str, steps: int) -> None:
+    """What --resume needs besides config.json, checked before a model loads: a readable
+    resume.pt, steps left to train, the checkpoint it continues from, metrics.jsonl whole."""
+    path = os.path.join(out, "resume.pt")
+    try:  # mmap: reads the step, not the optimizer state
+        resumed = torch.load(path, map_location="cpu", mmap=True)
+    except Exception as e:  # torch.load's own errors (RuntimeError, EOFError, ...) on a cut file
+        why = getattr(e, "strerror", None) or "truncated or corrupt"
+        raise UserError(f"{path}: cannot be read ({why}); without it the run cannot be "
+                        f"resumed") from None
+    done, last = resumed["step"], os.path.join(out, resumed["checkpoint"])
+    if done >= steps:
+        raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
+                        f"to train it further")
+    if not os.path.isdir(last):
+        raise UserError(f"{last}: missing, but resume.pt continues from this checkpoint; put it "
+                        f"back to resume, or start a new run")
+    check_metrics(os.path.join(out, "metrics.jsonl"), done, resumed["metrics_bytes"])
+
+
+def check_metrics(path: str, step: int, size: int) -> None:
+    """Refuse a metrics.jsonl that resuming after step would splice or pad: its first size bytes
+    (the length saved with the checkpoint) must be whole JSON records of steps <= step. The lines
+    after them, of the steps lost, restore_run cuts off."""
+    data = Path(path).read_bytes() if os.path.isfile(path) else b""
+    if len(data) < size:
+        raise UserError(f"{path}: {len(data)} bytes, fewer than the {size} saved with the "
+                        f"checkpoint of step {step}: records were lost; restore them to resume, "
+                        f"or start a new run")
+    for lineno, line in enumerate(data[:size].splitlines(keepends=True), 1):
+        try:
+            whole = line.endswith(b"\n") and json.loads(line)["step"] <= step
+        except (ValueError, TypeError, KeyError):  # not JSON, not an object, no step
+            whole = False
+        if not whole:
+            raise UserError(f"{path}:{lineno}: expected a JSON record of step <= {step}, as saved "
+                            f"with the checkpoint of step {step}, got "
+                            f"{line.decode(errors='replace').strip()[:60]!r}; undo the change to "
+                            f"resume, or start a new run")
 
 
 def restore_run(resumed: dict, optimizer, anchor: dict | None, metrics_path: str) -> float:
     """Put back what checkpoint saved (the RNG states apart: set_rng_state, just before the loop)
-    and cut metrics.jsonl to the saved step's lines; returns the clock."""
+    and cut metrics.jsonl back to the saved step's lines, once check_metrics passes them; returns
+    the clock."""
     optimizer.load_state_dict(resumed["optimizer"])
     for n, b in (anchor or {}).items():
         b.copy_(resumed["anchor"][n])
+    check_metrics(metrics_path, resumed["step"], resumed["metrics_bytes"])
     os.truncate(metrics_path, resumed["metrics_bytes"])  # drop the lines of lost steps
     return resumed["clock"]
 
@@ -1218,8 +1296,11 @@ def write_atomically(path: str, save) -> None:
             remove(old)  # a kill during an earlier remove(old) can leave one
             os.replace(path, old)  # a folder cannot be renamed over another
         os.replace(tmp, path)
-    except Exception as e:  # safetensors and torch.save raise their own types on a full disk
-        raise OSError(f"cannot write {path}: {e}") from e
+    except Exception as e:  # safetensors and torch.save raise their own types on a full disk;
+        # torch.save's carries the OS error (No space left on device) as its __context__
+        why = next((c.strerror for c in (e, e.__context__) if isinstance(c, OSError)
+                    and c.strerror), e)
+        raise OSError(f"cannot write {path}: {why}") from e
     finally:
         remove(tmp)
     remove(old)
@@ -1244,8 +1325,18 @@ def first_nonfinite(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def log(path: str, record: dict) -> None:
-    with open(path, "a") as f:  # one line per record, on disk at once
-        f.write(json.dumps(record) + "\n")
+    """Append record to the JSONL at path as one line, whole or not at all: a failed write (a full
+    disk) is cut back off, and the error names path."""
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "ab", buffering=0) as f:  # unbuffered: each write goes straight to the OS
+        size = f.tell()
+        try:
+            done = 0
+            while done < len(line):  # a write is short when the disk fills; the next one raises
+                done += f.write(line[done:])
+        except OSError as e:
+            f.truncate(size)
+            raise OSError(f"cannot write {path}: {e.strerror}") from None
 
 
 def logged_steps(metrics_path: str) -> int:

@@ -2,7 +2,9 @@
 Tiny random Qwen2/Qwen3 models, float32, CPU, offline. Sections in effopd.py's order, then
 analyze.py, bench.py and data/. Run: pytest -q (everything) or pytest -q -m "not slow" (seconds:
 no end-to-end runs)."""
+import errno
 import functools
+import io
 import json
 import math
 import os
@@ -1133,6 +1135,55 @@ def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, cap
     assert "/missing/config.json: not found" in error_of_resume(tmp_path / "missing", capsys)
 
 
+def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    out, new = stopped_run(tmp_path / "run"), tmp_path / "new"
+    held = f"another effopd run (pid {os.getpid()}) is writing to this folder; wait for it to end"
+    with effopd.hold_run_folder(str(out)):
+        assert error_of_resume(out, capsys).endswith(f" error: {out}: {held}")
+    with effopd.hold_run_folder(str(new)):
+        with pytest.raises(SystemExit, match="2"):
+            effopd.main(["--tiny", "--out", str(new)])
+        assert capsys.readouterr().err.strip().endswith(f" error: {new}: {held}")
+    assert os.listdir(new) == [".lock"]  # left behind, but held by no one: it blocks nothing
+    effopd.check_run_folder(str(new), resume=False)
+    effopd.check_run_folder(str(out), resume=True)
+
+
+@pytest.mark.parametrize("failure", [effopd.UserError("bad data"), KeyboardInterrupt()])
+def test_train_holds_its_run_folder_and_lets_go_however_it_ends(tmp_path, monkeypatch, failure):
+    out = str(tmp_path / "run")
+
+    def load_splits(cfg):  # called by train() before any model loads
+        with pytest.raises(effopd.UserError, match="another effopd run .* is writing to"):
+            with effopd.hold_run_folder(out):
+                pass
+        raise failure
+    monkeypatch.setattr(effopd, "load_splits", load_splits)
+    with pytest.raises(type(failure)):
+        effopd.train(effopd.parse_args([*TINY_RUN, "--out", out]))
+    with effopd.hold_run_folder(out):  # free again
+        pass
+
+
+@pytest.mark.slow
+def test_a_run_folder_held_by_another_process_is_refused_until_it_dies(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                              "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                              "f.write(str(os.getpid())); f.flush(); print('held', flush=True)\n"
+                              "time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "held\n"
+    with pytest.raises(effopd.UserError, match=f"^{re.escape(str(out))}: another effopd run "
+                                               f"\\(pid {child.pid}\\) is writing to this folder"):
+        effopd.check_run_folder(str(out), resume=False)
+    child.kill()  # SIGKILL: the process cannot clean up; the OS lets go of its lock
+    child.wait()
+    effopd.check_run_folder(str(out), resume=False)
+
+
 @pytest.mark.slow
 def test_effopd_prints_its_scope_and_refuses_an_empty_one(tmp_path, capsys, monkeypatch):
     effopd.main([*TINY_RUN, "--steps", "1", "--effopd", "--out", str(tmp_path / "a")])
@@ -1258,8 +1309,8 @@ def test_leftover_tmp_files_neither_block_nor_stay(tmp_path):
     (out / "step_000001.tmp").mkdir(parents=True)  # what a killed run leaves
     (out / "resume.pt.tmp").write_text("half")
     effopd.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
-    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "resume.pt", "step_000000",
-                                       "step_000001"]
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "metrics.jsonl", "resume.pt",
+                                       "step_000000", "step_000001"]
 
 
 @pytest.mark.slow
@@ -1273,12 +1324,132 @@ def test_io_error_is_one_line_naming_the_path(tmp_path, monkeypatch):
         effopd.main([*TINY_RUN, "--out", str(out)])
 
 
+class FullDisk(io.FileIO):
+    """A file on a disk with room for `room` more bytes: a longer write is short, the next fails."""
+    room = 0
+
+    def write(self, data):
+        if FullDisk.room == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = super().write(bytes(data)[:FullDisk.room])
+        FullDisk.room -= written
+        return written
+
+
+def test_a_full_disk_is_named_and_leaves_resume_pt_and_metrics_whole(tmp_path, tokenizer,
+                                                                     monkeypatch):
+    model, metrics = tiny_model("qwen2", 14), tmp_path / "metrics.jsonl"
+    optimizer = torch.optim.AdamW(model.parameters())
+    effopd.log(str(metrics), {"step": 0, "eval/val_acc": 0.25})
+    effopd.checkpoint(str(tmp_path), 0, model, tokenizer, optimizer, None, 0.0)
+    before = (tmp_path / "resume.pt").read_bytes(), metrics.read_bytes()
+    monkeypatch.setattr(effopd, "open", lambda path, mode, **kw: FullDisk(path, mode),
+                        raising=False)  # effopd's own files only
+    monkeypatch.setattr(FullDisk, "room", 100)
+    with pytest.raises(OSError) as error:  # torch.save's own error: "[enforce fail at ..."
+        effopd.checkpoint(str(tmp_path), 1, model, tokenizer, optimizer, None, 1.0)
+    assert str(error.value) == f"cannot write {tmp_path}/resume.pt: No space left on device"
+    monkeypatch.setattr(FullDisk, "room", 10)
+    with pytest.raises(OSError) as error:
+        effopd.log(str(metrics), {"step": 1, "train/loss": 1.5})
+    assert str(error.value) == f"cannot write {metrics}: No space left on device"
+    assert ((tmp_path / "resume.pt").read_bytes(), metrics.read_bytes()) == before  # no half line
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "resume.pt", "step_000000",
+                                            "step_000001"]  # resume.pt: still after step 0
+
+
 def error_of_resume(out, capsys, *flags) -> str:
     """The one-line error of --resume, printed by argparse before any model loads (exit 2)."""
     with pytest.raises(SystemExit) as exit:
         effopd.main(["--resume", str(out), *flags])
     assert exit.value.code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+KEPT = [{"step": 0, "eval/val_acc": 0.25}, {"step": 1, "train/loss": 1.5},
+        {"step": 2, "train/loss": 1.25}, {"step": 2, "eval/val_acc": 0.5}]
+
+
+def stopped_run(out):
+    """A run folder as a run of 8 steps stopped after its checkpoint of step 2 leaves it, made
+    without training: metrics.jsonl holds KEPT, then the lines of lost step 3 (the last one half
+    written)."""
+    os.makedirs(out / "step_000002")
+    (out / "config.json").write_text(json.dumps({"setting": "tiny", **effopd.SETTINGS["tiny"],
+                                                 "steps": 8, "out": str(out)}))
+    kept = "".join(json.dumps(r) + "\n" for r in KEPT)
+    (out / "metrics.jsonl").write_text(kept + '{"step": 3, "train/loss": 1.0}\n{"step": 3, "ev')
+    torch.save({"step": 2, "checkpoint": "step_000002", "metrics_bytes": len(kept)},
+               out / "resume.pt")
+    return out
+
+
+def test_resume_cuts_metrics_back_to_the_records_of_the_checkpoint(tmp_path):
+    out = stopped_run(tmp_path)
+    effopd.check_resume(str(out), steps=8)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    resumed = {**torch.load(out / "resume.pt"), "optimizer": optimizer.state_dict(),
+               "anchor": None, "clock": 1.5}
+    assert effopd.restore_run(resumed, optimizer, None, str(out / "metrics.jsonl")) == 1.5
+    assert [json.loads(line) for line in open(out / "metrics.jsonl")] == KEPT
+
+
+GARBLED = ":{}: expected a JSON record of step <= 2, as saved with the checkpoint of step 2, " \
+    "got {}; undo the change to resume, or start a new run"
+LOST = ": {} bytes, fewer than the 130 saved with the checkpoint of step 2: records were lost; " \
+    "restore them to resume, or start a new run"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: lines.insert(2, "x\n"), GARBLED.format(3, "'x'")),  # sed -i '3i x'
+    (lambda lines: lines.__setitem__(1, lines[1].replace("1.5", "1.75")),  # one byte longer
+     GARBLED.format(4, """'{"step": 2, "eval/val_acc": 0.5}'""")),
+    (lambda lines: lines.__setitem__(0, "[]\n"), GARBLED.format(1, "'[]'")),
+    (lambda lines: lines.__setitem__(1, lines[4]),  # a record of a lost step, as long
+     GARBLED.format(2, """'{"step": 3, "train/loss": 1.0}'""")),
+    (lambda lines: lines.__delitem__(slice(2, None)), LOST.format(65)),  # never padded
+    (lambda lines: lines.clear(), LOST.format(0)),
+], ids=["inserted-line", "longer-line", "not-an-object", "later-step", "lines-lost", "empty"])
+def test_resume_refuses_a_metrics_file_it_would_splice_or_pad(tmp_path, monkeypatch, capsys,
+                                                              edit, message):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    out = stopped_run(tmp_path)
+    lines = open(out / "metrics.jsonl").readlines()
+    edit(lines)
+    (out / "metrics.jsonl").write_text("".join(lines))
+    before = {f: (out / f).read_bytes() for f in ("config.json", "metrics.jsonl", "resume.pt")}
+    assert error_of_resume(out, capsys).endswith(f" error: {out}/metrics.jsonl{message}")
+    assert {f: (out / f).read_bytes() for f in before} == before  # nothing cut, padded or written
+
+
+UNREADABLE = "resume.pt: cannot be read (truncated or corrupt); without it the run cannot be " \
+    "resumed"
+NOT_CONFIG = "config.json: not the JSON object of flags that effopd.py writes ({})"
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("resume.pt", "half", UNREADABLE),  # a copy cut short
+    ("resume.pt", b"\x80\x04garbage", UNREADABLE),
+    ("config.json", '{"steps": 8,', NOT_CONFIG.format(
+        "Expecting property name enclosed in double quotes: line 1 column 13 (char 12)")),
+    ("config.json", "[8]", NOT_CONFIG.format("got list")),
+    ("config.json", b"\xff{}", NOT_CONFIG.format(
+        "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte")),
+    ("step_000002", None, "step_000002: missing, but resume.pt continues from this checkpoint; "
+                          "put it back to resume, or start a new run"),
+], ids=["resume.pt-cut", "resume.pt-garbage", "config-cut", "config-list", "config-binary",
+        "checkpoint-deleted"])
+def test_resume_refuses_unreadable_state_in_one_line(tmp_path, monkeypatch, capsys, file,
+                                                     content, message):
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    out = stopped_run(tmp_path)
+    if content == "half":
+        content = (out / "resume.pt").read_bytes()[:200]
+    if content is None:
+        os.rmdir(out / file)
+    else:
+        (out / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert error_of_resume(out, capsys).endswith(f" error: {out}/{message}")
 
 
 @pytest.mark.slow

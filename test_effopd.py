@@ -1163,13 +1163,12 @@ def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, cap
 
 
 def test_val_and_test_sizes_beyond_their_files_are_refused():
-    for size, path in [("val_size", "data/tiny/val.jsonl"), ("test_size", "data/tiny/test.jsonl")]:
-        records = len(effopd.load_jsonl(path))
-        cfg = effopd.Config(**{**effopd.SETTINGS["tiny"], size: records + 1})
+    for size, message in [({"val_size": 51}, "val.jsonl: 50 records, but --val-size asks for 51"),
+                          ({"test_size": 501}, "test.jsonl: 500 records, but --test-size asks "
+                                               "for 501")]:
         with pytest.raises(effopd.UserError) as error:
-            effopd.load_splits(cfg)
-        assert str(error.value) == (f"{getattr(cfg, size[:-5])}: {records} records, but "
-                                    f"--{size.replace('_', '-')} asks for {records + 1}")
+            effopd.load_splits(effopd.Config(**effopd.SETTINGS["tiny"], **size))
+        assert str(error.value) == f"{effopd.PROJECT}/data/tiny/{message}"
 
 
 def broken_model(folder, fault: str, source="data/tiny/student") -> str:

@@ -281,8 +281,13 @@ def load_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
         for lineno, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1}: "
+                                f"{e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -293,9 +298,10 @@ def load_jsonl(path: str) -> list[dict]:
             if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
                 answer = int(answer)
             if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-                    and isinstance(answer, int) and not isinstance(answer, bool)):
-                raise UserError(f"{path}:{lineno}: expected {{\"prompt\": string, \"answer\": "
-                                f"integer}}, got {line.strip()[:80]}")
+                    and record["prompt"].strip() and isinstance(answer, int)
+                    and not isinstance(answer, bool)):
+                raise UserError(f"{path}:{lineno}: expected {{\"prompt\": non-empty string, "
+                                f"\"answer\": integer}}, got {line.strip()[:80]}")
             records.append({"prompt": record["prompt"], "answer": answer})
     if not records:
         raise UserError(f"{path}: no records")
@@ -309,12 +315,16 @@ def extract_answer(text: str) -> int | None:
 
 
 def load_model_and_tokenizer(path: str, dtype: torch.dtype, device: str):
+    """A causal LM and its tokenizer (hub name or folder); a file that cannot be read or a weight
+    that is NaN or inf is refused in one line (check_model_files, check_weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_model_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    check_weights(model, path)
     return model, tokenizer
 
 
@@ -823,7 +833,7 @@ def train(cfg: Config) -> list[dict]:
             else None
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(cfg)
         on_gpu = device.startswith("cuda")
         bf16 = use_bf16(cfg.precision, device)
         autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
@@ -831,6 +841,7 @@ def train(cfg: Config) -> list[dict]:
         last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
         student, teacher, tokenizer = load_student_and_teacher(last_checkpoint or cfg.student,
                                                                cfg.teacher, device, bf16)
+        check_prompt_lengths(cfg, [train_set, val_set, test_set], tokenizer, [student, teacher])
         vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
         eos = eos_ids(tokenizer, student)
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr,
@@ -1012,11 +1023,18 @@ RESUMABLE = ("resume", "steps", "anchor_device", "micro_batch_size", "chunk_size
              "eval_batch_size")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: the message without the usage (--help has it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None) -> Config:
     """Config from the command line: the defaults (or a setting's, or the resumed run's
     config.json) with the given flags on top, checked before anything loads (argparse's exit 2)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     argument_default=argparse.SUPPRESS)
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0].strip(),
+                           argument_default=argparse.SUPPRESS)
     for f in fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} ({f.default!r})"
         if f.name in ("loss", "protocol"):  # the rows of the table
@@ -1045,7 +1063,7 @@ def parse_args(argv=None) -> Config:
             cfg = Config(**{**SETTINGS.get(given.get("setting"), {}), **given})
         check_config(cfg)
     except UserError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")  # argparse's error, without the usage
+        parser.error(str(e))
     return cfg
 
 
@@ -1072,6 +1090,11 @@ def resumed_config(given: dict) -> Config:
     return Config(**{**saved, **given, "out": given["resume"]})
 
 
+def default_device(cfg: Config) -> str:
+    """--device, by default cuda when a GPU is available, else cpu."""
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_folder(cfg: Config) -> str:
     prefix = f"{cfg.setting}-" if cfg.setting else ""
     return cfg.out or f"runs/{prefix}{cfg.loss}{'-effopd' if cfg.effopd else ''}-seed{cfg.seed}"
@@ -1086,8 +1109,10 @@ def check_config(cfg: Config) -> None:
     for name, need in [("lr", "> 0"), ("temperature", ">= 0"), ("weight_decay", ">= 0"),
                        ("grad_clip", ">= 0 (0 = off)")]:
         value = getattr(cfg, name)
-        if not (value > 0 if need == "> 0" else value >= 0):  # False for NaN too
-            raise UserError(f"--{name.replace('_', '-')} must be {need}, got {value}")
+        if not (math.isfinite(value) and (value > 0 if need == "> 0" else value >= 0)):
+            raise UserError(f"--{name.replace('_', '-')} must be finite and {need}, got {value}")
+    if not 0 <= cfg.seed < 2**64:  # random.seed drops a sign; torch.manual_seed takes < 2**64
+        raise UserError(f"--seed must be 0 to 2**64 - 1, got {cfg.seed}")
     if cfg.setting and cfg.setting not in SETTINGS:
         raise UserError(f"setting {cfg.setting!r} is not one of {', '.join(SETTINGS)}")
     if cfg.loss not in LOSSES:
@@ -1111,17 +1136,26 @@ def check_config(cfg: Config) -> None:
             raise UserError(f"--{name} {path}: no such folder{make}")
     if cfg.lock_subspace and not os.path.isdir(cfg.lock_subspace):
         raise UserError(f"--lock-subspace {cfg.lock_subspace}: no such checkpoint folder")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: no CUDA GPU is available")
+    for flag, device in [("--device", default_device(cfg)), ("--anchor-device", cfg.anchor_device)]:
+        check_device(flag, device)
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
-    on_gpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    on_gpu = default_device(cfg).startswith("cuda")
     if cfg.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16: this GPU does not support bf16; use fp32")
     out = run_folder(cfg)
     check_run_folder(out, resume=bool(cfg.resume))
     if cfg.resume:
         check_resume(out, cfg.steps)
+
+
+def check_device(flag: str, device: str) -> None:
+    """A device flag names cpu, or cuda or cuda:N of a GPU this machine has."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"{flag} must be cpu, cuda or cuda:N, not {device!r}")
+    gpus = torch.cuda.device_count()
+    if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= gpus:
+        raise UserError(f"{flag} {device}: no such CUDA GPU on this machine ({gpus} found)")
 
 
 def check_run_folder(out: str, resume: bool) -> None:
@@ -1169,13 +1203,69 @@ def hold_run_folder(out: str):
 def load_splits(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     """The training records and the first --val-size / --test-size of the other two files."""
     train_set, val_set, test_set = load_jsonl(cfg.train), load_jsonl(cfg.val), load_jsonl(cfg.test)
-    if len(val_set) < cfg.val_size:
-        raise UserError(f"{cfg.val}: {len(val_set)} records, but --val-size asks for "
-                        f"{cfg.val_size}")
+    for path, records, size in [(cfg.val, val_set, "val_size"), (cfg.test, test_set, "test_size")]:
+        if len(records) < getattr(cfg, size):
+            raise UserError(f"{path}: {len(records)} records, but --{size.replace('_', '-')} "
+                            f"asks for {getattr(cfg, size)}")
     if len(train_set) < cfg.batch_size:
         raise UserError(f"{cfg.train}: {len(train_set)} records, fewer than --batch-size "
                         f"{cfg.batch_size}")
     return train_set, val_set[:cfg.val_size], test_set[:cfg.test_size]
+
+
+def check_prompt_lengths(cfg: Config, splits: list[list[dict]], tokenizer, models) -> None:
+    """Every prompt of the three splits, as rendered, is 1 token or more and leaves room for
+    --max-new-tokens in the models' positions (max_position_embeddings)."""
+    positions = min(getattr(m.config, "max_position_embeddings", None) or math.inf for m in models)
+    room = positions - cfg.max_new_tokens
+    for path, records in zip([cfg.train, cfg.val, cfg.test], splits):
+        for i, ids in enumerate(render_prompts(tokenizer, [r["prompt"] for r in records])):
+            if not 1 <= len(ids) <= room:
+                raise UserError(f"{path}:{line_of(path, i)}: the prompt is {len(ids)} tokens; "
+                                f"expected 1 to {room} (the models' {positions} positions less "
+                                f"--max-new-tokens {cfg.max_new_tokens})")
+
+
+def line_of(path: str, i: int) -> int:
+    """The line number of load_jsonl(path)[i] (blank lines hold no record)."""
+    with open(path, "rb") as f:
+        return [n for n, line in enumerate(f, 1) if line.decode("utf-8").strip()][i]
+
+
+def check_model_files(path: str) -> None:
+    """A model folder, before transformers reads it: tokenizer files in it, and its shard index
+    and the header of each weight file whole (a hub name is left to the hub's own checks)."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isdir(path):
+        return
+    files = os.listdir(path)  # without config.json it is no model, as from_pretrained says
+    if "config.json" in files and not any(f.startswith(("tokenizer", "vocab")) for f in files):
+        raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                        f"vocab.json); save the model's tokenizer with it")
+    index, shards = os.path.join(path, "model.safetensors.index.json"), set()
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                saved = json.load(f)
+            _, shards = saved["metadata"], set(saved["weight_map"].values())  # both are read
+        except (ValueError, LookupError, TypeError, AttributeError):
+            raise UserError(f"{index}: corrupt; expected JSON with \"metadata\" and "
+                            f"\"weight_map\"") from None
+    weights = [os.path.join(path, name) for name in sorted(shards | {"model.safetensors"})]
+    for file in filter(os.path.isfile, weights):  # a missing one: from_pretrained names it
+        try:
+            with safe_open(file, "pt"):  # reads the header and checks it against the file size
+                pass
+        except SafetensorError as e:
+            raise UserError(f"{file}: not a whole safetensors file ({e})") from None
+
+
+def check_weights(model, path: str) -> None:
+    """Every weight of the model loaded from path is finite: nothing is trained or saved from a
+    NaN or an infinity."""
+    weight = first_nonfinite_weight(model)
+    if weight:
+        raise UserError(f"{path}: weight {weight} is NaN or inf; expected finite weights")
 
 
 def print_effopd_scope(anchor: dict[str, torch.Tensor], model: torch.nn.Module,
@@ -1311,14 +1401,19 @@ def save_checkpoint(model, tokenizer, path: str) -> None:
     write_atomically(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
+def first_nonfinite_weight(model) -> str | None:
+    """The name of the model's first parameter holding a NaN or an infinity; None if none does."""
+    return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+
+
 def first_nonfinite(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     n_response: int, vocab_size: int) -> str | None:
     """What of the model holds a NaN or an infinity: its first such weight, else its logits on
     input_ids (B, P+R); None if all is finite. A run that diverged can keep finite weights (1e12
     after a huge step) whose logits overflow, so both are checked."""
-    for n, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            return f"weight {n}"
+    weight = first_nonfinite_weight(model)
+    if weight:
+        return f"weight {weight}"
     with torch.no_grad():
         logits = response_logits(model, input_ids, attention_mask, n_response, vocab_size)
     return None if torch.isfinite(logits).all() else "the logits"

@@ -9,11 +9,13 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
 
 import pytest
+import safetensors.torch
 import torch
 from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           TrainerCallback, TrainingArguments)
@@ -208,8 +210,12 @@ def test_load_jsonl_reads_records_and_names_bad_lines(tmp_path):
     for body, match in [('{"prompt": "a", "answer": 1}\n{oops\n', r"bad.jsonl:2: not valid JSON"),
                         ('{"prompt": "a"}\n', r"bad.jsonl:1: expected"),
                         ('{"prompt": "a", "answer": 1.5}\n', r"bad.jsonl:1: expected"),
+                        ('{"prompt": " ", "answer": 1}\n', r'bad.jsonl:1: expected {"prompt": '
+                         r'non-empty string, "answer": integer}, got {"prompt": " ", '),
+                        ('\n{"prompt": "a", "answer": 1}\n{"prompt": "\xff', r"bad.jsonl:3: not "
+                         r"UTF-8 text \(byte 13: invalid start byte\)$"),
                         ("\n", r"bad.jsonl: no records")]:
-        (tmp_path / "bad.jsonl").write_text(body)
+        (tmp_path / "bad.jsonl").write_bytes(body.encode("latin-1"))  # \xff: a byte, not UTF-8
         with pytest.raises(effopd.UserError, match=match):
             effopd.load_jsonl(str(tmp_path / "bad.jsonl"))
     with pytest.raises(effopd.UserError, match="missing.jsonl: file not found"):
@@ -1058,9 +1064,15 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     *[([f"--{size.replace('_', '-')}", "0"], f"--{size.replace('_', '-')} must be at least 1, "
        f"got 0") for size in effopd.SIZES],
     (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
-    (["--lr=-1e-5"], r"--lr must be > 0, got -1e-05"),
-    (["--lr", "nan"], r"--lr must be > 0, got nan"),
-    (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
+    (["--lr=-1e-5"], r"--lr must be finite and > 0, got -1e-05"),
+    (["--lr", "nan"], r"--lr must be finite and > 0, got nan"),
+    (["--lr", "inf"], r"--lr must be finite and > 0, got inf"),
+    (["--temperature", "-1"], r"--temperature must be finite and >= 0, got -1.0"),
+    (["--grad-clip", "inf"], r"--grad-clip must be finite and >= 0 \(0 = off\), got inf"),
+    (["--seed", str(2**64)], r"--seed must be 0 to 2\*\*64 - 1, got 18446744073709551616$"),
+    (["--seed", "-1"], r"--seed must be 0 to 2\*\*64 - 1, got -1$"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, not 'tpu'$"),
+    (["--anchor-device", "foo"], "--anchor-device must be cpu, cuda or cuda:N, not 'foo'$"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
     (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
     (["--protocol", "verl"], "--protocol must be one of effopd, official, not 'verl'"),
@@ -1096,6 +1108,7 @@ def test_a_setting_whose_models_are_not_made_says_how_to_make_them(tmp_path, mon
 
 def test_bf16_on_a_gpu_without_bf16_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     with pytest.raises(SystemExit) as exit:
         effopd.main(["--tiny", "--device", "cuda", "--precision", "bf16", "--out",
@@ -1104,6 +1117,36 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith(
         "error: --precision bf16: this GPU does not support bf16; use fp32")
+
+
+@pytest.mark.parametrize("gpus, flags, message", [
+    (0, ["--device", "cuda"], "--device cuda: no such CUDA GPU on this machine (0 found)"),
+    (0, ["--anchor-device", "cuda"], "--anchor-device cuda: no such CUDA GPU on this machine "
+                                     "(0 found)"),
+    (1, ["--device", "cuda:1"], "--device cuda:1: no such CUDA GPU on this machine (1 found)")])
+def test_a_gpu_the_machine_lacks_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys,
+                                                                   gpus, flags, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(effopd, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--tiny", "--out", str(tmp_path / "run"), *flags])
+    assert exit.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f" error: {message}")
+
+
+def test_a_flag_argparse_cannot_read_is_one_line_and_help_stays_whole(capsys):
+    for flags, message in [(["--steps", "1e3"], "argument --steps: invalid int value: '1e3'"),
+                           (["--stepz", "3"], "unrecognized arguments: --stepz 3")]:
+        with pytest.raises(SystemExit) as exit:
+            effopd.main(flags)
+        assert exit.value.code == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.endswith(f" error: {message}")
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--help"])
+    assert exit.value.code == 0 and "--max-new-tokens MAX_NEW_TOKENS" in capsys.readouterr().out
 
 
 def test_run_folder_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
@@ -1182,6 +1225,94 @@ def test_a_run_folder_held_by_another_process_is_refused_until_it_dies(tmp_path)
     child.kill()  # SIGKILL: the process cannot clean up; the OS lets go of its lock
     child.wait()
     effopd.check_run_folder(str(out), resume=False)
+
+
+def test_val_and_test_sizes_beyond_their_files_are_refused():
+    for size, message in [({"val_size": 51}, "val.jsonl: 50 records, but --val-size asks for 51"),
+                          ({"test_size": 501}, "test.jsonl: 500 records, but --test-size asks "
+                                               "for 501")]:
+        with pytest.raises(effopd.UserError) as error:
+            effopd.load_splits(effopd.Config(**effopd.SETTINGS["tiny"], **size))
+        assert str(error.value) == f"{effopd.PROJECT}/data/tiny/{message}"
+
+
+def broken_model(folder, fault: str, source="data/tiny/student") -> str:
+    """A copy of the model in source (the tiny student) in folder, with one fault."""
+    shutil.copytree(source, folder)
+    weights = folder / "model.safetensors"
+    if fault == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif fault == "garbage":
+        weights.write_bytes(b"not safetensors " * 64)
+    elif fault == "corrupt index":
+        (folder / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": {"lm')
+    elif fault == "no tokenizer":
+        for file in folder.glob("tokenizer*"):
+            file.unlink()
+    elif fault == "nan":
+        tensors = safetensors.torch.load_file(weights)
+        tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+        safetensors.torch.save_file(tensors, weights, metadata={"format": "pt"})
+    return str(folder)
+
+
+MODEL_FAULTS = {  # what a user sees for each fault of broken_model (folder: {})
+    "truncated": "{}/model.safetensors: not a whole safetensors file (Error while deserializing "
+                 "header: incomplete metadata, file not fully covered)",
+    "garbage": "{}/model.safetensors: not a whole safetensors file (Error while deserializing "
+               "header: header too large)",
+    "corrupt index": '{}/model.safetensors.index.json: corrupt; expected JSON with "metadata" '
+                     'and "weight_map"',
+    "no tokenizer": "{}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json); "
+                    "save the model's tokenizer with it",
+    "nan": "{}: weight model.layers.1.mlp.up_proj.weight is NaN or inf; expected finite weights"}
+
+
+@pytest.mark.parametrize("fault", MODEL_FAULTS)
+def test_a_broken_student_is_refused_in_one_line_and_nothing_is_written(tmp_path, fault):
+    student, out = broken_model(tmp_path / "student", fault), tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        effopd.main([*TINY_RUN, "--student", student, "--out", str(out)])
+    assert exit.value.code == "effopd: error: " + MODEL_FAULTS[fault].format(student)  # exit 1
+    assert os.listdir(out) == [".lock"]  # nothing written but the lock, released
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--lock-subspace"])
+def test_a_broken_teacher_or_lock_checkpoint_is_refused_in_one_line(tmp_path, flag):
+    model, out = broken_model(tmp_path / "model", "nan"), tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        effopd.main([*TINY_RUN, flag, model, "--out", str(out)])
+    assert exit.value.code == "effopd: error: " + MODEL_FAULTS["nan"].format(model)
+    assert os.listdir(out) == [".lock"]  # nothing written but the lock, released
+
+
+@pytest.mark.slow
+def test_a_broken_latest_checkpoint_is_refused_on_resume_and_nothing_is_written(tmp_path):
+    out = tmp_path / "run"
+    effopd.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
+    latest = out / "step_000001"
+    shutil.move(latest, tmp_path / "good")
+    broken_model(latest, "nan", source=tmp_path / "good")
+    files = {f: (out / f).read_bytes() for f in ("config.json", "metrics.jsonl", "resume.pt")}
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(["--resume", str(out), "--steps", "2"])
+    assert exit.value.code == "effopd: error: " + MODEL_FAULTS["nan"].format(latest)
+    assert {f: (out / f).read_bytes() for f in files} == files
+
+
+@pytest.mark.parametrize("prompt, tokens", [("1+" * 10000 + "1=", 20002), ("xyz", 0)],
+                         ids=["20k characters", "no known character"])
+def test_a_prompt_the_models_cannot_hold_is_refused_by_file_and_line(tmp_path, prompt, tokens):
+    lines = open("data/tiny/train.jsonl").read().splitlines()[:9]
+    lines[4:4] = ["", json.dumps({"prompt": prompt, "answer": 1})]  # line 6, after a blank one
+    train, out = tmp_path / "train.jsonl", tmp_path / "run"
+    train.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit:  # the tiny tokenizer has no "x", "y" or "z"
+        effopd.main([*TINY_RUN, "--train", str(train), "--out", str(out)])
+    assert exit.value.code == (f"effopd: error: {train}:6: the prompt is {tokens} tokens; "
+                               f"expected 1 to 26 (the models' 32 positions less "
+                               f"--max-new-tokens 6)")
+    assert os.listdir(out) == [".lock"]  # nothing written but the lock, released
 
 
 @pytest.mark.slow

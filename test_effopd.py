@@ -763,6 +763,35 @@ def test_principal_rotation_is_one_minus_subspace_alignment():
         1 - effopd.subspace_alignment(a, b, 4), abs=1e-5)
 
 
+@pytest.mark.parametrize("ratio, scale", [(1e-2, 1.0), (1.2e-4, 1.0), (0.5, 1e20)])
+def test_top_singular_subspaces_of_a_steep_spectrum_equal_float64_svd(ratio, scale):
+    """sigma_1 = 1, sigma_k = ratio, sigma_k+1 = ratio / 2: an fp32 Gram loses the subspace below
+    ratio ~1e-2 (1.6e-4 there, 1.0 at 1.2e-4), and overflows at 1e20 (NaN). The oracle: the float64
+    SVD of the same fp32 matrix; projector errors as spectral norms."""
+    sigma = [1.0, 0.5, 0.2, ratio] + [ratio / 2 * 0.99 ** i for i in range(196)]
+    w = (scale * with_spectrum(sigma, 400, 200)).float()  # k = 4
+    u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    got_u, got_v = effopd.top_singular_subspaces(w, 4)
+    assert got_u.dtype == got_v.dtype == torch.float32
+    for got, ref in ((got_u, u[:, :4]), (got_v, vh[:4].T)):
+        error = got.double() @ got.double().T - ref @ ref.T
+        assert torch.linalg.matrix_norm(error, ord=2) < 1e-6
+
+
+def test_principal_rotation_has_no_fp32_floor():
+    """W_tuned = W_base with its first left singular vector turned toward the 4th by theta: the
+    top-3 subspace turned by 1 - phi = sin^2(theta) / 3 = 4.8e-8 exactly, below fp32's 1.2e-7."""
+    w, u, _ = base_with_subspaces()  # m, n, k = 40, 30, 3
+    s = math.sqrt(3 * 4.8e-8)
+    c = math.sqrt(1 - s * s)
+    turned = u.clone()
+    turned[:, 0], turned[:, 3] = c * u[:, 0] + s * u[:, 3], c * u[:, 3] - s * u[:, 0]
+    tuned = turned @ u.T @ w  # the same singular values and right vectors
+    assert effopd.principal_rotation(w, tuned, 3) == pytest.approx(4.8e-8, rel=1e-6)
+    fp32 = effopd.principal_rotation(w.float(), tuned.float(), 3)  # was 0.0
+    assert fp32 == pytest.approx(4.8e-8, rel=1e-2)
+
+
 def test_singular_part_top_and_bottom():
     sigma = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # full rank: min(m, n) = 9
     delta = with_spectrum(sigma, 12, 9)
@@ -837,6 +866,24 @@ def test_lock_to_subspace_moves_only_the_named_matrices():
     params = dict(model.named_parameters())
     assert (params["mlp.weight"] - base["mlp.weight"]).tolist() == [[0, 1], [0, 0]]
     assert torch.equal(params["self_attn.weight"], base["self_attn.weight"] + 1)  # not locked
+
+
+def test_project_update_and_lock_to_subspace_accept_bf16():
+    u, v = orthonormal(12, 3, 0), orthonormal(9, 3, 1)
+    delta = torch.randn(12, 9, generator=torch.Generator().manual_seed(2)).bfloat16()
+    got = effopd.project_update(delta, u.float(), v.float())  # bf16 update, fp32 bases
+    assert got.dtype == torch.bfloat16
+    expect = u @ u.T @ delta.double() @ v @ v.T  # float64, from the same bf16 entries
+    torch.testing.assert_close(got.double(), expect, rtol=2 ** -8, atol=1e-3)  # one bf16 rounding
+    model = Block().to(torch.bfloat16)  # integer weights: exact in bf16
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    effopd.lock_to_subspace(model, base, {"mlp.weight": (torch.eye(2)[:, :1], torch.eye(2)[:, 1:])})
+    weight = dict(model.named_parameters())["mlp.weight"]
+    assert weight.dtype == torch.bfloat16
+    assert (weight - base["mlp.weight"]).tolist() == [[0, 1], [0, 0]]
 
 
 # ------------------------------------------------------------------------------------------------

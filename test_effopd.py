@@ -1507,6 +1507,132 @@ def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
         analyze.run_geometry(str(tmp_path), 0.01, 4, "cpu")
 
 
+UP = "model.layers.1.mlp.up_proj.weight"
+
+
+def edit_tensor(file: str, name: str, edit) -> None:
+    """Rewrite one tensor of a .safetensors file in place: edit(tensor) -> tensor."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(file)
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated shard", r"base/model-\d+-of-\d+\.safetensors: not a readable \.safetensors file "
+                        r"\(Error while deserializing header: .+\)"),
+    ("garbage file", r"tuned/model\.safetensors: not a readable \.safetensors file \(Error while "
+                     r"deserializing header: header too large\)"),
+    ("corrupt index", r"base/model\.safetensors\.index\.json: not readable JSON \(Expecting value: "
+                      r"line 1 column 16 \(char 15\)\)"),
+    ("index without weight_map", r"base/model\.safetensors\.index\.json: no weight_map from "
+                                 r"tensor names to \.safetensors files"),
+    ("inf in base", rf"base/model-\d+-of-\d+\.safetensors: {UP} holds NaN or inf"),
+    ("overflowed update", rf"tuned/model\.safetensors: {UP}: \|\|W_tuned - W_base\|\|_F "
+                          r"overflows float32 \(a diverged checkpoint\?\)"),
+])
+def test_analyze_refuses_bad_checkpoint_files_in_one_line(tmp_path, monkeypatch, case, message):
+    base, tuned = save_pair(tmp_path)
+    index = os.path.join(base, "model.safetensors.index.json")
+    shard = os.path.join(base, json.loads(open(index).read())["weight_map"][UP])
+    if case == "truncated shard":
+        data = open(shard, "rb").read()
+        open(shard, "wb").write(data[:len(data) // 2])
+    elif case == "garbage file":
+        open(os.path.join(tuned, "model.safetensors"), "wb").write(b"not safetensors" * 100)
+    elif case.endswith("index"):
+        open(index, "w").write('{"weight_map": ')
+    elif case == "index without weight_map":
+        open(index, "w").write('{"metadata": {}}')
+    elif case == "inf in base":
+        edit_tensor(shard, UP, lambda w: w.index_fill(1, torch.tensor([3]), float("inf")))
+    else:  # finite bf16 weights, but ||dW||_F > 3.4e38
+        edit_tensor(os.path.join(tuned, "model.safetensors"), UP, lambda w: w * 1e20)
+    if case not in ("inf in base", "overflowed update"):  # from the headers, before any SVD
+        monkeypatch.setattr(analyze, "matrix_geometry", lambda *a: pytest.fail("computed"))
+    with pytest.raises(SystemExit, match=rf"^analyze: error: \S+{message}$"):
+        analyze.main(["--base", base, tuned])
+
+
+def test_analyze_checks_run_folders_and_outputs_before_any_work(tmp_path, monkeypatch):
+    """Every output path and every file of a run that the report needs, checked before the
+    first matrix (or the toy) is computed: an unwritable path (here under a file, which stops
+    root too), a folder as --json, a corrupt config.json, a missing validation file."""
+    run = save_run(tmp_path / "run", {0: {UP: torch.zeros(4, 4)}, 4: {UP: torch.eye(4)}})
+    blocked, config = tmp_path / "file", tmp_path / "run" / "config.json"
+    blocked.write_text("")
+    monkeypatch.setattr(analyze, "checkpoint_geometry", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr(analyze, "run_toy", lambda args: pytest.fail("computed"))
+    val = {"val_size": 5, "max_new_tokens": 6, "eval_batch_size": 8}
+    for argv, config_text, message in [
+            ([run, "--png", f"{blocked}/r.png"], "{}",
+             f"--png {blocked}/r.png: cannot write there (File exists: {blocked})"),
+            ([run, "--json", str(tmp_path)], "{}",
+             f"--json {tmp_path}: is a folder, not a file name"),
+            ([run, "--json", f"{blocked}/r.json"], "{}",
+             f"--json {blocked}/r.json: cannot write there (File exists: {blocked})"),
+            (["--base", f"{run}/step_000000", f"{run}/step_000004", "--json", f"{blocked}/g.json"],
+             "{}", f"--json {blocked}/g.json: cannot write there (File exists: {blocked})"),
+            (["--json", f"{blocked}/toy.json"], "{}",
+             f"--json {blocked}/toy.json: cannot write there (File exists: {blocked})"),
+            ([run], '{"seed": ',
+             f"{config}: not readable JSON (Expecting value: line 1 column 10 (char 9))"),
+            ([run, "--interventions"], "{}",
+             f"{config}: --interventions needs its val, val_size, max_new_tokens, eval_batch_size"),
+            ([run, "--interventions"], json.dumps({"val": "/no/val.jsonl", **val}),
+             f"/no/val.jsonl: file not found (the validation file of {run}, for --interventions)")]:
+        config.write_text(config_text)
+        with pytest.raises(SystemExit) as exit:
+            analyze.main(argv)
+        assert str(exit.value) == f"analyze: error: {message}"
+    assert sorted(os.listdir(tmp_path)) == ["file", "run"]  # nothing written, no .tmp left
+
+
+def test_analyze_json_is_strict_atomic_and_written_for_run_folders_too(tmp_path, monkeypatch):
+    """--json of a run report (silently ignored before): the run's numbers, ||dW_T||_F by module
+    by hand (diag(3, 4): 5; the embedding, all 0.5: 1), the figure beside it. NaN and inf are
+    written as null; a full disk leaves the earlier file whole and one line."""
+    figures = []
+    monkeypatch.setattr(analyze, "plot_report", lambda runs, path: figures.append(path))
+    run = save_run(tmp_path / "run", {
+        0: {UP: torch.zeros(2, 2), "model.embed_tokens.weight": torch.zeros(2, 2)},
+        4: {UP: torch.diag(torch.tensor([3.0, 4.0])),
+            "model.embed_tokens.weight": torch.full((2, 2), 0.5)}})
+    out = tmp_path / "out" / "report.json"
+    analyze.main([run, "--json", str(out)])
+    saved = json.loads(out.read_text())["run"]
+    assert saved["norms"] == pytest.approx({"mlp.1": 5.0, "embedding": 1.0})
+    assert saved["geometry"]["spectral_ratio"] == pytest.approx(0.8)  # sigma_1 / ||dW||_F
+    assert saved["alignment"] == {"4": pytest.approx(1.0)} and saved["final"] == 4
+    assert figures == [str(out.with_suffix(".png"))]
+    path = tmp_path / "strict.json"
+    analyze.write_json(str(path), {"a": [1.0, math.nan, (math.inf, -math.inf)], "b": {"c": 2}})
+    strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"wrote {c}"))
+    assert strict == {"a": [1.0, None, [None, None]], "b": {"c": 2}}
+
+    def disk_full(self, text):
+        open(self, "w").write(text[:3])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(analyze.Path, "write_text", disk_full)
+    with pytest.raises(SystemExit, match=rf"^analyze: error: cannot write {path}: \[Errno 28\] No "
+                                         r"space left on device$"):
+        analyze.write_json(str(path), {"b": 3})
+    assert json.loads(path.read_text()) == strict and not os.path.exists(f"{path}.tmp")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "0"], "argument --k: must be at least 1, got 0"),
+    (["--window", "0"], "argument --window: must be at least 1, got 0"),
+    (["--threads", "-1"], "--threads must be at least 0 (0: one per core), got -1"),
+    (["--alphas", "1", "nan"], "--alphas must be finite numbers, got 1.0 nan"),
+])
+def test_analyze_bad_flags_exit_2_with_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        analyze.parse_args(["RUN", *flags])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+
+
 @pytest.mark.slow
 def test_any_checkpoint_report_end_to_end(tmp_path, capsys):
     base, tuned = save_pair(tmp_path)

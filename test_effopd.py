@@ -1963,6 +1963,36 @@ def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):
     assert exit.value.code == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["loss", "--shape", "0", "0", "0"], "argument --shape: must be at least 1, got 0"),
+    (["metrics", "--layers", "-3"], "argument --layers: must be at least 1, got -3"),
+    (["geometry", "--shard-size", "banana"],
+     "argument --shard-size: must be a size such as 1GB or 500MB, got 'banana'"),
+    (["speedup", "--target", "1.5"], "--target is a test accuracy, in (0, 1]; got 1.5"),
+    (["reproduce", "--lock-step", "3", "--steps", "2"],
+     "--lock-step must be a power of two below --steps 2 (a step with a checkpoint), got 3"),
+    (["--threads", "-1", "metrics"], "--threads must be at least 0 (0: torch's default), got -1"),
+])
+def test_bench_bad_flags_exit_2_before_any_work(monkeypatch, capsys, argv, message):
+    for command in ("loss", "metrics", "geometry", "speedup", "reproduce"):
+        monkeypatch.setattr(bench, f"bench_{command}", lambda args: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exit:
+        bench.main(argv)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+
+
+def test_bench_reproduce_locks_to_a_step_with_a_checkpoint(monkeypatch):
+    """Checkpoints are saved at 0, 1, 2, 4, ... and the end: the default lock step is the largest
+    power of two up to steps / 8 (100 steps: 8, not 12, which has no checkpoint)."""
+    seen = {}
+    monkeypatch.setattr(bench, "bench_reproduce", lambda args: seen.setdefault(
+        args.steps, args.lock_step))
+    for steps in ("100", "64", "16", "7"):
+        bench.main(["reproduce", "--steps", steps])
+    assert seen == {100: 8, 64: 8, 16: 2, 7: 1}
+
+
 # ------------------------------------------------------------------------------------------------
 # data/make_data.py: the built-in settings
 

@@ -550,6 +550,22 @@ def test_trl_example_short_run(tmp_path, capsys):
     assert "effopd    1 | +0D:" in printed and re.search(r"\n\s+2 \|\s+[\d.]+ [\d.]+ \|", printed)
 
 
+def test_trl_example_refuses_bad_flags_before_any_model_loads(tmp_path, capsys):
+    sys.path.insert(0, EXAMPLES)
+    import trl_effopd
+    blocked = tmp_path / "file" / "trl"  # under a file: unwritable, even for root
+    (tmp_path / "file").write_text("")
+    for flags, message in [
+            (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+            (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+            (["--out", str(blocked)], f"--out {blocked}: cannot write there (Not a directory: "
+                                      f"{blocked})")]:
+        with pytest.raises(SystemExit) as exit:
+            trl_effopd.parse_args(["--out", str(tmp_path / "out"), *flags])
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+
+
 TWO_RANKS = """
 import json, sys
 import torch, torch.distributed as dist
@@ -2004,6 +2020,24 @@ def test_small_task_working_and_dropped_carry():
     assert always == "6+9=5,5+7=2,2+5=7"  # carries of 7, 8, 9 forgotten, the error carried on
     assert make_data.working([8, 5, 7], 1.0, __import__("random").Random(0)) == "8+5=13,13+7=10"
     assert effopd.extract_answer(make_data.working([8, 8, 3, 8])) == 27
+
+
+def test_make_data_refuses_a_seed_the_shipped_models_were_not_made_on(monkeypatch, capsys):
+    monkeypatch.setattr(make_data, "write_jsonl", lambda *a: pytest.fail("wrote"))
+    for argv in (["--skip-models", "--seed", "-5"], ["--seed", "-5", "--models", "tiny", "small"]):
+        with pytest.raises(SystemExit) as exit:
+            make_data.main(argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            " error: --seed -5 changes every JSONL file, and the shipped models and LoRA were made "
+            "on seed 0's: remake them all (--models tiny small smol --train-adapter, no "
+            "--skip-models) or keep --seed 0")
+
+    def drawn(*args):  # past the check: the data is drawn
+        raise StopIteration
+    monkeypatch.setattr(make_data, "make_arith", drawn)
+    with pytest.raises(StopIteration):
+        make_data.main(["--seed", "-5", "--models", "tiny", "small", "smol", "--train-adapter"])
 
 
 @pytest.mark.slow

@@ -609,7 +609,7 @@ def report(run_dirs: list[str], args) -> dict[str, dict]:
     Every run folder's config.json, the validation files of --interventions and every output
     file are checked before any work."""
     names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    configs = [load_run(d)[0] for d in run_dirs]
+    configs = [load_run(d)[0] for d in run_dirs]  # every run folder, before the first's work
     val_sets = [validation_set(d, c) for d, c in zip(run_dirs, configs) if args.interventions]
     figure = args.png or os.path.join(run_dirs[0], "report.png")
     figures = [os.path.join(os.path.dirname(args.png) if args.png else d, f"interventions-{n}.png")

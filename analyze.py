@@ -69,13 +69,14 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
-from effopd import (ATTENTION, PROJECT, accuracy, effopd_extrapolate, eos_ids,
+from effopd import (ATTENTION, PROJECT, UserError, accuracy, effopd_extrapolate, eos_ids,
                     is_attention_or_mlp, is_power_of_two, load_jsonl, principal_overlap,
                     principal_rotation, singular_part, subspace_alignment, top_singular_subspaces,
-                    unchanged_fraction, update_metrics)
+                    unchanged_fraction, update_metrics, write_atomically)
 
 # ------------------------------------------------------------------------------------------------
 # The quadratic toy: problem, OPD by gradient descent, its closed form, and an RL-like run
@@ -306,11 +307,32 @@ def fail(message: str) -> SystemExit:
     return SystemExit(f"analyze: error: {message}")
 
 
+def read_json(path: str) -> dict:
+    """A JSON object from a file (config.json, model.safetensors.index.json), or a one-line
+    refusal naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise fail(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise fail(f"{path}: not a JSON object")
+    return value
+
+
+def open_safetensors(file: str):
+    """safetensors.safe_open(file), or a one-line refusal of a truncated or garbage file."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise fail(f"{file}: not a readable .safetensors file ({e})") from None
+
+
 def checkpoint_files(path: str) -> dict[str, str]:
     """Tensor name -> .safetensors file of a checkpoint: a local folder (its model.safetensors,
     or the shards that model.safetensors.index.json lists), one .safetensors file, or a hub name
     (fetched by huggingface_hub.snapshot_download, safetensors and JSON files only)."""
-    from safetensors import safe_open
     if not os.path.exists(path):
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
             raise fail(f"{path}: no such folder or file, and not a hub name")
@@ -322,8 +344,11 @@ def checkpoint_files(path: str) -> dict[str, str]:
                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            return {n: os.path.join(path, file) for n, file in json.load(f)["weight_map"].items()}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str)
+                                                       for f in weight_map.values()):
+            raise fail(f"{index}: no weight_map from tensor names to .safetensors files")
+        return {n: os.path.join(path, file) for n, file in weight_map.items()}
     if os.path.isfile(path) and path.endswith(".safetensors"):
         files = [path]
     elif os.path.isdir(path):
@@ -335,19 +360,18 @@ def checkpoint_files(path: str) -> dict[str, str]:
         raise fail(f"{path}: no .safetensors file (save the model with save_pretrained)")
     names = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             names.update({n: file for n in f.keys()})
     return names
 
 
 def tensor_shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor, from the safetensors headers alone (nothing is read)."""
-    from safetensors import safe_open
     shapes = {}
     for file in sorted(set(files.values())):
         if not os.path.isfile(file):
             raise fail(f"{file}: not found (listed in the checkpoint's index)")
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()
                            if files.get(n) == file})
     return shapes
@@ -357,8 +381,7 @@ def read_tensor(files: dict[str, str], name: str, device: str, rows: slice | Non
                 ) -> torch.Tensor:
     """One tensor (or a block of its rows) in its stored dtype, refused if it holds NaN or inf;
     the file is closed after it."""
-    from safetensors import safe_open
-    with safe_open(files[name], framework="pt") as f:
+    with open_safetensors(files[name]) as f:
         tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
     tensor = tensor.to(device)
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -399,7 +422,15 @@ def difference_norm(base_files: dict, tuned_files: dict, name: str, rows: int, d
         delta = read_tensor(tuned_files, name, device, block_rows).float()  # (block, ...)
         delta -= read_tensor(base_files, name, device, block_rows).float()
         total += torch.linalg.vector_norm(delta).item() ** 2
+    if not math.isfinite(total):
+        raise overflowed(tuned_files[name], name)
     return math.sqrt(total)
+
+
+def overflowed(file: str, name: str) -> SystemExit:
+    """The refusal of an update whose norm overflows fp32: every metric of it would be noise."""
+    return fail(f"{file}: {name}: ||W_tuned - W_base||_F overflows float32 (a diverged "
+                f"checkpoint?)")
 
 
 def principal_k(shape: tuple[int, int], fraction: float) -> int:
@@ -464,6 +495,8 @@ def checkpoint_geometry(base: str, tuned: dict, fraction: float, device: str, th
         result = {}
         for label in tuned:
             w_tuned = read_tensor(files[label], name, device).float()
+            if not torch.isfinite((w_tuned - w_base).norm()):
+                raise overflowed(files[label][name], name)
             result[label] = matrix_geometry(w_base, w_tuned, k, subspaces)
             if align_k:
                 result[label]["alignment"] = subspace_alignment(
@@ -536,8 +569,21 @@ def load_run(run_dir: str) -> tuple[dict, dict[int, str]]:
     if 0 not in checkpoints or len(checkpoints) < 2:
         raise fail(f"{run_dir}: needs step_000000 and a later checkpoint, "
                    f"found {sorted(checkpoints)}")
-    with open(config_path) as f:
-        return json.load(f), checkpoints
+    return read_json(config_path), checkpoints
+
+
+def validation_set(run_dir: str, config: dict) -> list[dict]:
+    """The records --interventions scores a run with: the first --val-size of its --val file
+    (runs of older versions saved it relative to the project). Refused in one line if bad."""
+    need = ("val", "val_size", "max_new_tokens", "eval_batch_size")
+    if not all(key in config for key in need):
+        raise fail(f"{os.path.join(run_dir, 'config.json')}: --interventions needs its "
+                   f"{', '.join(need)}")
+    path = config["val"] if os.path.isabs(config["val"]) else os.path.join(PROJECT, config["val"])
+    try:
+        return load_jsonl(path)[:config["val_size"]]
+    except UserError as e:
+        raise fail(f"{e} (the validation file of {run_dir}, for --interventions)") from None
 
 
 def run_geometry(run_dir: str, fraction: float, k: int, device: str, threads: int = 1) -> dict:
@@ -559,11 +605,18 @@ def run_geometry(run_dir: str, fraction: float, k: int, device: str, threads: in
 
 
 def report(run_dirs: list[str], args) -> dict[str, dict]:
-    """Print (and plot) the geometry of each run; return run_geometry by run name, for bench.py."""
-    runs = {os.path.basename(os.path.normpath(d)): run_geometry(
-        d, args.principal_frac, args.k, args.device, args.threads or os.cpu_count() or 1)
-        for d in run_dirs}
-    names = list(runs)
+    """Print (and plot) the geometry of each run; return run_geometry by run name, for bench.py.
+    Every run folder's config.json, the validation files of --interventions and every output
+    file are checked before any work."""
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    configs = [load_run(d)[0] for d in run_dirs]  # every run folder, before the first's work
+    val_sets = [validation_set(d, c) for d, c in zip(run_dirs, configs) if args.interventions]
+    figure = args.png or os.path.join(run_dirs[0], "report.png")
+    figures = [os.path.join(os.path.dirname(args.png) if args.png else d, f"interventions-{n}.png")
+               for n, d in zip(names, run_dirs) if args.interventions]
+    check_outputs(args, [figure, *figures])
+    runs = {n: run_geometry(d, args.principal_frac, args.k, args.device,
+                            args.threads or os.cpu_count() or 1) for n, d in zip(names, run_dirs)}
     print_means("Update geometry of W_T - W_0, mean over attention and MLP matrices "
                 f"(paper, Table 1; paper 2: unchanged, principal top-{args.principal_frac:.0%})",
                 {n: runs[n]["geometry"] for n in names})
@@ -584,17 +637,20 @@ def report(run_dirs: list[str], args) -> dict[str, dict]:
                    ["layer", "attention", "mlp"],
                    [[layer, f"{norms.get(('attention', layer), 0):.4g}",
                      f"{norms.get(('mlp', layer), 0):.4g}"] for layer in layers])
-    plot_report(runs, args.png or os.path.join(run_dirs[0], "report.png"))
-    if args.interventions:
-        for n in names:
-            runs[n]["interventions"] = interventions(n, runs[n], args)
+    plot_report(runs, figure)
+    for n, val, png in zip(names, val_sets, figures):  # none without --interventions
+        runs[n]["interventions"] = interventions(n, runs[n], val, png, args)
+    if args.json:  # every run's numbers; norms by "attention.3", "mlp.3", "embedding", ...
+        write_json(args.json, {n: {**run, "norms": {
+            kind if layer is None else f"{kind}.{layer}": v for (kind, layer), v in
+            run["norms"].items()}} for n, run in runs.items()})
     return runs
 
 
-def interventions(name: str, run: dict, args) -> dict:
+def interventions(name: str, run: dict, val: list[dict], png: str, args) -> dict:
     """The paper's interventions on W_0 + (a transformed dW), each scored by the run's validation
-    accuracy (greedy): scaling, norm scaling of an early checkpoint, sliding layer windows. The
-    validation file is the run's --val path, read relative to the current folder."""
+    accuracy (greedy) on val: scaling, norm scaling of an early checkpoint, sliding layer windows;
+    the figure to png."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     config, checkpoints = run["config"], run["checkpoints"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -602,11 +658,11 @@ def interventions(name: str, run: dict, args) -> dict:
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()  # as effopd.train decides
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     tokenizer = AutoTokenizer.from_pretrained(checkpoints[0])
-    val_path = config["val"]  # runs of older versions saved it relative to the project
-    val = load_jsonl(val_path if os.path.isabs(val_path)
-                     else os.path.join(PROJECT, val_path))[:config["val_size"]]
     eos = eos_ids(tokenizer, model)
     params = dict(model.named_parameters())
+    n_layers = 1 + max(layer_of(n) for n in params if layer_of(n) is not None)
+    if args.window > n_layers:
+        raise fail(f"--window {args.window}: {name} has only {n_layers} layers")
 
     def weights(step: int) -> dict[str, torch.Tensor]:  # the parameters of W_step, fp32
         files = checkpoint_files(checkpoints[step])
@@ -641,7 +697,6 @@ def interventions(name: str, run: dict, args) -> dict:
                 [f"W_0 + dW_{early} rescaled", f"{acc_rescaled:.3f}", share(acc_rescaled)],
                 [f"W_{run['final']}", f"{accT:.3f}", share(accT)]])
     # sliding window: the final update applied to one block of consecutive layers only
-    n_layers = 1 + max(layer_of(n) for n in params if layer_of(n) is not None)
     window = [(i, score({n: d for n, d in d_final.items()
                          if layer_of(n) is not None and i <= layer_of(n) < i + args.window}))
               for i in range(n_layers - args.window + 1)]
@@ -662,9 +717,7 @@ def interventions(name: str, run: dict, args) -> dict:
                ["k / min(m, n)", "top-k val acc", "share", "bottom-k val acc", "share"],
                [[f"{f:g}", f"{top:.3f}", share(top), f"{bottom:.3f}", share(bottom)]
                 for f, top, bottom in parts])
-    plot_interventions(name, scaling, window, args.window, parts, (acc0, accT),
-                       os.path.join(os.path.dirname(args.png) if args.png else run["dir"],
-                                    f"interventions-{name}.png"))
+    plot_interventions(name, scaling, window, args.window, parts, (acc0, accT), png)
     return dict(acc0=acc0, accT=accT, scaling=scaling, early=early, acc_early=acc_early,
                 acc_rescaled=acc_rescaled, window=window, acc_matrices=acc_matrices, parts=parts)
 
@@ -748,19 +801,13 @@ def by_layer(matrices: dict[str, dict]) -> dict[int, dict[str, float]]:
             for layer in layers}
 
 
-def without_nan(x):
-    """NaN -> None, all the way down, so that the JSON file is standard JSON (NaN -> null)."""
-    if isinstance(x, dict):
-        return {k: without_nan(v) for k, v in x.items()}
-    return None if isinstance(x, float) and math.isnan(x) else x
-
-
 def checkpoint_report(base: str, tuned_paths: list[str], args) -> dict:
     """Print (and with --json write, with a figure beside it) the geometry of W_tuned - W_base for
     each tuned checkpoint. Returns {label: {"matrices", "norms", "mean", "layers"}}."""
     labels = [os.path.basename(os.path.normpath(p)) for p in tuned_paths]
     if len(set(labels)) < len(labels):
         labels = tuned_paths
+    check_outputs(args, [args.png] if args.png else [])
     t0 = time.time()
     out = checkpoint_geometry(base, dict(zip(labels, tuned_paths)), args.principal_frac,
                               args.device, args.threads or os.cpu_count() or 1)
@@ -787,16 +834,11 @@ def checkpoint_report(base: str, tuned_paths: list[str], args) -> dict:
                    [[layer, *(format(row[key], fmt) for key, fmt in columns.values())]
                     for layer, row in out[t]["layers"].items()])
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(without_nan({"base": base, "tuned": dict(zip(labels, tuned_paths)),
-                                   "principal_frac": args.principal_frac, "checkpoints": out}),
-                      f, indent=1)
-        print(f"wrote {args.json}")
-    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
-    if png:
-        plot_checkpoints(out, png)
-        print(f"wrote {png}")
+        write_json(args.json, {"base": base, "tuned": dict(zip(labels, tuned_paths)),
+                               "principal_frac": args.principal_frac, "checkpoints": out})
+    if args.png:
+        plot_checkpoints(out, args.png)
+        print(f"wrote {args.png}")
     print(f"{time.time() - t0:.1f} s")
     return out
 
@@ -829,6 +871,53 @@ def plot_checkpoints(out: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Output files: checked before any work, JSON written whole or not at all
+
+
+def check_outputs(args, figures: list[str]) -> None:
+    """Refuse in one line, before any work, a figure or --json file that could not be written
+    at the end: its folder is made, and a file written and removed beside it."""
+    outputs = [(args.json, "--json")] if args.json else []
+    for path, flag in outputs + [(figure, "--png") for figure in figures]:
+        if os.path.isdir(path):
+            raise fail(f"{flag} {path}: is a folder, not a file name")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            open(path + ".tmp", "w").close()  # the name write_atomically writes first
+            os.remove(path + ".tmp")
+        except OSError as e:
+            raise fail(f"{flag} {path}: cannot write there ({e.strerror}: {e.filename})") from None
+
+
+def without_nonfinite(x):
+    """NaN and +-inf -> None, all the way down, so that the file is strict JSON (null). Tuples
+    become lists, as json writes them."""
+    if isinstance(x, dict):
+        return {k: without_nonfinite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [without_nonfinite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def write_json(path: str, numbers: dict) -> None:
+    """numbers as strict JSON, atomically: a crash or a full disk leaves no half file at path."""
+    text = json.dumps(without_nonfinite(numbers), indent=1, allow_nan=False)
+    try:
+        write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    except OSError as e:
+        raise fail(str(e)) from None
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (bench.py's too)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -852,17 +941,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     toy.add_argument("--val-size", type=int, default=50,
                      help="held-out inputs that score EffOPD's candidates")
     toy.add_argument("--seed", type=int, default=0, help="seed of the problem and of all sampling")
-    parser.add_argument("--png", help="where the figure is written (default: runs/toy.png for "
-                        "the toy; with --base, beside --json; for a report, report.png in the "
-                        "first run folder and each run's interventions in its own folder)")
+    parser.add_argument("--png", help="where the figure is written (default: beside --json; "
+                        "else runs/toy.png for the toy, none with --base, and for a report "
+                        "report.png in the first run folder and each run's interventions in its "
+                        "own folder)")
+    parser.add_argument("--json", default=None,
+                        help="also write the numbers to this file, strict JSON (with --base "
+                             "every matrix's, for run folders every run's, or the toy's), and "
+                             "the figure beside it (same name, .png)")
     runs = parser.add_argument_group("checkpoint report")
-    runs.add_argument("--k", type=int, default=4,
+    runs.add_argument("--k", type=positive_int, default=4,
                       help="top-k singular subspace for the alignment with the final update")
     runs.add_argument("--interventions", action="store_true",
                       help="also score scaling, norm scaling and sliding windows on validation")
     runs.add_argument("--alphas", type=float, nargs="+",
                       default=[0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2], help="scaling factors")
-    runs.add_argument("--window", type=int, default=1, help="layers per sliding window")
+    runs.add_argument("--window", type=positive_int, default=1,
+                      help="layers per sliding window")
     runs.add_argument("--singular-fracs", type=float, nargs="+", default=[0.01, 0.1, 0.5],
                       help="k of the top-k / bottom-k singular parts (Fig. 4), x min(m, n)")
     runs.add_argument("--principal-frac", type=float, default=0.01,
@@ -877,14 +972,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     pair.add_argument("--base", default=None,
                       help="base checkpoint (hub name, folder or .safetensors file): report dW "
                            "of every TUNED checkpoint given in place of run folders")
-    pair.add_argument("--json", default=None,
-                      help="also write every matrix's numbers to this file, and the figure "
-                           "beside it (same name, .png)")
     args = parser.parse_args(argv)
     if args.base and not args.run_dirs:
         parser.error("--base needs at least one TUNED checkpoint: --base BASE TUNED [TUNED ...]")
     if not 0 < args.principal_frac <= 1 or not all(0 < f <= 1 for f in args.singular_fracs):
         parser.error("--principal-frac and --singular-fracs must be in (0, 1]")
+    if not all(map(math.isfinite, args.alphas)):
+        parser.error(f"--alphas must be finite numbers, got {' '.join(map(str, args.alphas))}")
+    if args.threads < 0:
+        parser.error(f"--threads must be at least 0 (0: one per core), got {args.threads}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is available")
+    args.png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     if not args.run_dirs:
         if not 1 <= args.rank <= args.dim:
             parser.error(f"--rank must be in [1, --dim = {args.dim}], got {args.rank}")
@@ -905,7 +1004,10 @@ def main(argv=None) -> None:
         report(args.run_dirs, args)
     else:
         args.png = args.png or "runs/toy.png"
-        run_toy(args)
+        check_outputs(args, [args.png])
+        numbers = run_toy(args)
+        if args.json:
+            write_json(args.json, numbers)
 
 
 if __name__ == "__main__":

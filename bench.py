@@ -68,6 +68,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -245,6 +246,14 @@ def make_random_pair(size: str, folder: str, shard_size: str, seed: int) -> tupl
                 p += (1e-4 * low_rank + 3e-5 * torch.randn(p.shape)).to(p.dtype)
     model.save_pretrained(tuned, max_shard_size=shard_size)
     return base, tuned
+
+
+def file_size(text: str) -> str:
+    """argparse type: a max_shard_size that save_pretrained takes, a number and KB, MB, GB or TB."""
+    size = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*[KMGT]B\s*", text, re.IGNORECASE)
+    if not size or float(size.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"must be a size such as 1GB or 500MB, got {text!r}")
+    return text
 
 
 # python -c this, then analyze.py's arguments: runs analyze.py as a script, then prints its peak RSS
@@ -895,9 +904,9 @@ def main(argv=None) -> None:
 
     p = commands.add_parser("loss", help="peak memory and time of the OPD loss, fwd + bwd, CPU",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--shape", type=int, nargs=3, default=[4, 1024, 151936], metavar=("B", "T", "V"),
-                   help="logits shape: batch, positions, vocabulary")
-    p.add_argument("--chunk-size", type=int, default=effopd.Config.chunk_size,
+    p.add_argument("--shape", type=analyze.positive_int, nargs=3, default=[4, 1024, 151936],
+                   metavar=("B", "T", "V"), help="logits shape: batch, positions, vocabulary")
+    p.add_argument("--chunk-size", type=analyze.positive_int, default=effopd.Config.chunk_size,
                    help="positions per chunk in effopd.opd_loss; the default is the trainer's")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["chunked", "plain"],
                    help="which losses to measure, each in a fresh subprocess, in this order; "
@@ -908,14 +917,16 @@ def main(argv=None) -> None:
 
     p = commands.add_parser("metrics", help="time of update_metrics on every Qwen2.5-0.5B matrix",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=24, help="decoder layers (24 in Qwen2.5-0.5B)")
+    p.add_argument("--layers", type=analyze.positive_int, default=24,
+                   help="decoder layers (24 in Qwen2.5-0.5B)")
     p.set_defaults(func=bench_metrics)
 
     p = commands.add_parser("geometry", help="time and peak RSS of analyze.py --base, CPU",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=list(QWEN25), default=["0.5B", "1.5B"],
                    help="Qwen2.5 configurations of the random pairs, in this order")
-    p.add_argument("--shard-size", default="1GB", help="max_shard_size of save_pretrained")
+    p.add_argument("--shard-size", type=file_size, default="1GB",
+                   help="max_shard_size of save_pretrained")
     p.add_argument("--keep", default=None,
                    help="keep the checkpoints in KEEP/<size> and reuse them when there")
     p.set_defaults(func=bench_geometry)
@@ -948,7 +959,7 @@ def main(argv=None) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--setting", choices=list(effopd.SETTINGS), default="small")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=analyze.positive_int, default=None,
                    help="steps of every run (default: the setting's)")
     # GRPO collapses at 1e-4 on the small setting (test accuracy 30% -> 9-18% in 64 steps)
     for arm, lr in (("opd", 1e-4), ("grpo", 3e-5), ("sft", 1e-4)):
@@ -956,10 +967,12 @@ def main(argv=None) -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help="sweep these learning rates on the first seed and run each arm at its "
                         "best (highest final test accuracy) instead of --lr-<arm>")
-    p.add_argument("--lock-step", type=int, default=None,
-                   help="the checkpoint whose update fixes the locked runs' subspace "
-                        "(default: an eighth of the steps)")
-    p.add_argument("--lock-rank", type=int, default=8, help="its singular vectors kept")
+    p.add_argument("--lock-step", type=analyze.positive_int, default=None,
+                   help="the checkpoint whose update fixes the locked runs' subspace, a "
+                        "power of two below --steps (default: the largest up to an eighth of "
+                        "the steps)")
+    p.add_argument("--lock-rank", type=analyze.positive_int, default=8,
+                   help="its singular vectors kept")
     p.add_argument("--out", default="runs/reproduce", help="run folders and their reports")
     p.add_argument("--results", default=None,
                    help="one JSON of numbers per run, reused when there (default: "
@@ -1001,13 +1014,21 @@ def main(argv=None) -> None:
     p.set_defaults(func=bench_gpu)
 
     args = parser.parse_args(argv)
+    error = commands.choices[args.command].error  # argparse's exit 2, with the command's usage
+    if args.threads < 0:
+        parser.error(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
     if args.command in ("speedup", "reproduce") and args.results is None:
         protocol = getattr(args, "protocol", "effopd")
         args.results = os.path.join(effopd.PROJECT, "results", f"{args.command}-{args.setting}"
                                     + (f"-{protocol}" if protocol != "effopd" else ""))
+    if args.command == "speedup" and not 0 < args.target <= 1:
+        error(f"--target is a test accuracy, in (0, 1]; got {args.target}")
     if args.command == "reproduce":
         args.steps = args.steps or effopd.SETTINGS[args.setting]["steps"]
-        args.lock_step = args.lock_step or max(1, args.steps // 8)
+        args.lock_step = args.lock_step or 2 ** max(0, (args.steps // 8).bit_length() - 1)
+        if not (effopd.is_power_of_two(args.lock_step) and args.lock_step < args.steps):
+            error(f"--lock-step must be a power of two below --steps {args.steps} (a step with "
+                  f"a checkpoint), got {args.lock_step}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.func(args):  # it printed FAIL, or a measurement failed

@@ -665,18 +665,26 @@ def top_singular_subspaces(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
     From the eigenvectors of the smaller Gram matrix (w^T w or w w^T, N = min(m, n)): one N x N
     eigh instead of a full SVD, 2-4x faster on a CPU for Qwen2.5's matrix shapes. Squaring the
-    matrix costs precision only in the smallest singular values, which this never uses. fp32
-    (float64 stays float64). The columns span the subspaces in ascending order of sigma (column 0
-    is the k-th direction); where w has rank < k, the missing columns are arbitrary.
+    matrix squares its round-off: eps sigma_1^2 in the Gram turns the top-k subspace by about
+    eps (sigma_1 / sigma_k)^2, more with a small gap to sigma_k+1. In fp32 that is ~1e-6 while
+    sigma_k / sigma_1 >= 0.1, and the subspace is lost below ~3e-4; so below 0.1, or where the
+    fp32 Gram overflows, the Gram is made again in float64 (~3e-8 at 3e-5, the fp32 output's
+    round-off). fp32 out (float64 stays float64). The columns span the subspaces in ascending
+    order of sigma (column 0 is the k-th direction); where w has rank < k, the missing columns
+    are arbitrary.
     """
     if w.dim() != 2 or not 1 <= k <= min(w.shape):
         raise ValueError(f"need a 2-D matrix and k in [1, min(m, n)], got {tuple(w.shape)}, k={k}")
     a = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
-    wide = a.shape[1] > a.shape[0]
+    dtype, wide = a.dtype, a.shape[1] > a.shape[0]
     a = a.T if wide else a  # (M, N), M >= N
-    v = torch.linalg.eigh(a.T @ a)[1][:, -k:]  # (N, k): eigenvalues ascend, the top k are last
+    eigenvalues, vectors = torch.linalg.eigh(a.T @ a)  # ascending: the top k are last
+    if not eigenvalues[-k] >= 0.1**2 * eigenvalues[-1]:  # sigma_k / sigma_1 < 0.1, or NaN
+        a = a.double()
+        vectors = torch.linalg.eigh(a.T @ a)[1]
+    v = vectors[:, -k:]  # (N, k)
     u = torch.linalg.qr(a @ v)[0]  # (M, k): span(a v_k) = span(u_k), made orthonormal
-    return (v, u) if wide else (u, v)
+    return (v.to(dtype), u.to(dtype)) if wide else (u.to(dtype), v.to(dtype))
 
 
 def unchanged_fraction(w_base: torch.Tensor, w_tuned: torch.Tensor,
@@ -707,13 +715,15 @@ def principal_rotation(w_base: torch.Tensor, w_tuned: torch.Tensor, k: int,
                        base_subspaces: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
     """1 - phi(W_base, W_tuned, k): how far the top-k left singular subspace of the weight itself
     turned, phi as in subspace_alignment (0: not at all, 1: orthogonal). base_subspaces as in
-    principal_overlap."""
+    principal_overlap. Computed as ||(I - U_base U_base^T) U_tuned||_F^2 / k, the part of U_tuned
+    outside U_base, in float64: 1 - phi itself would floor at fp32's 1.2e-7."""
     if w_base.shape != w_tuned.shape:
         raise ValueError(f"shapes differ: {tuple(w_base.shape)} and {tuple(w_tuned.shape)}")
     u_base = (base_subspaces if base_subspaces is not None
-              else top_singular_subspaces(w_base, k))[0]  # (m, k)
-    u_tuned = top_singular_subspaces(w_tuned, k)[0].to(u_base.dtype)
-    return max(0.0, 1.0 - ((u_base.T @ u_tuned).square().sum() / k).item())  # no -1e-7 round-off
+              else top_singular_subspaces(w_base, k))[0].double()  # (m, k)
+    u_tuned = top_singular_subspaces(w_tuned, k)[0].double()
+    outside = u_tuned - u_base @ (u_base.T @ u_tuned)  # (m, k)
+    return (outside.square().sum() / k).item()
 
 
 def singular_part(delta: torch.Tensor, k: int, bottom: bool = False, rescale: bool = True,
@@ -743,8 +753,11 @@ def singular_part(delta: torch.Tensor, k: int, bottom: bool = False, rescale: bo
 
 def project_update(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """U U^T delta V V^T: the part of delta (m, n) inside the column spans of u (m, r) and v (n, r),
-    which must be orthonormal. Idempotent; a matrix already inside is returned unchanged."""
-    return u @ (u.T @ delta @ v) @ v.T
+    which must be orthonormal. Idempotent; a matrix already inside is returned unchanged. Computed
+    in fp32 at least (a bf16 delta too), returned in delta's dtype."""
+    dtype = torch.promote_types(torch.promote_types(delta.dtype, u.dtype), torch.float32)
+    u, v = u.to(dtype), v.to(dtype)
+    return (u @ (u.T @ delta.to(dtype) @ v) @ v.T).to(delta.dtype)
 
 
 def update_subspaces(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -762,10 +775,12 @@ def update_subspaces(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.T
 def lock_to_subspace(model: torch.nn.Module, base: dict[str, torch.Tensor],
                      bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """W := W_0 + U U^T (W - W_0) V V^T, in place, for every parameter named in bases; base holds
-    its W_0 and bases its (U, V) on the parameter's device."""
+    its W_0 and bases its (U, V) on the parameter's device. Computed in fp32 at least, written
+    back in the parameter's dtype (bf16 weights too)."""
     for name, p in model.named_parameters():
         if name in bases:
-            p.copy_(base[name] + project_update(p - base[name], *bases[name]))
+            w0 = base[name].to(torch.promote_types(p.dtype, torch.float32))
+            p.copy_(w0 + project_update(p.to(w0.dtype) - w0, *bases[name]))
 
 
 # ------------------------------------------------------------------------------------------------

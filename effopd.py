@@ -496,9 +496,19 @@ def is_power_of_two(t: int) -> bool:
     return t > 0 and t & (t - 1) == 0
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when the parameters are FSDP2 DTensors: each process holds a shard of each."""
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
 def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as this process holds it: its local shard where it is sharded (an FSDP2
     DTensor: the shard of the fp32 master weights that the next forward gathers), else itself."""
+    if is_sharded(model):  # FSDP2 leaves the root module gathered after a forward: shard it again
+        from torch.distributed.fsdp import FSDPModule
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
     with torch.no_grad():  # to_local() is then the shard's own storage: edits of it are kept
         return {n: p.to_local() if hasattr(p, "to_local") else p
                 for n, p in model.named_parameters()}
@@ -568,11 +578,6 @@ def rank0_score(score_fn, every_rank: bool = False):
         dist.broadcast_object_list(value, src=0)  # gloo on CPUs, NCCL on GPUs; the others wait
         return value[0]
     return score
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True when the parameters are FSDP2 DTensors: each process holds a shard of each."""
-    return any(hasattr(p, "to_local") for p in model.parameters())
 
 
 def check_effopd_trainer(trainer, model: torch.nn.Module) -> None:

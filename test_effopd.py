@@ -727,6 +727,102 @@ def test_two_processes_take_one_decision_and_keep_identical_weights(tmp_path):
     assert sorted(result["kept"]) == ["1", "2", "4"] and max(result["kept"].values()) > 0
 
 
+FSDP2_RANKS = """
+import json, os, sys, types
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState
+sys.path.insert(0, sys.argv[1])
+import effopd
+
+TINY = os.path.join(sys.argv[1], "data", "tiny")
+tokenizer = AutoTokenizer.from_pretrained(os.path.join(TINY, "student"))
+train, val = (effopd.load_jsonl(os.path.join(TINY, f"{s}.jsonl")) for s in ("train", "val"))
+eos = [tokenizer.eos_token_id]
+
+
+class Loop:
+    '''What EffOPDCallback uses of a Trainer, around a plain training loop.'''
+    def __init__(self, model, out):
+        self.model_wrapped, self.state, self.control = model, TrainerState(), TrainerControl()
+        self.accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
+        self.args = types.SimpleNamespace(include_num_input_tokens_seen="no", output_dir=out)
+        self.callback_handler = types.SimpleNamespace(on_log=lambda *args: self.control)
+
+
+def run(sharded):  # SFT on 32 "a+b=c" strings a step (the same on every rank), EffOPD at 1, 2, 4
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "student"))
+    if sharded:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    loop = Loop(model, sys.argv[2])
+    score_fn = lambda m: effopd.accuracy(m, tokenizer, val[:20], 6, eos)  # greedy: every rank
+    callback = effopd.EffOPDCallback(loop, score_fn)                     # runs the same forwards
+    callback.on_train_begin(loop.args, loop.state, loop.control)
+    for step in range(1, 5):
+        records = train[32 * step:32 * (step + 1)]
+        texts = [r["prompt"] + str(r["answer"]) for r in records]
+        ids, mask = effopd.left_pad([t + eos for t in effopd.render_prompts(tokenizer, texts)],
+                                    tokenizer.pad_token_id, "cpu")
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+              labels=torch.where(mask.bool(), ids, -100)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loop.state.global_step = step
+        callback.on_step_end(loop.args, loop.state, loop.control)
+    effopd.local_parameters(model)  # reshards the root, which the last forward left gathered
+    weights = {n: (p.full_tensor() if sharded else p).detach()
+               for n, p in model.named_parameters()}
+    ladders = [{k: v for k, v in h.items() if k.startswith("effopd/") and k != "effopd/val_s"}
+               for h in loop.state.log_history]
+    if sharded:  # the anchor of this rank's shards, saved as a checkpoint folder's rank file
+        os.makedirs(os.path.join(sys.argv[2], "checkpoint-4"), exist_ok=True)
+        callback.on_save(loop.args, loop.state, loop.control)
+    return weights, ladders, callback.anchor
+
+
+dist.init_process_group("gloo")
+one_weights, one_ladders, _ = run(False)
+two_weights, two_ladders, anchor = run(True)
+name = "model.layers.0.mlp.up_proj.weight"
+saved = torch.load(os.path.join(sys.argv[2], "checkpoint-4",
+                                f"effopd_anchor_rank{dist.get_rank()}.pt"))
+result = {"max_diff": max((one_weights[n] - w).abs().max().item() for n, w in two_weights.items()),
+          "ladders": [one_ladders, two_ladders], "anchor_shape": list(anchor[name].shape),
+          "full_shape": list(one_weights[name].shape),
+          "saved": saved.keys() == anchor.keys() and all(torch.equal(saved[n], b)
+                                                         for n, b in anchor.items())}
+every = [None] * dist.get_world_size()
+dist.all_gather_object(every, result)
+if dist.get_rank() == 0:
+    json.dump(every, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_end_on_the_one_process_weights_and_ladders(tmp_path):
+    """The tiny student sharded with FSDP2 over 2 CPU processes (gloo): the anchor is each rank's
+    local shards, the moves at steps 1, 2, 4 are made shard by shard, every rank scores, and the
+    gathered weights equal the one-process run's, with the same ladders."""
+    driver, out = tmp_path / "fsdp2_ranks.py", tmp_path / "result.json"
+    driver.write_text(FSDP2_RANKS)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(driver), REPO, str(tmp_path), str(out)],
+                         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in json.loads(out.read_text()):
+        one, two = rank["ladders"]
+        assert two == one and [h["effopd/kept_multiple"] for h in one] == [0, 6, 10]
+        assert rank["max_diff"] <= 1e-6  # fp32 round-off at most (0 here: the same arithmetic)
+        assert rank["anchor_shape"] == [rank["full_shape"][0] // 2, rank["full_shape"][1]]
+        assert rank["saved"]  # checkpoint-4/effopd_anchor_rank<r>.pt holds this rank's shards
+
+
 # ------------------------------------------------------------------------------------------------
 # Update geometry
 

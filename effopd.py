@@ -605,6 +605,18 @@ def anchor_file(checkpoint: str, sharded: bool) -> str:
                         "effopd_anchor.pt")
 
 
+def load_anchor(path: str, like: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """The anchor saved at path, onto device; refused in one line unless it fits like."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EffOPDCallback: {path} is missing: the anchor B of the resumed "
+                                f"run cannot be restored")
+    saved = torch.load(path, map_location=device)
+    if [(n, b.shape) for n, b in saved.items()] != [(n, b.shape) for n, b in like.items()]:
+        raise ValueError(f"EffOPDCallback: {path} does not fit this model's parameters (another "
+                         f"model, or another number of processes?)")
+    return saved
+
+
 class EffOPDCallback(TrainerCallback):
     """EffOPD inside a transformers Trainer:
     trainer.add_callback(EffOPDCallback(trainer, score_fn)).
@@ -644,17 +656,9 @@ class EffOPDCallback(TrainerCallback):
         self.sharded = is_sharded(model)
         self.anchor = effopd_anchor(model, self.anchor_device)
         if state.global_step > 0:  # resumed: the Trainer loaded W_t; B is the one saved with it
-            path = anchor_file(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
-                               self.sharded)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"EffOPDCallback: resumed at step {state.global_step} but "
-                                        f"{path} is missing: the anchor B cannot be restored")
-            saved = torch.load(path, map_location=self.anchor_device)
-            if [(n, b.shape) for n, b in saved.items()] != [(n, b.shape) for n, b in
-                                                            self.anchor.items()]:
-                raise ValueError(f"EffOPDCallback: {path} does not fit this model's parameters "
-                                 f"(another model, or another number of processes?)")
-            self.anchor = saved
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self.anchor = load_anchor(anchor_file(checkpoint, self.sharded), self.anchor,
+                                      self.anchor_device)
 
     def on_save(self, args, state, control, **kwargs):
         if self.sharded or state.is_world_process_zero:  # sharded: each rank its own shards

@@ -553,7 +553,7 @@ def test_effopd_callback_refuses_deepspeed_fsdp1_and_peft_in_one_line():
 def test_effopd_callback_anchor_survives_a_trainer_resume(tmp_path):
     """Resumed from checkpoint-3, the run ends on the uninterrupted run's weights: checkpoint-3
     holds B = the weights kept at step 2, so step 4 tries W_4 + m (W_4 - B), not W_4 + m (W_4 - W_3)
-    (which ends 7e-3 away when the anchor is not saved)."""
+    (with B = W_3, as before the anchor was saved, step 4 keeps W+6D instead of W+4D)."""
     from transformers import Trainer  # slow to import: only here
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 16, (24, 8), generator=gen)
@@ -583,9 +583,13 @@ def test_effopd_callback_anchor_survives_a_trainer_resume(tmp_path):
     assert resumed_ladders == whole_ladders  # 1, 2 from checkpoint-3's log; 4 the same again
     for n, w in whole.items():
         assert torch.equal(resumed[n], w), n
-    os.remove(tmp_path / "checkpoint-3" / "effopd_anchor.pt")  # a checkpoint without the anchor
-    with pytest.raises(FileNotFoundError, match="resumed at step 3 but .*effopd_anchor.pt is "
-                                                "missing: the anchor B cannot be restored"):
+    path = tmp_path / "checkpoint-3" / "effopd_anchor.pt"
+    torch.save({n: b for n, b in saved.items() if "mlp" in n}, path)  # another model's anchor
+    with pytest.raises(ValueError, match=f"{path} does not fit this model's parameters"):
+        run(resume=str(tmp_path / "checkpoint-3"))
+    os.remove(path)  # a checkpoint without the anchor
+    with pytest.raises(FileNotFoundError, match=f"{path} is missing: the anchor B of the resumed "
+                                                "run cannot be restored"):
         run(resume=str(tmp_path / "checkpoint-3"))
 
 

@@ -499,10 +499,30 @@ def is_power_of_two(t: int) -> bool:
     return t > 0 and t & (t - 1) == 0
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when the parameters are FSDP2 DTensors: each process holds a shard of each."""
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as this process holds it: its local shard where it is sharded (an FSDP2
+    DTensor: the shard of the fp32 master weights that the next forward gathers), else itself."""
+    if is_sharded(model):  # FSDP2 leaves the root module gathered after a forward: shard it again
+        from torch.distributed.fsdp import FSDPModule
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+    with torch.no_grad():  # to_local() is then the shard's own storage: edits of it are kept
+        return {n: p.to_local() if hasattr(p, "to_local") else p
+                for n, p in model.named_parameters()}
+
+
 def effopd_anchor(model: torch.nn.Module, device: str = "cpu",
                   moves: Callable[[str], bool] = is_attention_or_mlp) -> dict[str, torch.Tensor]:
-    """EffOPD's anchor B at the start: a copy, on device, of every parameter it moves."""
-    return {n: p.detach().to(device, copy=True) for n, p in model.named_parameters() if moves(n)}
+    """EffOPD's anchor B at the start: a copy, on device, of every parameter it moves (of this
+    process's shard of it when the weights are sharded)."""
+    return {n: p.detach().to(device, copy=True) for n, p in local_parameters(model).items()
+            if moves(n)}
 
 
 def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], score_fn,
@@ -516,9 +536,10 @@ def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], 
     so far, the best weights are restored. anchor (parameter name -> tensor, on any device) is set
     to the kept weights. Returns one entry per evaluation: {"multiple": m, "score": s, "kept":
     bool}, m = 0 for the unextrapolated W_t, kept = it beat every earlier score; the model ends at
-    the last kept multiple.
+    the last kept multiple. The move is elementwise, so with sharded weights each process moves
+    its own shards (anchor sharded alike).
     """
-    params = dict(model.named_parameters())
+    params = local_parameters(model)
     start = {n: params[n].detach().to(b.device, copy=True) for n, b in anchor.items()}  # W_t
 
     @torch.no_grad()
@@ -546,64 +567,107 @@ def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], 
 # callback. examples/trl_effopd.py shows it with TRL, on one process and on two.
 
 
-def rank0_score(score_fn):
-    """score_fn made collective: rank 0 scores, every process receives its value. Several processes
-    must take one accept/reject decision, or their weights drift apart; without an initialized
-    torch.distributed process group this is score_fn itself."""
+def rank0_score(score_fn, every_rank: bool = False):
+    """score_fn made collective: every process receives rank 0's value. Several processes must take
+    one accept/reject decision, or their weights drift apart. Only rank 0 scores, unless every_rank:
+    with sharded weights (FSDP2) every forward gathers the shards from all processes, so every
+    rank must run score_fn and make the same forward calls (greedy decoding of the same prompts
+    does: the ranks gather the same weights). Without a process group this is score_fn itself."""
     import torch.distributed as dist
 
     def score(model) -> float:
         if not (dist.is_available() and dist.is_initialized()):
             return float(score_fn(model))
-        value = [float(score_fn(model)) if dist.get_rank() == 0 else None]
+        value = [float(score_fn(model)) if every_rank or dist.get_rank() == 0 else None]
         dist.broadcast_object_list(value, src=0)  # gloo on CPUs, NCCL on GPUs; the others wait
         return value[0]
     return score
+
+
+def check_effopd_trainer(trainer, model: torch.nn.Module) -> None:
+    """Refuse, in one line, the trainers the callback would get wrong."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise NotImplementedError(
+            "EffOPDCallback does not support DeepSpeed: a move would have to write ZeRO's fp32 "
+            "master partition (deepspeed.utils.safe_set_local_fp32_param) and the bf16 partition "
+            "the forward reads (param.ds_tensor in ZeRO-3, param.data in ZeRO-1/2); use FSDP2 or "
+            "DDP")
+    if getattr(trainer, "is_fsdp_enabled", False) and not is_sharded(model):
+        raise NotImplementedError("EffOPDCallback supports FSDP version 2 (DTensor parameters), "
+                                  "not FSDP 1's flattened parameters: set fsdp_version: 2")
+    if hasattr(model, "peft_config") or any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("EffOPDCallback cannot extrapolate a PEFT/LoRA student: moving lora_A and "
+                         "lora_B apart is not W + m(W - B) (it adds m^2 dB dA); train full weights "
+                         "or merge the adapter first")
+
+
+def anchor_file(checkpoint: str, sharded: bool) -> str:
+    """Where the anchor is saved in a Trainer checkpoint folder: one file per rank if sharded."""
+    import torch.distributed as dist
+    rank = dist.get_rank() if sharded and dist.is_initialized() else 0
+    return os.path.join(checkpoint, f"effopd_anchor_rank{rank}.pt" if sharded else
+                        "effopd_anchor.pt")
+
+
+def load_anchor(path: str, like: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """The anchor saved at path, onto device; refused in one line unless it fits like."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EffOPDCallback: {path} is missing: the anchor B of the resumed "
+                                f"run cannot be restored")
+    saved = torch.load(path, map_location=device)
+    if [(n, b.shape) for n, b in saved.items()] != [(n, b.shape) for n, b in like.items()]:
+        raise ValueError(f"EffOPDCallback: {path} does not fit this model's parameters (another "
+                         f"model, or another number of processes?)")
+    return saved
 
 
 class EffOPDCallback(TrainerCallback):
     """EffOPD inside a transformers Trainer:
     trainer.add_callback(EffOPDCallback(trainer, score_fn)).
 
-
     After the optimizer step at global steps 1, 2, 4, 8, ... it runs effopd_extrapolate on the model
     the trainer trains at that moment (unwrapped from DDP), in eval mode, scored by
     score_fn(model) -> float (higher is better; greedy validation accuracy in the paper). The anchor
-    B is taken at train begin and kept on anchor_device. It is not saved: a Trainer run resumed
-    from a checkpoint takes B = the resumed weights, which matches an uninterrupted run only when
-    the checkpoint's step is a power of two (B = W there); elsewhere the next direction D
-    differs. The ladder
-    goes through the trainer's own log, so it lands in trainer.state.log_history and in wandb,
-    tensorboard, ... when report_to has them: effopd/kept_multiple, effopd/score_+<m>D for every
-    candidate scored, effopd/val_s. Optimizer state and learning-rate schedule are left alone.
+    B is taken at train begin, kept on anchor_device and saved in every Trainer checkpoint
+    (checkpoint-N/effopd_anchor*.pt); a run resumed from checkpoint-N restores it from there. The
+    ladder goes through the trainer's own log, so it lands in trainer.state.log_history and in
+    wandb, tensorboard, ... when report_to has them: effopd/kept_multiple, effopd/score_+<m>D for
+    every candidate scored, effopd/val_s. Optimizer state and learning-rate schedule are left alone.
 
-    Several processes (DDP: accelerate launch, torchrun): every rank holds the full weights; rank 0
+    Several processes: DDP (accelerate launch, torchrun): every rank holds the full weights; rank 0
     scores, the score is broadcast (rank0_score), every rank makes the same move, so the ranks stay
-    identical. vLLM rollouts: vLLM holds its own copy of the weights, which must be re-synced after
-    a move. TRL's trainers do it themselves: they sync at the first generation after global_step
-    changes, which comes after this callback. Elsewhere (verl, OpenRLHF, your own loop) push the
-    weights after every trigger. Not supported yet, refused at train begin: FSDP and DeepSpeed.
-    There each rank holds a shard of W, so B must be sharded identically and W + m (W - B)
-    computed on the shard; DeepSpeed also keeps fp32 master weights in its optimizer, which would
-    overwrite a move of the module's parameters at the next step.
+    identical. FSDP2 (fsdp_version 2, or torch's fully_shard): each rank keeps the anchor of its own
+    shards and moves them in place; every rank runs score_fn (each forward needs them all), rank
+    0's score decides. vLLM rollouts: vLLM holds its own copy of the weights, which must be
+    re-synced after a move. TRL's trainers do it themselves: they sync at the first generation
+    after global_step changes, which comes after this callback. Elsewhere (verl, OpenRLHF, your own
+    loop) push the weights after every trigger. Refused at train begin: DeepSpeed, FSDP 1 and PEFT
+    (check_effopd_trainer says why).
     """
 
     def __init__(self, trainer, score_fn, max_candidates: int = 5, anchor_device: str = "cpu"):
         self.trainer, self.score_fn = trainer, score_fn
         self.max_candidates, self.anchor_device = max_candidates, anchor_device
-        self.anchor = None  # parameter name -> B, from on_train_begin
+        self.anchor, self.sharded = None, False  # parameter name -> B, from on_train_begin
 
     def model(self) -> torch.nn.Module:
         """The module the trainer trains now (it may have wrapped or replaced the one it got)."""
         return self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if getattr(self.trainer, "is_fsdp_enabled", False) or getattr(
-                self.trainer, "is_deepspeed_enabled", False):
-            raise NotImplementedError("EffOPDCallback supports one process or DDP, not FSDP or "
-                                      "DeepSpeed (sharded weights, fp32 master copies): see its "
-                                      "docstring")
-        self.anchor = effopd_anchor(self.model(), self.anchor_device)
+        model = self.model()
+        check_effopd_trainer(self.trainer, model)
+        self.sharded = is_sharded(model)
+        self.anchor = effopd_anchor(model, self.anchor_device)
+        if state.global_step > 0:  # resumed: the Trainer loaded W_t; B is the one saved with it
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self.anchor = load_anchor(anchor_file(checkpoint, self.sharded), self.anchor,
+                                      self.anchor_device)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.sharded or state.is_world_process_zero:  # sharded: each rank its own shards
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            torch.save(self.anchor, anchor_file(checkpoint, self.sharded))
 
     def on_step_end(self, args, state, control, **kwargs):
         if not is_power_of_two(state.global_step):
@@ -611,7 +675,7 @@ class EffOPDCallback(TrainerCallback):
         model, t0 = self.model(), time.time()
         was_training = model.training
         model.eval()  # no dropout while scoring
-        trials = effopd_extrapolate(model, self.anchor, rank0_score(self.score_fn),
+        trials = effopd_extrapolate(model, self.anchor, rank0_score(self.score_fn, self.sharded),
                                     self.max_candidates)
         model.train(was_training)
         record = {"effopd/kept_multiple": max(h["multiple"] for h in trials if h["kept"]),

@@ -523,12 +523,77 @@ def test_effopd_callback_in_a_plain_trainer_moves_logs_and_leaves_optimizer_alon
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
 
 
-def test_effopd_callback_refuses_sharded_training():
-    for sharded in ("is_fsdp_enabled", "is_deepspeed_enabled"):
-        trainer = types.SimpleNamespace(**{sharded: True})
+def test_effopd_callback_refuses_deepspeed_fsdp1_and_peft_in_one_line():
+    plain, lora, peft = (tiny_model("qwen2", 16) for _ in range(3))
+    lora.model.layers[0].self_attn.q_proj.lora_A = torch.nn.ModuleDict(  # PEFT's parameter names
+        {"default": torch.nn.Linear(32, 4, bias=False)})
+    assert effopd.is_attention_or_mlp("model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    peft.peft_config = {"default": None}  # what a PeftModel and a model with an adapter carry
+    for flags, model, error, message in [
+            ({"is_deepspeed_enabled": True}, plain, NotImplementedError,
+             "does not support DeepSpeed: a move would have to write ZeRO's fp32 master partition"),
+            ({"is_fsdp_enabled": True}, plain, NotImplementedError, "not FSDP 1's flattened"),
+            ({}, lora, ValueError, "cannot extrapolate a PEFT/LoRA student: moving lora_A and "
+                                   "lora_B apart is not W + m(W - B) (it adds m^2 dB dA)"),
+            ({}, peft, ValueError, "cannot extrapolate a PEFT/LoRA student"),
+            ({}, plain, None, None)]:  # what passes: one process, full weights
+        trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(unwrap_model=lambda m: m),
+                                        model_wrapped=model, **flags)
         callback = effopd.EffOPDCallback(trainer, lambda m: 0.0)
-        with pytest.raises(NotImplementedError, match="not FSDP or DeepSpeed"):
-            callback.on_train_begin(None, None, None)
+        begin = functools.partial(callback.on_train_begin, None,
+                                  types.SimpleNamespace(global_step=0), None)
+        if error is None:
+            begin()
+            assert callback.anchor.keys() == {n for n, _ in model.named_parameters()
+                                              if effopd.is_attention_or_mlp(n)}
+            continue
+        with pytest.raises(error, match=re.escape(message)) as raised:
+            begin()
+        assert "\n" not in str(raised.value) and callback.anchor is None
+
+
+@pytest.mark.slow
+def test_effopd_callback_anchor_survives_a_trainer_resume(tmp_path):
+    """Resumed from checkpoint-3, the run ends on the uninterrupted run's weights: checkpoint-3
+    holds B = the weights kept at step 2, so step 4 tries W_4 + m (W_4 - B), not W_4 + m (W_4 - W_3)
+    (with B = W_3, as before the anchor was saved, step 4 keeps W+6D instead of W+4D)."""
+    from transformers import Trainer  # slow to import: only here
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 16, (24, 8), generator=gen)
+    data = [{"input_ids": x, "labels": x} for x in ids]
+
+    def score_fn(model):  # higher is better: minus the loss on the training sequences
+        return -model(ids, labels=ids).loss.item()
+
+    def run(resume=None):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, save_steps=3,
+                                 per_device_train_batch_size=4, learning_rate=1e-3,
+                                 lr_scheduler_type="constant", use_cpu=True, logging_steps=1,
+                                 report_to="none", disable_tqdm=True)
+        trainer = Trainer(model=tiny_model("qwen2", 16), args=args, train_dataset=data)
+        trainer.add_callback(effopd.EffOPDCallback(trainer, score_fn, max_candidates=3))
+        trainer.train(resume_from_checkpoint=resume)
+        ladders = {h["step"]: {k: v for k, v in h.items() if k.startswith("effopd/")
+                               and k != "effopd/val_s"}
+                   for h in trainer.state.log_history if "effopd/kept_multiple" in h}
+        return dict(trainer.model.named_parameters()), ladders
+
+    whole, whole_ladders = run()
+    saved = torch.load(tmp_path / "checkpoint-3" / "effopd_anchor.pt")
+    assert saved.keys() == {n for n in whole if effopd.is_attention_or_mlp(n)}
+    resumed, resumed_ladders = run(resume=str(tmp_path / "checkpoint-3"))
+    assert whole_ladders[4]["effopd/kept_multiple"] > 0  # step 4 moves along W_4 - B
+    assert resumed_ladders == whole_ladders  # 1, 2 from checkpoint-3's log; 4 the same again
+    for n, w in whole.items():
+        assert torch.equal(resumed[n], w), n
+    path = tmp_path / "checkpoint-3" / "effopd_anchor.pt"
+    torch.save({n: b for n, b in saved.items() if "mlp" in n}, path)  # another model's anchor
+    with pytest.raises(ValueError, match=f"{path} does not fit this model's parameters"):
+        run(resume=str(tmp_path / "checkpoint-3"))
+    os.remove(path)  # a checkpoint without the anchor
+    with pytest.raises(FileNotFoundError, match=f"{path} is missing: the anchor B of the resumed "
+                                                "run cannot be restored"):
+        run(resume=str(tmp_path / "checkpoint-3"))
 
 
 @pytest.mark.slow
@@ -667,6 +732,102 @@ def test_two_processes_take_one_decision_and_keep_identical_weights(tmp_path):
     assert kept_0 == kept_1 == 4 and w_0 == w_1 == [[5.0] * 3] * 3  # W + 4 D = 1 + 4 * 1
     assert result["equal"] == {"1": True, "2": True, "4": True}  # the TRL run, after each trigger
     assert sorted(result["kept"]) == ["1", "2", "4"] and max(result["kept"].values()) > 0
+
+
+FSDP2_RANKS = """
+import json, os, sys, types
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState
+sys.path.insert(0, sys.argv[1])
+import effopd
+
+TINY = os.path.join(sys.argv[1], "data", "tiny")
+tokenizer = AutoTokenizer.from_pretrained(os.path.join(TINY, "student"))
+train, val = (effopd.load_jsonl(os.path.join(TINY, f"{s}.jsonl")) for s in ("train", "val"))
+eos = [tokenizer.eos_token_id]
+
+
+class Loop:
+    '''What EffOPDCallback uses of a Trainer, around a plain training loop.'''
+    def __init__(self, model, out):
+        self.model_wrapped, self.state, self.control = model, TrainerState(), TrainerControl()
+        self.accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
+        self.args = types.SimpleNamespace(include_num_input_tokens_seen="no", output_dir=out)
+        self.callback_handler = types.SimpleNamespace(on_log=lambda *args: self.control)
+
+
+def run(sharded):  # SFT on 32 "a+b=c" strings a step (the same on every rank), EffOPD at 1, 2, 4
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "student"))
+    if sharded:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    loop = Loop(model, sys.argv[2])
+    score_fn = lambda m: effopd.accuracy(m, tokenizer, val[:20], 6, eos)  # greedy: every rank
+    callback = effopd.EffOPDCallback(loop, score_fn)                     # runs the same forwards
+    callback.on_train_begin(loop.args, loop.state, loop.control)
+    for step in range(1, 5):
+        records = train[32 * step:32 * (step + 1)]
+        texts = [r["prompt"] + str(r["answer"]) for r in records]
+        ids, mask = effopd.left_pad([t + eos for t in effopd.render_prompts(tokenizer, texts)],
+                                    tokenizer.pad_token_id, "cpu")
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+              labels=torch.where(mask.bool(), ids, -100)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loop.state.global_step = step
+        callback.on_step_end(loop.args, loop.state, loop.control)
+    effopd.local_parameters(model)  # reshards the root, which the last forward left gathered
+    weights = {n: (p.full_tensor() if sharded else p).detach()
+               for n, p in model.named_parameters()}
+    ladders = [{k: v for k, v in h.items() if k.startswith("effopd/") and k != "effopd/val_s"}
+               for h in loop.state.log_history]
+    if sharded:  # the anchor of this rank's shards, saved as a checkpoint folder's rank file
+        os.makedirs(os.path.join(sys.argv[2], "checkpoint-4"), exist_ok=True)
+        callback.on_save(loop.args, loop.state, loop.control)
+    return weights, ladders, callback.anchor
+
+
+dist.init_process_group("gloo")
+one_weights, one_ladders, _ = run(False)
+two_weights, two_ladders, anchor = run(True)
+name = "model.layers.0.mlp.up_proj.weight"
+saved = torch.load(os.path.join(sys.argv[2], "checkpoint-4",
+                                f"effopd_anchor_rank{dist.get_rank()}.pt"))
+result = {"max_diff": max((one_weights[n] - w).abs().max().item() for n, w in two_weights.items()),
+          "ladders": [one_ladders, two_ladders], "anchor_shape": list(anchor[name].shape),
+          "full_shape": list(one_weights[name].shape),
+          "saved": saved.keys() == anchor.keys() and all(torch.equal(saved[n], b)
+                                                         for n, b in anchor.items())}
+every = [None] * dist.get_world_size()
+dist.all_gather_object(every, result)
+if dist.get_rank() == 0:
+    json.dump(every, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_end_on_the_one_process_weights_and_ladders(tmp_path):
+    """The tiny student sharded with FSDP2 over 2 CPU processes (gloo): the anchor is each rank's
+    local shards, the moves at steps 1, 2, 4 are made shard by shard, every rank scores, and the
+    gathered weights equal the one-process run's, with the same ladders."""
+    driver, out = tmp_path / "fsdp2_ranks.py", tmp_path / "result.json"
+    driver.write_text(FSDP2_RANKS)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(driver), REPO, str(tmp_path), str(out)],
+                         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in json.loads(out.read_text()):
+        one, two = rank["ladders"]
+        assert two == one and [h["effopd/kept_multiple"] for h in one] == [0, 6, 10]
+        assert rank["max_diff"] <= 1e-6  # fp32 round-off at most (0 here: the same arithmetic)
+        assert rank["anchor_shape"] == [rank["full_shape"][0] // 2, rank["full_shape"][1]]
+        assert rank["saved"]  # checkpoint-4/effopd_anchor_rank<r>.pt holds this rank's shards
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Run (from the repository root or anywhere):
     python examples/trl_effopd.py                                          # one process
     torchrun --standalone --nproc_per_node 2 examples/trl_effopd.py        # two: DDP over gloo
     accelerate launch --multi_gpu --num_processes 2 examples/trl_effopd.py # the same, no GPU here
+    accelerate launch --config_file examples/fsdp2.yaml examples/trl_effopd.py  # FSDP2, 2 GPUs
 Careful: `accelerate launch --num_processes 2 --cpu` starts ONE process (accelerate 1.15's CPU
 launcher is single-process unless given an MPI hostfile); the first line of each run says how many.
 """
@@ -70,8 +71,9 @@ def unwrapped(trainer) -> torch.nn.Module:
 
 class AccuracyCurve(TrainerCallback):
     """Greedy validation and test accuracy at step 0, every eval_every steps and at the end, on
-    rank 0 (the others wait at their next collective); also prints each EffOPD ladder it logs.
-    Added after EffOPDCallback, so that it sees the weights EffOPD kept."""
+    rank 0 (the others wait at their next collective; under FSDP every rank takes part in the
+    forwards); also prints each EffOPD ladder it logs. Added after EffOPDCallback, so that it sees
+    the weights EffOPD kept."""
 
     def __init__(self, trainer, tokenizer, val, test, eval_every: int):
         self.trainer, self.tokenizer, self.val, self.test = trainer, tokenizer, val, test
@@ -79,16 +81,17 @@ class AccuracyCurve(TrainerCallback):
         self.curve, self.eval_s = [], 0.0  # (step, val, test); seconds spent here
 
     def evaluate(self, state) -> None:
-        if not state.is_world_process_zero:
-            return
         t0, model = time.time(), unwrapped(self.trainer)
+        if not (state.is_world_process_zero or effopd.is_sharded(model)):
+            return
         was_training = model.training
         model.eval()
         val, test = (effopd.accuracy(model, self.tokenizer, records, 6, self.eos)
                      for records in (self.val, self.test))
         model.train(was_training)
         self.curve.append((state.global_step, val, test))
-        print(f"eval {state.global_step:4d} | val {val:.3f} | test {test:.3f}", flush=True)
+        if state.is_world_process_zero:
+            print(f"eval {state.global_step:4d} | val {val:.3f} | test {test:.3f}", flush=True)
         self.eval_s += time.time() - t0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -123,7 +126,8 @@ def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer
         beta=1.0,                                 # reverse KL(student || teacher): the OPD loss
         temperature=1.0, top_k=0, top_p=1.0,      # on-policy: the plain softmax
         max_completion_length=6,                  # "a+b=" answers are at most 3 digits and EOS
-        bf16=False, activation_checkpointing=False, use_cpu=True,  # fp32, CPU, tiny models
+        bf16=False, activation_checkpointing=False,  # fp32, tiny models
+        use_cpu=not torch.cuda.is_available(),       # GPUs if any: accelerate's FSDP needs them
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                   processing_class=tokenizer,
@@ -154,7 +158,8 @@ def main(argv=None) -> dict[str, dict]:
         trainer = make_trainer(args, run == "effopd", world_size)
         curve = next(c for c in trainer.callback_handler.callbacks if isinstance(c, AccuracyCurve))
         if trainer.is_world_process_zero():
-            print(f"--- {run}: TRL DistillationTrainer, {world_size} process(es)", flush=True)
+            print(f"--- {run}: TRL DistillationTrainer, {world_size} process(es)"
+                  f"{', FSDP' if trainer.is_fsdp_enabled else ''}", flush=True)
         t0 = time.time()
         trainer.train()
         if trainer.is_world_process_zero():

@@ -321,13 +321,17 @@ def speedup_run(method: str, lr: float, seed: int, args) -> list[tuple[int, floa
     """One effopd.py run in this process: (step, test accuracy, training seconds) per evaluation.
     Each finished run is kept as a small JSON in --results; a run found there with the same flags
     is read, not trained again, so a long sweep goes on where it stopped (and can be committed)."""
-    name = f"{method}-lr{lr:g}-seed{seed}"
+    loss = effopd.PROTOCOLS[args.protocol].loss  # a protocol's loss is its vanilla run's too
+    flags, name = (["--loss", loss] if loss else []), "vanilla" + (f"-{loss}" if loss else "")
+    if method == "effopd":
+        other = args.protocol != "effopd"
+        flags += ["--effopd"] + (["--protocol", args.protocol] if other else [])
+        name = "effopd" + (f"-{args.protocol}" if other else "")  # effopd-official, effopd-fine
+    name = f"{name}-lr{lr:g}-seed{seed}"
     out, saved = os.path.join(args.out, name), os.path.join(args.results, f"{name}.json")
     argv = [f"--{args.setting}", "--lr", str(lr), "--seed", str(seed), "--steps", str(args.steps),
-            "--eval-every", str(args.eval_every), "--test-size", str(args.test_size),
-            *(["--effopd"] if method == "effopd" else []), *args.extra]
-    if args.protocol != "effopd":  # the same protocol's vanilla run is the baseline
-        argv += ["--protocol", args.protocol, "--loss", effopd.PROTOCOLS[args.protocol].loss]
+            "--eval-every", str(args.eval_every), "--test-size", str(args.test_size), *flags,
+            *args.extra]
     if os.path.isfile(saved):
         with open(saved) as f:
             run = json.load(f)
@@ -340,9 +344,10 @@ def speedup_run(method: str, lr: float, seed: int, args) -> list[tuple[int, floa
         history = effopd.train(effopd.parse_args(argv + ["--no-save-checkpoints", "--out", out]))
     curve = [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in history
              if "eval/test_acc" in r]
+    kept = [(r["step"], r["effopd/kept_multiple"]) for r in history if "effopd/trials" in r]
     os.makedirs(args.results, exist_ok=True)
     effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(
-        json.dumps({"flags": argv, "curve": curve})))
+        json.dumps({"flags": argv, "curve": curve, "kept": kept})))
     return curve
 
 
@@ -358,7 +363,8 @@ def sweep_score(curves: list, target: float) -> tuple[float, float]:
 def bench_speedup(args) -> bool:
     """Sweep the learning rate of both methods on the tuning seeds; run each at its best on the
     held-out seeds; compare steps and seconds to a fixed test accuracy, and final accuracy."""
-    print(f"{args.setting} setting, target test accuracy {args.target}, {args.steps} steps, "
+    print(f"{args.setting} setting, --protocol {args.protocol}, target test accuracy "
+          f"{args.target}, {args.steps} steps, "
           f"tuning seeds {args.tune_seeds}, held-out seeds {args.seeds}")
     sweep, best = {}, {}
     print("\nlr       | vanilla: steps to target (median), final | effopd: the same")
@@ -945,13 +951,13 @@ def main(argv=None) -> None:
     p.add_argument("--eval-every", type=int, default=1, help="test accuracy every N steps")
     p.add_argument("--test-size", type=int, default=500, help="test prompts per evaluation")
     p.add_argument("--protocol", choices=list(effopd.PROTOCOLS), default="effopd",
-                   help="EffOPD's validation and scope (effopd.py --protocol); official trains "
-                        "both methods with its loss")
+                   help="EffOPD's validation, scope and ladder (effopd.py --protocol); official "
+                        "trains both methods with its loss")
     p.add_argument("--out", default="runs/speedup",
                    help="run folders, speedup.json and speedup.png")
     p.add_argument("--results", default=None,
                    help="one JSON per finished run, reused when there (default: "
-                        "results/speedup-<setting>[-<protocol>], small enough to commit)")
+                        "results/speedup-<setting>, small enough to commit)")
     p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
     p.set_defaults(func=bench_speedup)
 
@@ -1018,9 +1024,7 @@ def main(argv=None) -> None:
     if args.threads < 0:
         parser.error(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
     if args.command in ("speedup", "reproduce") and args.results is None:
-        protocol = getattr(args, "protocol", "effopd")
-        args.results = os.path.join(effopd.PROJECT, "results", f"{args.command}-{args.setting}"
-                                    + (f"-{protocol}" if protocol != "effopd" else ""))
+        args.results = os.path.join(effopd.PROJECT, "results", f"{args.command}-{args.setting}")
     if args.command == "speedup" and not 0 < args.target <= 1:
         error(f"--target is a test accuracy, in (0, 1]; got {args.target}")
     if args.command == "reproduce":

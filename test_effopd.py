@@ -2357,11 +2357,15 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
     with pytest.raises(SystemExit, match="effopd-lr1e-05-seed3.json was made with .*--steps 2.*, "
                                          "not .*--steps 4"):
         bench.speedup_run("effopd", 1e-5, 3, args)
-    args.protocol, args.results = "official", str(tmp_path / "official")
-    bench.speedup_run("vanilla", 1e-5, 3, args)  # the official protocol's baseline: its loss
-    assert trained[-1] == (1e-5, 3, False, "sampled")
-    assert json.loads((tmp_path / "official" / "vanilla-lr1e-05-seed3.json").read_text())[
-        "flags"][-4:] == ["--protocol", "official", "--loss", "sampled"]
+    args.steps, args.protocol = 2, "official"  # its vanilla run trains with its loss
+    for method, name, flags in [
+            ("vanilla", "vanilla-sampled", ["--loss", "sampled"]),
+            ("effopd", "effopd-official", ["--loss", "sampled", "--effopd", "--protocol",
+                                           "official"])]:
+        bench.speedup_run(method, 1e-5, 3, args)
+        saved = tmp_path / "results" / f"{name}-lr1e-05-seed3.json"
+        assert json.loads(saved.read_text())["flags"][-len(flags):] == flags
+    assert trained[1:] == [(1e-5, 3, False, "sampled"), (1e-5, 3, True, "sampled")]
 
 
 def test_claim_numbers_hand_computed(tmp_path):

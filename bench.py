@@ -403,6 +403,7 @@ def bench_speedup(args) -> bool:
           f"{statistics.mean(r['vanilla_final'] for r in rows):.3f}, effopd "
           f"{statistics.mean(r['effopd_final'] for r in rows):.3f} (the paper: ~3x at equal "
           f"final accuracy)")
+    os.makedirs(args.out, exist_ok=True)  # a call that read every run from --results made none
     with open(os.path.join(args.out, "speedup.json"), "w") as f:
         json.dump(dict(sweep={f"{m} {lr:g}": c for (m, lr), c in sweep.items()}, best=best,
                        rows=rows), f, indent=1)

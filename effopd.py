@@ -499,19 +499,28 @@ def is_power_of_two(t: int) -> bool:
     return t > 0 and t & (t - 1) == 0
 
 
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of model that FSDP2 (fully_shard) has sharded; none: it is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
-    """True when the parameters are FSDP2 DTensors: each process holds a shard of each."""
-    return any(hasattr(p, "to_local") for p in model.parameters())
+    return bool(fsdp_modules(model))
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2: drop the gathered copies of the weights (a forward may leave them, the root module's
+    always), so that the parameters are the shards again and the next forward gathers the shards
+    as they are now. A no-op without FSDP2."""
+    for module in fsdp_modules(model):
+        module.reshard()
 
 
 def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as this process holds it: its local shard where it is sharded (an FSDP2
     DTensor: the shard of the fp32 master weights that the next forward gathers), else itself."""
-    if is_sharded(model):  # FSDP2 leaves the root module gathered after a forward: shard it again
-        from torch.distributed.fsdp import FSDPModule
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+    reshard(model)
     with torch.no_grad():  # to_local() is then the shard's own storage: edits of it are kept
         return {n: p.to_local() if hasattr(p, "to_local") else p
                 for n, p in model.named_parameters()}
@@ -546,6 +555,7 @@ def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], 
     def move_to(multiple: float):
         for n, w in start.items():
             params[n].copy_(w + multiple * (w - anchor[n]) if multiple else w)
+        reshard(model)  # FSDP2: the next forward gathers the moved shards, not an earlier copy
 
     best = score_fn(model)
     history, kept_multiple = [{"multiple": 0, "score": best, "kept": True}], 0
@@ -613,7 +623,8 @@ def load_anchor(path: str, like: dict[str, torch.Tensor], device: str) -> dict[s
     """The anchor saved at path, onto device; refused in one line unless it fits like."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EffOPDCallback: {path} is missing: the anchor B of the resumed "
-                                f"run cannot be restored")
+                                f"run cannot be restored (it is read from the checkpoint in "
+                                f"output_dir of the resumed step)")
     saved = torch.load(path, map_location=device)
     if [(n, b.shape) for n, b in saved.items()] != [(n, b.shape) for n, b in like.items()]:
         raise ValueError(f"EffOPDCallback: {path} does not fit this model's parameters (another "
@@ -667,6 +678,7 @@ class EffOPDCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.sharded or state.is_world_process_zero:  # sharded: each rank its own shards
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(checkpoint, exist_ok=True)  # a rank may get here before rank 0 made it
             torch.save(self.anchor, anchor_file(checkpoint, self.sharded))
 
     def on_step_end(self, args, state, control, **kwargs):

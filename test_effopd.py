@@ -758,13 +758,13 @@ class Loop:
         self.callback_handler = types.SimpleNamespace(on_log=lambda *args: self.control)
 
 
-def run(sharded):  # SFT on 32 "a+b=c" strings a step (the same on every rank), EffOPD at 1, 2, 4
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "student"))
-    if sharded:
+def run(sharded, gathered=False):  # SFT on 32 "a+b=c" strings a step (the same on every rank),
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "student"))  # EffOPD at 1, 2, 4
+    if sharded:  # gathered: every module keeps its gathered weights after a forward
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, reshard_after_forward=not gathered)
+        fully_shard(model, mesh=mesh, reshard_after_forward=not gathered)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     loop = Loop(model, sys.argv[2])
     score_fn = lambda m: effopd.accuracy(m, tokenizer, val[:20], 6, eos)  # greedy: every rank
@@ -795,11 +795,14 @@ def run(sharded):  # SFT on 32 "a+b=c" strings a step (the same on every rank), 
 dist.init_process_group("gloo")
 one_weights, one_ladders, _ = run(False)
 two_weights, two_ladders, anchor = run(True)
+kept_weights, kept_ladders, _ = run(True, gathered=True)
 name = "model.layers.0.mlp.up_proj.weight"
 saved = torch.load(os.path.join(sys.argv[2], "checkpoint-4",
                                 f"effopd_anchor_rank{dist.get_rank()}.pt"))
-result = {"max_diff": max((one_weights[n] - w).abs().max().item() for n, w in two_weights.items()),
-          "ladders": [one_ladders, two_ladders], "anchor_shape": list(anchor[name].shape),
+result = {"max_diff": max((one_weights[n] - w).abs().max().item()
+                          for weights in (two_weights, kept_weights) for n, w in weights.items()),
+          "ladders": [one_ladders, two_ladders, kept_ladders],
+          "anchor_shape": list(anchor[name].shape),
           "full_shape": list(one_weights[name].shape),
           "saved": saved.keys() == anchor.keys() and all(torch.equal(saved[n], b)
                                                          for n, b in anchor.items())}
@@ -814,7 +817,8 @@ if dist.get_rank() == 0:
 def test_fsdp2_two_processes_end_on_the_one_process_weights_and_ladders(tmp_path):
     """The tiny student sharded with FSDP2 over 2 CPU processes (gloo): the anchor is each rank's
     local shards, the moves at steps 1, 2, 4 are made shard by shard, every rank scores, and the
-    gathered weights equal the one-process run's, with the same ladders."""
+    gathered weights equal the one-process run's, with the same ladders; also when the modules
+    keep their gathered weights after a forward (reshard_after_forward=False)."""
     driver, out = tmp_path / "fsdp2_ranks.py", tmp_path / "result.json"
     driver.write_text(FSDP2_RANKS)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -823,8 +827,8 @@ def test_fsdp2_two_processes_end_on_the_one_process_weights_and_ladders(tmp_path
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     for rank in json.loads(out.read_text()):
-        one, two = rank["ladders"]
-        assert two == one and [h["effopd/kept_multiple"] for h in one] == [0, 6, 10]
+        one, two, gathered = rank["ladders"]
+        assert two == one == gathered and [h["effopd/kept_multiple"] for h in one] == [0, 6, 10]
         assert rank["max_diff"] <= 1e-6  # fp32 round-off at most (0 here: the same arithmetic)
         assert rank["anchor_shape"] == [rank["full_shape"][0] // 2, rank["full_shape"][1]]
         assert rank["saved"]  # checkpoint-4/effopd_anchor_rank<r>.pt holds this rank's shards

@@ -73,10 +73,10 @@ from pathlib import Path
 
 import torch
 
-from effopd import (ATTENTION, PROJECT, UserError, accuracy, effopd_extrapolate, eos_ids,
-                    is_attention_or_mlp, is_power_of_two, load_jsonl, principal_overlap,
-                    principal_rotation, singular_part, subspace_alignment, top_singular_subspaces,
-                    unchanged_fraction, update_metrics, write_atomically)
+from effopd import (ATTENTION, PROJECT, OneLineErrors, UserError, accuracy, check_device,
+                    effopd_extrapolate, eos_ids, is_attention_or_mlp, is_power_of_two, load_jsonl,
+                    principal_overlap, principal_rotation, singular_part, subspace_alignment,
+                    top_singular_subspaces, unchanged_fraction, update_metrics, write_atomically)
 
 # ------------------------------------------------------------------------------------------------
 # The quadratic toy: problem, OPD by gradient descent, its closed form, and an RL-like run
@@ -609,8 +609,13 @@ def report(run_dirs: list[str], args) -> dict[str, dict]:
     Every run folder's config.json, the validation files of --interventions and every output
     file are checked before any work."""
     names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    configs = [load_run(d)[0] for d in run_dirs]  # every run folder, before the first's work
-    val_sets = [validation_set(d, c) for d, c in zip(run_dirs, configs) if args.interventions]
+    loaded = [load_run(d) for d in run_dirs]  # every run folder, before the first's work
+    val_sets = [validation_set(d, c) for d, (c, _) in zip(run_dirs, loaded) if args.interventions]
+    for name, (_, checkpoints) in zip(names, loaded):  # the model's own config.json
+        model = os.path.join(checkpoints[0], "config.json")
+        layers = read_json(model).get("num_hidden_layers") if os.path.isfile(model) else None
+        if args.interventions and layers and args.window > layers:
+            raise fail(f"--window {args.window}: {name} has only {layers} layers")
     figure = args.png or os.path.join(run_dirs[0], "report.png")
     figures = [os.path.join(os.path.dirname(args.png) if args.png else d, f"interventions-{n}.png")
                for n, d in zip(names, run_dirs) if args.interventions]
@@ -661,8 +666,6 @@ def interventions(name: str, run: dict, val: list[dict], png: str, args) -> dict
     eos = eos_ids(tokenizer, model)
     params = dict(model.named_parameters())
     n_layers = 1 + max(layer_of(n) for n in params if layer_of(n) is not None)
-    if args.window > n_layers:
-        raise fail(f"--window {args.window}: {name} has only {n_layers} layers")
 
     def weights(step: int) -> dict[str, torch.Tensor]:  # the parameters of W_step, fp32
         files = checkpoint_files(checkpoints[step])
@@ -878,7 +881,7 @@ def check_outputs(args, figures: list[str]) -> None:
     """Refuse in one line, before any work, a figure or --json file that could not be written
     at the end: its folder is made, and a file written and removed beside it."""
     outputs = [(args.json, "--json")] if args.json else []
-    for path, flag in outputs + [(figure, "--png") for figure in figures]:
+    for path, flag in outputs + [(f, "--png" if f == args.png else "figure") for f in figures]:
         if os.path.isdir(path):
             raise fail(f"{flag} {path}: is a folder, not a file name")
         try:
@@ -921,8 +924,8 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0].strip(),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dirs", nargs="*",
                         help="effopd.py run folders to report on; with --base, the tuned "
                              "checkpoints; none: run the toy model")
@@ -981,8 +984,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--alphas must be finite numbers, got {' '.join(map(str, args.alphas))}")
     if args.threads < 0:
         parser.error(f"--threads must be at least 0 (0: one per core), got {args.threads}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is available")
+    try:
+        check_device("--device", args.device)
+    except UserError as e:
+        parser.error(str(e))
     args.png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     if not args.run_dirs:
         if not 1 <= args.rank <= args.dim:

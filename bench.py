@@ -901,13 +901,14 @@ def bench_gpu(args) -> bool:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = effopd.OneLineErrors(description=__doc__.split("\n\n")[0].strip(),
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads; 0: torch's default, one per core. 1 is steadier when "
                              "other work shares the cores (2 threads then wait on each other)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=effopd.OneLineErrors)
 
     p = commands.add_parser("loss", help="peak memory and time of the OPD loss, fwd + bwd, CPU",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

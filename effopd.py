@@ -1342,7 +1342,9 @@ def check_model_files(path: str) -> None:
         try:
             with open(index, encoding="utf-8") as f:
                 saved = json.load(f)
-            _, shards = saved["metadata"], set(saved["weight_map"].values())  # both are read
+            shards = set(saved["weight_map"].values())
+            if "metadata" not in saved:  # transformers reads it too
+                raise KeyError("metadata")
         except (ValueError, LookupError, TypeError, AttributeError):
             raise UserError(f"{index}: corrupt; expected JSON with \"metadata\" and "
                             f"\"weight_map\"") from None

@@ -645,12 +645,14 @@ def test_trl_example_refuses_bad_flags_before_any_model_loads(tmp_path, capsys):
     for flags, message in [
             (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
             (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+            (["--lr", "inf"], "--lr must be finite and > 0, got inf"),
             (["--out", str(blocked)], f"--out {blocked}: cannot write there (Not a directory: "
                                       f"{blocked})")]:
         with pytest.raises(SystemExit) as exit:
             trl_effopd.parse_args(["--out", str(tmp_path / "out"), *flags])
         assert exit.value.code == 2
-        assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+        [line] = capsys.readouterr().err.splitlines()  # one line, no usage
+        assert line.endswith(f" error: {message}")
 
 
 TWO_RANKS = """
@@ -2105,8 +2107,12 @@ def test_analyze_checks_run_folders_and_outputs_before_any_work(tmp_path, monkey
             ([run, "--interventions"], "{}",
              f"{config}: --interventions needs its val, val_size, max_new_tokens, eval_batch_size"),
             ([run, "--interventions"], json.dumps({"val": "/no/val.jsonl", **val}),
-             f"/no/val.jsonl: file not found (the validation file of {run}, for --interventions)")]:
+             f"/no/val.jsonl: file not found (the validation file of {run}, for --interventions)"),
+            ([run, "--interventions", "--window", "3"],
+             json.dumps({"val": os.path.join(REPO, "data/tiny/val.jsonl"), **val}),
+             "--window 3: run has only 2 layers")]:
         config.write_text(config_text)
+        (tmp_path / "run" / "step_000000" / "config.json").write_text('{"num_hidden_layers": 2}')
         with pytest.raises(SystemExit) as exit:
             analyze.main(argv)
         assert str(exit.value) == f"analyze: error: {message}"
@@ -2155,7 +2161,8 @@ def test_analyze_bad_flags_exit_2_with_one_line(capsys, flags, message):
     with pytest.raises(SystemExit) as exit:
         analyze.parse_args(["RUN", *flags])
     assert exit.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+    [line] = capsys.readouterr().err.splitlines()  # one line, no usage
+    assert line.endswith(f" error: {message}")
 
 
 @pytest.mark.slow
@@ -2514,7 +2521,8 @@ def test_bench_bad_flags_exit_2_before_any_work(monkeypatch, capsys, argv, messa
     with pytest.raises(SystemExit) as exit:
         bench.main(argv)
     assert exit.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+    [line] = capsys.readouterr().err.splitlines()  # one line, no usage
+    assert line.endswith(f" error: {message}")
 
 
 def test_bench_reproduce_locks_to_a_step_with_a_checkpoint(monkeypatch):
@@ -2547,7 +2555,8 @@ def test_make_data_refuses_a_seed_the_shipped_models_were_not_made_on(monkeypatc
         with pytest.raises(SystemExit) as exit:
             make_data.main(argv)
         assert exit.value.code == 2
-        assert capsys.readouterr().err.splitlines()[-1].endswith(
+        [line] = capsys.readouterr().err.splitlines()  # one line, no usage
+        assert line.endswith(
             " error: --seed -5 changes every JSONL file, and the shipped models and LoRA were made "
             "on seed 0's: remake them all (--models tiny small smol --train-adapter, no "
             "--skip-models) or keep --seed 0")

@@ -520,7 +520,7 @@ def save(tokenizer, test: list[dict], max_new_tokens: int, folder: str,
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = effopd.OneLineErrors(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--seed", type=int, default=0,
                         help="one seed for all of data/; another than 0 needs every model remade")
     parser.add_argument("--skip-models", action="store_true", help="write the JSONL files only")

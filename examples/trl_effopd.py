@@ -17,6 +17,7 @@ Careful: `accelerate launch --num_processes 2 --cpu` starts ONE process (acceler
 launcher is single-process unless given an MPI hostfile); the first line of each run says how many.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -35,8 +36,8 @@ TINY = os.path.join(ROOT, "data", "tiny")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = effopd.OneLineErrors(description=__doc__.strip().split("\n\n")[0],
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=64, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=128,
                         help="prompts (= responses) per step, over all processes")
@@ -52,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "max_candidates", "eval_every", "val_size", "test_size"):
         if (value := getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if not args.lr > 0:  # False for NaN too
-        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be finite and > 0, got {args.lr}")
     probe = os.path.join(args.out, f"write-test-{os.getpid()}.tmp")  # one per process
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -127,7 +128,7 @@ def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer
         temperature=1.0, top_k=0, top_p=1.0,      # on-policy: the plain softmax
         max_completion_length=6,                  # "a+b=" answers are at most 3 digits and EOS
         bf16=False, activation_checkpointing=False,  # fp32, tiny models
-        use_cpu=not torch.cuda.is_available(),       # GPUs if any: accelerate's FSDP needs them
+        use_cpu=torch.cuda.device_count() < world_size,  # a GPU each if there are: FSDP needs them
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                   processing_class=tokenizer,

@@ -14,8 +14,8 @@ Simplifications, all deliberate:
  1. only the immediate per-token KL term is differentiated, none through the sampling;
  2. one device, rollouts from a plain KV-cached sampler (no vLLM), no sequence packing;
  3. one optimizer step per batch of rollouts, at a constant learning rate;
- 4. EffOPD scores candidates by greedy decoding and moves no norm (RESULTS.md: how this departs
-    from the official code); EffOPDCallback does the same inside a Hugging Face Trainer;
+ 4. EffOPD scores candidates by greedy decoding and moves no norm (--protocol official: as the
+    official code; RESULTS.md); EffOPDCallback does the same inside a Hugging Face Trainer;
  5. the student in fp32 (under bf16 autocast on a GPU), the teacher in bf16 on a GPU (--precision).
 
 Run:  python effopd.py --tiny             # tiny models on the CPU, seconds (README)
@@ -80,8 +80,8 @@ class Config:
     effopd: bool = arg(False, "extrapolate at steps 1, 2, 4, 8, ... (validation-accepted)")
     max_candidates: int = arg(5, "EffOPD candidates per trigger: W+2D, W+4D, ...")
     anchor_device: str = arg("cpu", "where EffOPD keeps its copies of the weights")
-    protocol: str = arg("effopd", "EffOPD's validation and scope, a row of PROTOCOLS: effopd or "
-                        "official (the paper's code; with --loss sampled)")
+    protocol: str = arg("effopd", "EffOPD's validation, scope and ladder, a row of PROTOCOLS: "
+                        "effopd, official (the paper's code; with --loss sampled) or fine")
     # subspace locking ("On the Geometry of On-Policy Distillation")
     lock_subspace: str = arg("", "checkpoint whose update dW = W - W_0 fixes, per attention and "
                              "MLP matrix, the subspace every later update is projected onto")

@@ -484,13 +484,27 @@ def claim_numbers(run: dict) -> dict[str, float]:
             "test_acc": final_test_accuracy(run["dir"])}
 
 
-def reproduce_numbers(arm: str, lr: float, seed: int, args, lock: bool) -> dict:
-    """One arm's run: trained, measured by analyze.report and reduced by claim_numbers, then
-    (lock) trained again inside its own update's top subspace at --lock-step. The numbers are kept
-    as results/reproduce-<setting>/<arm>-lr<lr>-seed<seed>.json, small enough to commit, and read
-    from there, not trained again, when the flags match; --prune then deletes the checkpoints."""
-    name = f"{arm}-lr{lr:g}-seed{seed}"
-    free, locked = os.path.join(args.out, name), os.path.join(args.out, name + "-locked")
+def reproduce_folder(arm: str, lr: float, seed: int, args) -> str:
+    return os.path.join(args.out, f"{arm}-lr{lr:g}-seed{seed}")
+
+
+def prune(folder: str) -> None:
+    """Delete a run folder's checkpoints and resume.pt; its config.json and metrics.jsonl stay."""
+    for path in glob.glob(os.path.join(folder, "step_*")) + glob.glob(
+            os.path.join(folder, "resume.pt")):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def reproduce_numbers(arm: str, lr: float, seed: int, args, lock: bool,
+                      measure: bool = True) -> dict:
+    """One arm's run: trained, measured by analyze.report and reduced by claim_numbers (measure;
+    else its final test accuracy only, as the sweep needs), then (lock) trained again inside its
+    own update's top subspace at --lock-step. The numbers are kept as
+    results/reproduce-<setting>/<arm>-lr<lr>-seed<seed>.json, small enough to commit, and read
+    from there, not trained again, when the flags match; --prune deletes measured runs'
+    checkpoints."""
+    free = reproduce_folder(arm, lr, seed, args)
+    locked, name = free + "-locked", os.path.basename(free)
     saved = os.path.join(args.results, f"{name}.json")
     flags = [f"--{args.setting}", "--loss", arm, "--seed", str(seed), "--lr", str(lr),
              "--steps", str(args.steps), *args.extra]
@@ -503,23 +517,25 @@ def reproduce_numbers(arm: str, lr: float, seed: int, args, lock: bool) -> dict:
     save = lambda: effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(  # noqa: E731
         json.dumps(run, indent=1)))
     os.makedirs(args.results, exist_ok=True)
-    if "numbers" not in run:
+    if "test_acc" not in run:
         reproduce_run(flags, free, args.steps)
+        run["test_acc"] = final_test_accuracy(free)
+        save()
+    if measure and "numbers" not in run:
+        reproduce_run(flags, free, args.steps)  # again if --prune deleted its checkpoints
         report_args = analyze.parse_args([free, "--interventions"])
         run["numbers"] = claim_numbers(analyze.report([free], report_args)[name])
         save()
     if lock and "locked_test_acc" not in run:
-        reproduce_run(flags, free, args.steps)  # again if --prune deleted its checkpoints
+        reproduce_run(flags, free, args.steps)
         reproduce_run(flags + ["--lock-subspace", os.path.join(free, f"step_{args.lock_step:06d}"),
                                "--lock-rank", str(args.lock_rank)], locked, args.steps)
         run["lock"], run["locked_test_acc"] = lock_flags, final_test_accuracy(locked)
         save()
-    if args.prune:
-        for folder in (free, locked):
-            for path in glob.glob(os.path.join(folder, "step_*")) + glob.glob(
-                    os.path.join(folder, "resume.pt")):
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    numbers = dict(run["numbers"])
+    if args.prune and measure:
+        prune(free)
+        prune(locked)
+    numbers = {"test_acc": run["test_acc"], **run.get("numbers", {})}
     if "locked_test_acc" in run:
         numbers["locked_minus_free_test_acc"] = run["locked_test_acc"] - numbers["test_acc"]
     return numbers
@@ -528,17 +544,23 @@ def reproduce_numbers(arm: str, lr: float, seed: int, args, lock: bool) -> dict:
 def bench_reproduce(args) -> bool:
     """OPD, GRPO and SFT on a setting, seed by seed, the same budget; subspace-locked OPD and SFT;
     each claim's numbers, mean and standard deviation over seeds, as a Markdown table. With --lrs,
-    each arm's learning rate is the one of the highest final test accuracy on the first seed."""
+    each arm's learning rate is the one of the highest final test accuracy on the first seed
+    (the sweep's runs are measured only at that rate)."""
     lrs = {arm: getattr(args, f"lr_{arm}") for arm in ARMS}
     if args.lrs:
-        sweep = {(arm, lr): reproduce_numbers(arm, lr, args.seeds[0], args, lock=False)
-                 for lr in args.lrs for arm in ARMS}
+        sweep = {}
+        for arm in ARMS:
+            for lr in args.lrs:
+                sweep[arm, lr] = reproduce_numbers(arm, lr, args.seeds[0], args, lock=False,
+                                                   measure=False)["test_acc"]
+            lrs[arm] = max(args.lrs, key=lambda lr: sweep[arm, lr])
+            for lr in args.lrs:
+                if args.prune and lr != lrs[arm]:
+                    prune(reproduce_folder(arm, lr, args.seeds[0], args))
         print(f"\nthe sweep, seed {args.seeds[0]}: final test accuracy\n")
         print("| lr | " + " | ".join(a.upper() for a in ARMS) + " |\n|---|" + "---|" * len(ARMS))
         for lr in args.lrs:
-            print(f"| {lr:g} | " + " | ".join(f"{sweep[arm, lr]['test_acc']:.3f}" for arm in ARMS)
-                  + " |")
-        lrs = {arm: max(args.lrs, key=lambda lr: sweep[arm, lr]["test_acc"]) for arm in ARMS}
+            print(f"| {lr:g} | " + " | ".join(f"{sweep[arm, lr]:.3f}" for arm in ARMS) + " |")
     numbers = {arm: [reproduce_numbers(arm, lrs[arm], seed, args, lock=arm in ("opd", "sft"))
                      for seed in args.seeds] for arm in ARMS}
     cell = lambda values: ("n/a" if any(map(math.isnan, values)) else  # noqa: E731

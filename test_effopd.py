@@ -2407,8 +2407,9 @@ def test_claim_numbers_hand_computed(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_sweeps_keeps_numbers_as_json_and_reuses_them(tmp_path, monkeypatch, capsys):
-    """Two learning rates swept on the tiny setting (2 steps), each arm then at its best with the
-    locked runs; a second call reads every number back from the JSON files and trains nothing."""
+    """Two learning rates swept on the tiny setting (2 steps), each arm then at its best, measured,
+    with the locked runs; a second call reads every number back from the JSON files and trains
+    nothing."""
     def reproduce(*flags):
         bench.main(["reproduce", "--setting", "tiny", "--seeds", "0", "--steps", "2", "--lrs",
                     "1e-5", "1e-3", "--out", str(tmp_path / "runs"), "--results",
@@ -2421,12 +2422,13 @@ def test_reproduce_sweeps_keeps_numbers_as_json_and_reuses_them(tmp_path, monkey
     assert sorted(saved) == [f"{arm}-lr{lr}-seed0" for arm in ("grpo", "opd", "sft")
                              for lr in ("0.001", "1e-05")]
     for arm in ("opd", "grpo", "sft"):
-        acc = {lr: saved[f"{arm}-lr{lr}-seed0"]["numbers"]["test_acc"]
-               for lr in ("1e-05", "0.001")}
+        acc = {lr: saved[f"{arm}-lr{lr}-seed0"]["test_acc"] for lr in ("1e-05", "0.001")}
         for lr in acc:
             run = saved[f"{arm}-lr{lr}-seed0"]
-            best = lr == max(acc, key=acc.get)
-            assert ("locked_test_acc" in run) == (best and arm != "grpo"), (arm, lr)
+            best = lr == max(acc, key=acc.get)  # measured: the claims' numbers
+            assert ("numbers" in run) == best and ("locked_test_acc" in run) == (
+                best and arm != "grpo"), (arm, lr)
+            assert not best or run["numbers"]["test_acc"] == acc[lr]
             folder = tmp_path / "runs" / f"{arm}-lr{lr}-seed0"
             assert acc[lr] == bench.final_test_accuracy(str(folder))
             assert not list(folder.glob("step_*")) and not (folder / "resume.pt").exists()

@@ -973,7 +973,8 @@ def main(argv=None) -> None:
                    help="held-out seeds: each method once at its best learning rate")
     p.add_argument("--steps", type=int, default=64, help="steps of every run")
     p.add_argument("--eval-every", type=int, default=1, help="test accuracy every N steps")
-    p.add_argument("--test-size", type=int, default=500, help="test prompts per evaluation")
+    p.add_argument("--test-size", type=int, default=None,
+                   help="test prompts per evaluation (default: the setting's --test-size)")
     p.add_argument("--protocol", choices=list(effopd.PROTOCOLS), default="effopd",
                    help="EffOPD's validation, scope and ladder (effopd.py --protocol); official "
                         "trains both methods with its loss")
@@ -1049,6 +1050,9 @@ def main(argv=None) -> None:
         parser.error(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
     if args.command in ("speedup", "reproduce") and args.results is None:
         args.results = os.path.join(effopd.PROJECT, "results", f"{args.command}-{args.setting}")
+    if args.command == "speedup":
+        args.test_size = args.test_size or effopd.SETTINGS[args.setting].get(
+            "test_size", effopd.Config.test_size)
     if args.command == "speedup" and not 0 < args.target <= 1:
         error(f"--target is a test accuracy, in (0, 1]; got {args.target}")
     if args.command == "reproduce":

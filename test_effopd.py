@@ -2379,6 +2379,14 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
     assert trained[1:] == [(1e-5, 3, False, "sampled"), (1e-5, 3, True, "sampled")]
 
 
+def test_speedup_evaluates_on_the_settings_test_size(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "bench_speedup", lambda args: seen.setdefault(args.setting, args))
+    for setting in ("tiny", "smol"):
+        bench.main(["speedup", "--setting", setting])
+    assert (seen["tiny"].test_size, seen["smol"].test_size) == (500, 200)  # smol's file has 200
+
+
 def test_claim_numbers_hand_computed(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text(

@@ -1625,7 +1625,7 @@ def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
                                              r"not applied\); stopped before saving"):
             effopd.main([*TINY_RUN, "--out", str(tmp_path / "grad")])
 
-    def broken_move(model, anchor, score_fn, max_candidates):
+    def broken_move(model, anchor, score_fn, *sizes):
         with torch.no_grad():
             model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
         return [{"multiple": 0, "score": 0.1, "kept": True}, {"multiple": 2, "score": 0.2,

@@ -326,7 +326,7 @@ def speedup_run(method: str, lr: float, seed: int, args) -> list[tuple[int, floa
     if method == "effopd":
         other = args.protocol != "effopd"
         flags += ["--effopd"] + (["--protocol", args.protocol] if other else [])
-        name = "effopd" + (f"-{args.protocol}" if other else "")  # effopd-official, effopd-fine
+        name = "effopd" + (f"-{args.protocol}" if other else "")  # e.g. effopd-official
     name = f"{name}-lr{lr:g}-seed{seed}"
     out, saved = os.path.join(args.out, name), os.path.join(args.results, f"{name}.json")
     argv = [f"--{args.setting}", "--lr", str(lr), "--seed", str(seed), "--steps", str(args.steps),
@@ -976,8 +976,8 @@ def main(argv=None) -> None:
     p.add_argument("--test-size", type=int, default=None,
                    help="test prompts per evaluation (default: the setting's --test-size)")
     p.add_argument("--protocol", choices=list(effopd.PROTOCOLS), default="effopd",
-                   help="EffOPD's validation, scope and ladder (effopd.py --protocol); official "
-                        "trains both methods with its loss")
+                   help="EffOPD's validation and scope (effopd.py --protocol); official trains "
+                        "both methods with its loss")
     p.add_argument("--out", default="runs/speedup",
                    help="run folders, speedup.json and speedup.png")
     p.add_argument("--results", default=None,

@@ -80,8 +80,8 @@ class Config:
     effopd: bool = arg(False, "extrapolate at steps 1, 2, 4, 8, ... (validation-accepted)")
     max_candidates: int = arg(5, "EffOPD candidates per trigger: W+2D, W+4D, ...")
     anchor_device: str = arg("cpu", "where EffOPD keeps its copies of the weights")
-    protocol: str = arg("effopd", "EffOPD's validation, scope and ladder, a row of PROTOCOLS: "
-                        "effopd, official (the paper's code; with --loss sampled) or fine")
+    protocol: str = arg("effopd", "EffOPD's validation and scope, a row of PROTOCOLS: effopd or "
+                        "official (the paper's code; with --loss sampled)")
     # subspace locking ("On the Geometry of On-Policy Distillation")
     lock_subspace: str = arg("", "checkpoint whose update dW = W - W_0 fixes, per attention and "
                              "MLP matrix, the subspace every later update is projected onto")
@@ -480,18 +480,15 @@ class Protocol(NamedTuple):
     moves: Callable[[str], bool]  # parameter name -> extrapolated or not
     val_temperature: float  # validation answers: 0 greedy, 1 one sample per prompt
     loss: str | None  # the --loss it trains with; None: any
-    ladder: float  # the candidates: W + ladder*D, W + 2*ladder*D, ...
     help: str
 
 
 PROTOCOLS = {
-    "effopd": Protocol(is_attention_or_mlp, 0.0, None, 2,
+    "effopd": Protocol(is_attention_or_mlp, 0.0, None,
                        "greedy validation accuracy; attention and MLP matrices, no norm"),
-    "official": Protocol(is_official_scope, 1.0, "sampled", 2,
+    "official": Protocol(is_official_scope, 1.0, "sampled",
                          "as the paper's code: one answer sampled per validation prompt at "
                          "temperature 1; names with attn/attention/mlp; the sampled-token loss"),
-    "fine": Protocol(is_attention_or_mlp, 0.0, None, 0.5,
-                     "as effopd, but the ladder W+0.5D, W+1D, W+1.5D, ... (a variant)"),
 }
 
 
@@ -535,31 +532,30 @@ def effopd_anchor(model: torch.nn.Module, device: str = "cpu",
 
 
 def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], score_fn,
-                       max_candidates: int = 5, ladder: float = 2) -> list[dict]:
+                       max_candidates: int = 5) -> list[dict]:
     """Try W_t + 2D, W_t + 4D, ... with D = W_t - anchor; keep the best strictly-improving one.
 
     The official update W := W + f (W - B), f = 2, then f := f / (1 + f) after each acceptance,
     walks exactly W_t + 2D, W_t + 4D, W_t + 6D, ...; we compute W_t + m D directly, which is the
-    same point without the rounding drift (ladder: the step between multiples m, 2 in the paper).
-    score_fn(model) -> float, higher is better. At the first candidate that does not beat the best
-    so far, the best weights are restored. anchor (parameter name -> tensor, on any device) is set
-    to the kept weights. Returns one entry per evaluation: {"multiple": m, "score": s, "kept":
-    bool}, m = 0 for the unextrapolated W_t, kept = it beat every earlier score; the model ends at
-    the last kept multiple. The move is elementwise, so with sharded weights each process moves
-    its own shards (anchor sharded alike).
+    same point without the rounding drift. score_fn(model) -> float, higher is better. At the
+    first candidate that does not beat the best so far, the best weights are restored. anchor
+    (parameter name -> tensor, on any device) is set to the kept weights. Returns one entry per
+    evaluation: {"multiple": m, "score": s, "kept": bool}, m = 0 for the unextrapolated W_t,
+    kept = it beat every earlier score; the model ends at the last kept multiple. The move is
+    elementwise, so with sharded weights each process moves its own shards (anchor sharded alike).
     """
     params = local_parameters(model)
     start = {n: params[n].detach().to(b.device, copy=True) for n, b in anchor.items()}  # W_t
 
     @torch.no_grad()
-    def move_to(multiple: float):
+    def move_to(multiple: int):
         for n, w in start.items():
             params[n].copy_(w + multiple * (w - anchor[n]) if multiple else w)
         reshard(model)  # FSDP2: the next forward gathers the moved shards, not an earlier copy
 
     best = score_fn(model)
     history, kept_multiple = [{"multiple": 0, "score": best, "kept": True}], 0
-    for multiple in (ladder * k for k in range(1, max_candidates + 1)):  # 2, 4, 6, ...
+    for multiple in range(2, 2 * max_candidates + 1, 2):
         move_to(multiple)
         score = score_fn(model)
         history.append({"multiple": multiple, "score": score, "kept": score > best})
@@ -1048,7 +1044,7 @@ def train(cfg: Config) -> list[dict]:
                 t1 = time.time()
                 trials = effopd_extrapolate(
                     student, anchor, lambda model: score(model, val_set, protocol.val_temperature),
-                    cfg.max_candidates, protocol.ladder)
+                    cfg.max_candidates)
                 kept = max(h["multiple"] for h in trials if h["kept"])
                 with autocast:
                     broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
@@ -1061,7 +1057,7 @@ def train(cfg: Config) -> list[dict]:
                 record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
                                "effopd/val_s": round(effopd_s, 3)})
                 print(f"effopd {step:4d} | " + " ".join(
-                    f"{h['multiple']:+g}D:{h['score']:.3f}{'*' if h['kept'] else ''}"
+                    f"{h['multiple']:+d}D:{h['score']:.3f}{'*' if h['kept'] else ''}"
                     for h in trials) + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
             record["time/train_s"] = round(clock, 3)
             history.append(record)

@@ -355,8 +355,7 @@ def scripted(scores, model, seen):
     ([0.5, 0.5], 0),
     ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 10),        # all five candidates accepted
     ([0.5, 0.9, 0.6], 2)])
-@pytest.mark.parametrize("ladder", [2, 0.5])  # the paper's; --protocol fine's
-def test_effopd_ladder_weights_anchor_and_history(scores, kept, ladder):
+def test_effopd_ladder_weights_anchor_and_history(scores, kept):
     model = Block()
     anchor = {n: p.detach().clone() - 1 - 2 * (n == "mlp.weight")  # D = 1, and 3 for the MLP
               for n, p in model.named_parameters() if effopd.is_attention_or_mlp(n)}
@@ -364,10 +363,8 @@ def test_effopd_ladder_weights_anchor_and_history(scores, kept, ladder):
     w_t = {n: p.detach().clone() for n, p in model.named_parameters()}
     d = {n: w_t[n] - anchor[n] for n in anchor}
     seen = []
-    history = effopd.effopd_extrapolate(model, anchor, scripted(scores, model, seen),
-                                        ladder=ladder)
-    multiples = [ladder * k for k in range(6)][:len(scores)]
-    kept *= ladder / 2  # kept is given in the paper's multiples
+    history = effopd.effopd_extrapolate(model, anchor, scripted(scores, model, seen))
+    multiples = [0, 2, 4, 6, 8, 10][:len(scores)]
     assert history == [{"multiple": m, "score": s, "kept": m == 0 or s > max(scores[:i])}
                        for i, (m, s) in enumerate(zip(multiples, scores))]
     for m, weights in zip(multiples, seen):  # every candidate is W_t + m D, exactly
@@ -1308,7 +1305,7 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     (["--anchor-device", "foo"], "--anchor-device must be cpu, cuda or cuda:N, not 'foo'$"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
     (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
-    (["--protocol", "verl"], "--protocol must be one of effopd, official, fine, not 'verl'"),
+    (["--protocol", "verl"], "--protocol must be one of effopd, official, not 'verl'"),
     (["--protocol", "official"], "--protocol official trains with --loss sampled, not opd: add "
                                  "--loss sampled"),
     (["--precision", "fp16"], "--precision must be auto, bf16 or fp32, not 'fp16'"),

@@ -385,7 +385,8 @@ def bench_speedup(args) -> bool:
             curves[method, seed] = speedup_run(method, best[method], seed, args)
         (v_step, v_s), (e_step, e_s) = (first_reaching(curves[m, seed], args.target)
                                         for m in ("vanilla", "effopd"))
-        ratio = lambda a, b: a / b if a and b else float("nan")  # noqa: E731
+        # a method that never reaches the target takes "infinitely long": a ratio of inf or 0
+        ratio = lambda a, b: (a or math.inf) / (b or math.inf)  # noqa: E731 (both never: nan)
         rows.append(dict(seed=seed, vanilla_lr=best["vanilla"], effopd_lr=best["effopd"],
                          vanilla_steps=v_step, effopd_steps=e_step,
                          step_ratio=ratio(v_step, e_step),

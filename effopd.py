@@ -1260,9 +1260,11 @@ def check_run_folder(out: str, resume: bool) -> None:
     if resume and "resume.pt" not in files:
         raise UserError(f"{out}: no resume.pt, so nothing to resume (it is written with every "
                         f"checkpoint; runs with --no-save-checkpoints have none)")
-    if resume or not files or os.path.exists(os.path.join(out, ".lock")):  # (else write nothing)
+    # Taking the lock once proves the folder writable and free. Not in a folder of other files,
+    # which is refused below without a .lock left in it; in one of a run, a running one is named.
+    if resume or not files or os.path.exists(os.path.join(out, ".lock")):
         try:
-            with hold_run_folder(out):  # writable, and refused while another run holds it
+            with hold_run_folder(out):
                 pass
         except OSError as e:
             raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None

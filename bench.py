@@ -547,10 +547,11 @@ def bench_reproduce(args) -> bool:
     each claim's numbers, mean and standard deviation over seeds, as a Markdown table. With --lrs,
     each arm's learning rate is the one of the highest final test accuracy on the first seed
     (the sweep's runs are measured only at that rate)."""
-    lrs = {arm: getattr(args, f"lr_{arm}") for arm in ARMS}
+    arms = args.arms
+    lrs = {arm: getattr(args, f"lr_{arm}") for arm in arms}
     if args.lrs:
         sweep = {}
-        for arm in ARMS:
+        for arm in arms:
             for lr in args.lrs:
                 sweep[arm, lr] = reproduce_numbers(arm, lr, args.seeds[0], args, lock=False,
                                                    measure=False)["test_acc"]
@@ -559,20 +560,20 @@ def bench_reproduce(args) -> bool:
                 if args.prune and lr != lrs[arm]:
                     prune(reproduce_folder(arm, lr, args.seeds[0], args))
         print(f"\nthe sweep, seed {args.seeds[0]}: final test accuracy\n")
-        print("| lr | " + " | ".join(a.upper() for a in ARMS) + " |\n|---|" + "---|" * len(ARMS))
+        print("| lr | " + " | ".join(a.upper() for a in arms) + " |\n|---|" + "---|" * len(arms))
         for lr in args.lrs:
-            print(f"| {lr:g} | " + " | ".join(f"{sweep[arm, lr]:.3f}" for arm in ARMS) + " |")
+            print(f"| {lr:g} | " + " | ".join(f"{sweep[arm, lr]:.3f}" for arm in arms) + " |")
     numbers = {arm: [reproduce_numbers(arm, lrs[arm], seed, args, lock=arm in ("opd", "sft"))
-                     for seed in args.seeds] for arm in ARMS}
+                     for seed in args.seeds] for arm in arms}
     cell = lambda values: ("n/a" if any(map(math.isnan, values)) else  # noqa: E731
                            f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
                            if len(values) > 1 else f"{values[0]:.3g}")
     print(f"\n{args.setting} setting, seeds {args.seeds}, learning rates "
           + ", ".join(f"{arm} {lr:g}" for arm, lr in lrs.items()) + "; mean ± standard deviation\n")
-    print("| number | " + " | ".join(a.upper() for a in ARMS) + " |\n|---|" + "---|" * len(ARMS))
-    for key in numbers["opd"][0]:
+    print("| number | " + " | ".join(a.upper() for a in arms) + " |\n|---|" + "---|" * len(arms))
+    for key in dict.fromkeys(key for arm in arms for key in numbers[arm][0]):
         print(f"| {key} | " + " | ".join(cell([n[key] for n in numbers[arm]]) if key in
-                                         numbers[arm][0] else "-" for arm in ARMS) + " |")
+                                         numbers[arm][0] else "-" for arm in arms) + " |")
     return True
 
 
@@ -991,6 +992,8 @@ def main(argv=None) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--setting", choices=list(effopd.SETTINGS), default="small")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="the arms run and tabled (two jobs side by side can split them)")
     p.add_argument("--steps", type=analyze.positive_int, default=None,
                    help="steps of every run (default: the setting's)")
     # GRPO collapses at 1e-4 on the small setting (test accuracy 30% -> 9-18% in 64 steps)

@@ -2440,6 +2440,10 @@ def test_reproduce_sweeps_keeps_numbers_as_json_and_reuses_them(tmp_path, monkey
     monkeypatch.setattr(effopd, "train", lambda cfg: pytest.fail("trained again"))
     tables = lambda out: [line for line in out.splitlines() if line.startswith("|")]  # noqa: E731
     assert "running" not in (again := reproduce()) and tables(again) == tables(first)
+    column = lambda out, i: {cells[0]: cells[i] for cells in (  # noqa: E731
+        row.strip("| ").split(" | ") for row in tables(out) if "---" not in row)
+        if cells[i] != "-"}
+    assert column(reproduce("--arms", "grpo"), 1) == column(first, 2)  # GRPO's, alone
     with pytest.raises(SystemExit, match=r"seed0.json was made with other flags \(.*--lock-rank 8"):
         reproduce("--lock-rank", "4")
 

@@ -5,6 +5,7 @@ bench.py: the measurements behind the figures in RESULTS.md, rerunnable on a CPU
     python bench.py metrics    # time of effopd.update_metrics on every matrix of Qwen2.5-0.5B
     python bench.py speedup    # vanilla OPD vs EffOPD, each at its best learning rate
     python bench.py reproduce  # OPD vs GRPO vs SFT on the small setting: both papers' claims
+    python bench.py grid       # what a 4-bit base (smol's) does to the bf16 and principal rows
     python bench.py geometry   # time and peak RSS of analyze.py --base on Qwen2.5-shaped pairs
     python bench.py bf16       # the OPD loss from bf16-autocast logits against fp32 logits
     python bench.py gpu        # the main run's path on Qwen2.5 shapes, phase by phase (a GPU)
@@ -39,6 +40,14 @@ Each report runs in a fresh subprocess, which reads its own peak RSS (VmHWM) at 
 rusage of a child would count this parent's peak, inherited through vfork). The checkpoints are
 built in a temporary folder, or kept in --keep DIR and reused.
 Goals: 1.5B at most 3 min and 1.5 GiB; 0.5B at most 60 s.
+
+grid. The smol student's weights are dequantized 4-bit values (GGUF Q4_1: w = d q + m per block
+of 32, q in 0..15), not bf16 values as the papers' checkpoints are. For a tuned checkpoint against
+such a base, mean over the attention and MLP matrices: the share of base entries a bf16 can hold;
+the bf16-unchanged share as analyze.py measures it and on the base rounded to bf16 first (an
+entry off the bf16 grid changes under a smaller update); the update's top-1% principal overlap,
+the overlap of a quantization error (uniform in +-d/2, d = (max - min) / 15 of each block), and how
+far that error turns the top-1% subspace (principal rotation).
 
 bf16. effopd.py's bf16 branch (--precision bf16: the student in fp32 under bf16 autocast, the
 teacher held in bf16) against fp32 throughout: the OPD loss on the same random ids (2 x 256 scored
@@ -578,6 +587,55 @@ def bench_reproduce(args) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# grid: what the 4-bit origin of a base (smol's) does to the bf16-unchanged and principal rows
+
+
+def grid_error(w: torch.Tensor, generator: torch.Generator, block: int = 32,
+               levels: int = 16) -> torch.Tensor:
+    """A quantization error of the size w's own grid implies: uniform in +-d/2 per entry, where
+    d = (max - min) / (levels - 1) of each block of `block` entries along the rows (GGUF Q4_1)."""
+    blocks = w.reshape(-1, block)
+    step = (blocks.max(1).values - blocks.min(1).values) / (levels - 1)
+    return ((torch.rand(blocks.shape, generator=generator) - 0.5) * step[:, None]).view_as(w)
+
+
+def grid_numbers(w_base: torch.Tensor, w_tuned: torch.Tensor, k: int,
+                 generator: torch.Generator) -> dict[str, float]:
+    """The numbers of one matrix whose base came from a 4-bit grid (see the docstring: grid)."""
+    base, tuned = w_base.float(), w_tuned.float()
+    delta, rounded = tuned - base, base.bfloat16().float()  # rounded: a bf16 checkpoint's base
+    error = grid_error(base, generator)
+    subspaces = effopd.top_singular_subspaces(base, k)
+    return {"base_on_bf16_grid": (rounded == base).float().mean().item(),
+            "unchanged_bf16": effopd.unchanged_fraction(base, tuned),
+            "unchanged_bf16_rounded_base": effopd.unchanged_fraction(rounded, rounded + delta),
+            "principal_overlap": effopd.principal_overlap(base, delta, k, subspaces),
+            "grid_error_overlap": effopd.principal_overlap(base, error, k, subspaces),
+            "overlap_random": k * k / base.numel(),
+            "grid_error_rotation": effopd.principal_rotation(base, base + error, k, subspaces)}
+
+
+def bench_grid(args) -> bool:
+    base_files = analyze.checkpoint_files(args.base)
+    shapes = analyze.tensor_shapes(base_files)
+    names = [n for n, shape in shapes.items() if analyze.is_geometry_matrix(n, shape)
+             and shape[1] % 32 == 0]
+    if not names:
+        raise SystemExit(f"bench.py: error: {args.base}: no attention or MLP matrix with rows in "
+                         "blocks of 32")
+    print(f"grid: {args.base}, {len(names)} attention and MLP matrices, top-1% subspaces")
+    for tuned in args.tuned:
+        files, generator = analyze.checkpoint_files(tuned), torch.Generator().manual_seed(0)
+        rows = [grid_numbers(analyze.read_tensor(base_files, n, "cpu"),
+                             analyze.read_tensor(files, n, "cpu"),
+                             analyze.principal_k(shapes[n], 0.01), generator) for n in names]
+        print(f"\n{tuned}")
+        for key in rows[0]:
+            print(f"{key:>28s}: {statistics.mean(r[key] for r in rows):.4g}")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
 # bf16: the OPD loss from bf16-autocast logits against the same loss from fp32 logits
 
 
@@ -1017,6 +1075,11 @@ def main(argv=None) -> None:
                         "keeps 4 GB)")
     p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
     p.set_defaults(func=bench_reproduce)
+
+    p = commands.add_parser("grid", help="a 4-bit base's effect on the bf16 and principal rows")
+    p.add_argument("--base", default="data/smol/student", help="the 4-bit base checkpoint")
+    p.add_argument("tuned", nargs="+", help="checkpoints tuned from it, e.g. RUN/step_000016")
+    p.set_defaults(func=bench_grid)
 
     p = commands.add_parser("bf16", help="OPD loss from bf16-autocast logits vs fp32, CPU",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -2448,6 +2448,22 @@ def test_reproduce_sweeps_keeps_numbers_as_json_and_reuses_them(tmp_path, monkey
         reproduce("--lock-rank", "4")
 
 
+def test_grid_numbers_hand_worked():
+    """bf16 holds 1 and 1 + 2^-7 but not 1 + 2^-9 between them. Adding 2^-8 to 1 lands on the
+    tie 1 + 2^-8, which rounds to even: 1, unchanged; to 1 + 2^-9 it gives 1 + 3 * 2^-9, nearer
+    1 + 2^-7: changed. A base rounded to bf16 first holds 1 in both rows: both unchanged. A Q4_1
+    block (m + d q, q = 0..15) gets an error within +-d/2."""
+    base = torch.tensor([[1 + 2 ** -9] * 32, [1.0] * 32])
+    numbers = bench.grid_numbers(base, base + 2 ** -8, 1, torch.Generator().manual_seed(0))
+    assert numbers["base_on_bf16_grid"] == 0.5 and numbers["unchanged_bf16"] == 0.5
+    assert numbers["unchanged_bf16_rounded_base"] == 1.0 and numbers["overlap_random"] == 1 / 64
+    assert numbers["grid_error_rotation"] < 1e-12  # a block of equal values has no grid step
+    d = 0.01
+    q4 = -0.07 + d * torch.arange(16.0).repeat(2, 4)  # 2 x 64: four blocks of q = 0..15, twice
+    error = bench.grid_error(q4, torch.Generator().manual_seed(0))
+    assert error.abs().max() <= d / 2 + 1e-9 and error.abs().max() > 0.45 * d
+
+
 def test_bpe_merge_hand_worked():
     """Ranks a 0, b 1, c 2, ab 3, abc 4, bc 5: merging a|b|c lowest rank first makes ab (3) and
     would next make abc (4), which is not below abc's own rank: abc is the merge ab + c."""

@@ -551,6 +551,16 @@ def reproduce_numbers(arm: str, lr: float, seed: int, args, lock: bool,
     return numbers
 
 
+def seed_cell(values: list[float]) -> str:
+    """A table cell of one number over seeds: mean ± standard deviation of the seeds that have it
+    (NaN: a run without it, e.g. the alignment of a zero update), saying how many when not all."""
+    finite = [v for v in values if not math.isnan(v)]
+    text = ("n/a" if not finite else f"{finite[0]:.3g}" if len(finite) == 1 else
+            f"{statistics.mean(finite):.3g} ± {statistics.stdev(finite):.2g}")
+    return text + (f" ({len(finite)} of {len(values)} seeds)" if finite and
+                   len(finite) < len(values) else "")
+
+
 def bench_reproduce(args) -> bool:
     """OPD, GRPO and SFT on a setting, seed by seed, the same budget; subspace-locked OPD and SFT;
     each claim's numbers, mean and standard deviation over seeds, as a Markdown table. With --lrs,
@@ -574,14 +584,11 @@ def bench_reproduce(args) -> bool:
             print(f"| {lr:g} | " + " | ".join(f"{sweep[arm, lr]:.3f}" for arm in arms) + " |")
     numbers = {arm: [reproduce_numbers(arm, lrs[arm], seed, args, lock=arm in ("opd", "sft"))
                      for seed in args.seeds] for arm in arms}
-    cell = lambda values: ("n/a" if any(map(math.isnan, values)) else  # noqa: E731
-                           f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
-                           if len(values) > 1 else f"{values[0]:.3g}")
     print(f"\n{args.setting} setting, seeds {args.seeds}, learning rates "
           + ", ".join(f"{arm} {lr:g}" for arm, lr in lrs.items()) + "; mean ± standard deviation\n")
     print("| number | " + " | ".join(a.upper() for a in arms) + " |\n|---|" + "---|" * len(arms))
     for key in dict.fromkeys(key for arm in arms for key in numbers[arm][0]):
-        print(f"| {key} | " + " | ".join(cell([n[key] for n in numbers[arm]]) if key in
+        print(f"| {key} | " + " | ".join(seed_cell([n[key] for n in numbers[arm]]) if key in
                                          numbers[arm][0] else "-" for arm in arms) + " |")
     return True
 

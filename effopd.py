@@ -747,12 +747,15 @@ def update_metrics(delta: torch.Tensor) -> dict[str, float]:
 def subspace_alignment(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> float:
     """phi = ||U_a^T U_b||_F^2 / k for the top-k left singular vectors of two updates, in [0, 1]:
     1 when the subspaces coincide, 0 when orthogonal, about k/m for random m-row matrices.
-    Left vectors span the output side of dW x; pass delta_a.T, delta_b.T for the input side."""
+    Left vectors span the output side of dW x; pass delta_a.T, delta_b.T for the input side.
+    NaN when either update is zero (e.g. GRPO before any group had a signal): no subspace."""
     if delta_a.shape != delta_b.shape or delta_a.dim() != 2:
         raise ValueError(f"need two 2-D matrices of one shape, got {tuple(delta_a.shape)} and "
                          f"{tuple(delta_b.shape)}")
     if not 1 <= k <= min(delta_a.shape):
         raise ValueError(f"k must be in [1, {min(delta_a.shape)}], got {k}")
+    if not (delta_a.any() and delta_b.any()):
+        return float("nan")  # the SVD of a zero matrix returns arbitrary vectors
     u_a = torch.linalg.svd(delta_a.detach().double(), full_matrices=False)[0][:, :k]  # (m, k)
     u_b = torch.linalg.svd(delta_b.detach().double(), full_matrices=False)[0][:, :k]
     return ((u_a.T @ u_b).square().sum() / k).item()

@@ -890,6 +890,7 @@ def test_subspace_alignment_known_subspaces():
     assert sum(random_pairs) / 20 == pytest.approx(10 / 200, rel=0.25)  # about k/m
     with pytest.raises(ValueError):
         effopd.subspace_alignment(a, a, 7)
+    assert math.isnan(effopd.subspace_alignment(torch.zeros(8, 6), a, 2))  # no update, no subspace
 
 
 def test_unchanged_fraction_hand_count():
@@ -2444,6 +2445,13 @@ def test_claim_numbers_hand_computed(tmp_path):
         unchanged_bf16=0.1, principal_overlap=0.01, test_acc=0.7))
     run["interventions"]["accT"] = 0.1  # a run that lost accuracy: no share of a gain
     assert math.isnan(bench.claim_numbers(run)["rescaled_10%_recovery"])
+
+
+def test_seed_cell_leaves_out_the_seeds_without_the_number():
+    assert bench.seed_cell([0.5, 0.7, 0.6]) == "0.6 ± 0.1"
+    assert bench.seed_cell([0.5, math.nan, 0.7]) == "0.6 ± 0.14 (2 of 3 seeds)"
+    assert bench.seed_cell([math.nan, 0.25]) == "0.25 (1 of 2 seeds)"
+    assert bench.seed_cell([math.nan, math.nan]) == "n/a" and bench.seed_cell([0.25]) == "0.25"
 
 
 @pytest.mark.slow

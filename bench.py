@@ -476,6 +476,7 @@ def claim_numbers(run: dict) -> dict[str, float]:
     recovered = lambda acc: (acc - iv["acc0"]) / gain if gain > 0 else math.nan  # noqa: E731
     window = [acc for _, acc in iv["window"]]
     parts = {f: (top, bottom) for f, top, bottom in iv["parts"]}
+    early = run["rank"][at(0.1)]  # 0: no update yet at 10% (GRPO before any group had a signal)
     return {"spectral_ratio": g["spectral_ratio"], "effective_rank": g["effective_rank"],
             "top1_ratio": g["top1_ratio"],
             "embedding_share": norms.get(("embedding", None), 0.0) ** 2 / total,
@@ -484,13 +485,13 @@ def claim_numbers(run: dict) -> dict[str, float]:
             "top_share": in_layers(lambda kind, layer: layer >= layers[-edge]),
             "mlp_share": in_layers(lambda kind, layer: kind == "mlp"),
             **{f"alignment_{p:.0%}": run["alignment"][at(p)] for p in (0.01, 0.1, 0.5)},
-            "rescaled_10%_recovery": recovered(iv["acc_rescaled"]),
+            "rescaled_10%_recovery": recovered(iv["acc_rescaled"]) if early else math.nan,
             "window_middle_minus_edges": (statistics.mean(window[edge:-edge] or [math.nan])
                                           - statistics.mean(window[:edge] + window[-edge:])),
             **{f"top{f:.0%}_recovery": recovered(parts[f][0]) for f in parts},
             **{f"bottom{f:.0%}_recovery": recovered(parts[f][1]) for f in parts},
             "unchanged_bf16": g["unchanged_bf16"], "principal_overlap": g["principal_overlap"],
-            "rank_10%_over_final": run["rank"][at(0.1)] / run["rank"][run["final"]],
+            "rank_10%_over_final": early / run["rank"][run["final"]] if early else math.nan,
             "test_acc": final_test_accuracy(run["dir"])}
 
 

@@ -2445,6 +2445,10 @@ def test_claim_numbers_hand_computed(tmp_path):
         unchanged_bf16=0.1, principal_overlap=0.01, test_acc=0.7))
     run["interventions"]["accT"] = 0.1  # a run that lost accuracy: no share of a gain
     assert math.isnan(bench.claim_numbers(run)["rescaled_10%_recovery"])
+    run["interventions"]["accT"], run["rank"][8] = 0.6, 0.0  # no update yet at 10%: no numbers
+    numbers = bench.claim_numbers(run)
+    assert math.isnan(numbers["rescaled_10%_recovery"])
+    assert math.isnan(numbers["rank_10%_over_final"]) and numbers["alignment_10%"] == 0.5
 
 
 def test_seed_cell_leaves_out_the_seeds_without_the_number():

@@ -4,7 +4,7 @@ bench.py: the measurements behind the figures in RESULTS.md, rerunnable on a CPU
     python bench.py loss       # peak memory and time of effopd.opd_loss vs the plain formula
     python bench.py metrics    # time of effopd.update_metrics on every matrix of Qwen2.5-0.5B
     python bench.py speedup    # vanilla OPD vs EffOPD, each at its best learning rate
-    python bench.py reproduce  # OPD vs GRPO vs SFT on the small setting: both papers' claims
+    python bench.py reproduce  # OPD vs GRPO vs SFT on a setting: both papers' claims
     python bench.py grid       # what a 4-bit base (smol's) does to the bf16 and principal rows
     python bench.py geometry   # time and peak RSS of analyze.py --base on Qwen2.5-shaped pairs
     python bench.py bf16       # the OPD loss from bf16-autocast logits against fp32 logits

@@ -1210,6 +1210,11 @@ def resumed_config(given: dict) -> Config:
         raise UserError(f"{path}: not the JSON object of flags that effopd.py writes ({e})") \
             from None
     saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
+    for k, v in saved.items():  # an edited value fails here, not in a comparison later
+        want = type(Config.__dataclass_fields__[k].default)
+        if type(v) is not want and not (want is float and type(v) is int):
+            raise UserError(f"{path}: field \"{k}\" is {json.dumps(v)}, expected a value "
+                            f"of type {want.__name__}, as effopd.py writes it")
     flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
     for k, v in given.items():
         if k not in RESUMABLE and v != saved.get(k):
@@ -1451,6 +1456,13 @@ def check_resume(out: str, steps: int) -> None:
         why = getattr(e, "strerror", None) or "truncated or corrupt"
         raise UserError(f"{path}: cannot be read ({why}); without it the run cannot be "
                         f"resumed") from None
+    kinds = dict(step=int, checkpoint=str, clock=float, optimizer=dict, metrics_bytes=int,
+                 rng=dict)  # what checkpoint() saves, besides the anchor
+    wrong = [k for k, kind in kinds.items() if type(resumed.get(k) if isinstance(resumed, dict)
+                                                    else None) is not kind]
+    if wrong:
+        raise UserError(f"{path}: expected the state effopd.py saves; no valid "
+                        f"{', '.join(wrong)} in it")
     done, last = resumed["step"], os.path.join(out, resumed["checkpoint"])
     if done >= steps:
         raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "

@@ -1662,8 +1662,8 @@ def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
     def broken_move(model, anchor, score_fn, *sizes):
         with torch.no_grad():
             model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
-        return [{"multiple": 0, "score": 0.1, "kept": True}, {"multiple": 2, "score": 0.2,
-                                                               "kept": True}]
+        return [{"multiple": 0, "score": 0.1, "kept": True},
+                {"multiple": 2, "score": 0.2, "kept": True}]
     monkeypatch.setattr(effopd, "effopd_extrapolate", broken_move)
     with pytest.raises(SystemExit, match=r"step 1: weight model\.layers\.0\.self_attn\.q_proj\."
                                          r"weight became NaN or inf in EffOPD's move to W\+2D"):
@@ -1777,8 +1777,8 @@ def stopped_run(out):
                                                  "steps": 8, "out": str(out)}))
     kept = "".join(json.dumps(r) + "\n" for r in KEPT)
     (out / "metrics.jsonl").write_text(kept + '{"step": 3, "train/loss": 1.0}\n{"step": 3, "ev')
-    torch.save({"step": 2, "checkpoint": "step_000002", "metrics_bytes": len(kept)},
-               out / "resume.pt")
+    torch.save({"step": 2, "checkpoint": "step_000002", "metrics_bytes": len(kept), "clock": 1.5,
+                "optimizer": {}, "rng": {}, "anchor": None}, out / "resume.pt")
     return out
 
 
@@ -1833,9 +1833,18 @@ NOT_CONFIG = "config.json: not the JSON object of flags that effopd.py writes ({
     ("config.json", "[8]", NOT_CONFIG.format("got list")),
     ("config.json", b"\xff{}", NOT_CONFIG.format(
         "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte")),
+    ("config.json", {"steps": "8"}, 'config.json: field "steps" is "8", expected a value of '
+                                    'type int, as effopd.py writes it'),  # hand-edited
+    ("config.json", {"lr": None}, 'config.json: field "lr" is null, expected a value of type '
+                                  'float, as effopd.py writes it'),
+    ("resume.pt", {"step": "2", "checkpoint": "step_000002"}, "resume.pt: expected the state "
+     "effopd.py saves; no valid step, clock, optimizer, metrics_bytes, rng in it"),
+    ("resume.pt", [2], "resume.pt: expected the state effopd.py saves; no valid step, "
+     "checkpoint, clock, optimizer, metrics_bytes, rng in it"),
     ("step_000002", None, "step_000002: missing, but resume.pt continues from this checkpoint; "
                           "put it back to resume, or start a new run"),
 ], ids=["resume.pt-cut", "resume.pt-garbage", "config-cut", "config-list", "config-binary",
+        "config-wrong-type", "config-null", "resume.pt-wrong-type", "resume.pt-not-a-dict",
         "checkpoint-deleted"])
 def test_resume_refuses_unreadable_state_in_one_line(tmp_path, monkeypatch, capsys, file,
                                                      content, message):
@@ -1845,6 +1854,11 @@ def test_resume_refuses_unreadable_state_in_one_line(tmp_path, monkeypatch, caps
         content = (out / "resume.pt").read_bytes()[:200]
     if content is None:
         os.rmdir(out / file)
+    elif file == "config.json" and isinstance(content, dict):  # one field of the saved config
+        saved = json.loads((out / file).read_text())
+        (out / file).write_text(json.dumps({**saved, **content}))
+    elif not isinstance(content, (str, bytes)):
+        torch.save(content, out / file)
     else:
         (out / file).write_bytes(content if isinstance(content, bytes) else content.encode())
     assert error_of_resume(out, capsys).endswith(f" error: {out}/{message}")

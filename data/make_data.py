@@ -115,6 +115,7 @@ def make_tiny_data(rng: random.Random, sizes: dict[str, int]) -> dict[str, list[
         i += n
     return splits
 
+
 # ------------------------------------------------------------------------------------------------
 # The small setting: sums of digits written out step by step, "6+9+7=" -> "6+9=15,15+7=22"
 
@@ -187,7 +188,6 @@ def chains(records: list[dict], flaw: float = 0.0):
 def mixture(draws: list, weights: list[float]):
     """draw() for sft: each example from one of the draws, picked with the given weights."""
     return lambda rng, n: [rng.choices(draws, weights)[0](rng, 1)[0] for _ in range(n)]
-
 
 
 def make_char_tokenizer(chars: str = CHARS):

@@ -151,8 +151,8 @@ def main(argv=None) -> dict[str, dict]:
     import transformers
     transformers.utils.logging.set_verbosity_error()  # the curves are the whole log
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # TRL 1.16 uses names transformers
-                                                                # 5.23 deprecates
+    # TRL 1.16 uses names that transformers 5.23 deprecates
+    warnings.filterwarnings("ignore", category=FutureWarning)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
     curves, results = {}, {}
     for run in args.runs:

@@ -81,7 +81,7 @@ class Config:
     max_candidates: int = arg(5, "EffOPD candidates per trigger: W+2D, W+4D, ...")
     anchor_device: str = arg("cpu", "where EffOPD keeps its copies of the weights")
     protocol: str = arg("effopd", "EffOPD's validation and scope, a row of PROTOCOLS: effopd, "
-                        "official (the paper's code; with --loss sampled), dense or topr")
+                        "official (the paper's code; with --loss sampled) or topr")
     # subspace locking ("On the Geometry of On-Policy Distillation")
     lock_subspace: str = arg("", "checkpoint whose update dW = W - W_0 fixes, per attention and "
                              "MLP matrix, the subspace every later update is projected onto")
@@ -440,25 +440,6 @@ def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, eos: li
     return correct / len(records)
 
 
-@torch.no_grad()
-def teacher_kl_score(model, teacher, ids: torch.Tensor, attention_mask: torch.Tensor,
-                     mask: torch.Tensor, vocab_size: int, batch_size: int = 64) -> float:
-    """Minus the mean KL(model || teacher) per response token on fixed sequences (ids, masks as
-    sample returns them; e.g. the validation prompts with the teacher's greedy answers): a dense
-    validation score, higher is better, read from one forward pass of each model, no decoding."""
-    total, count, n_response = 0.0, 0, mask.shape[1]
-    for i in range(0, len(ids), batch_size):
-        b = slice(i, i + batch_size)
-        student_logits = response_logits(model, ids[b], attention_mask[b], n_response, vocab_size)
-        teacher_logits = response_logits(teacher, ids[b], attention_mask[b], n_response,
-                                         vocab_size)
-        scored = mask[b].sum().item()
-        if scored:
-            total += opd_loss(student_logits, teacher_logits, mask[b]).item() * scored
-            count += scored
-    return -total / max(count, 1)
-
-
 def answer_rewards(tokenizer, tokens: torch.Tensor, mask: torch.Tensor,
                    answers: list[int]) -> torch.Tensor:
     """1.0 where a response (B, R), up to its mask, ends in the right number, else 0.0: (B,)."""
@@ -497,22 +478,19 @@ def is_official_scope(name: str) -> bool:
 class Protocol(NamedTuple):
     """A row of PROTOCOLS: how EffOPD scores its candidates and which parameters it moves."""
     moves: Callable[[str], bool]  # parameter name -> extrapolated or not
-    validation: str  # greedy or sampled (accuracy, one answer per prompt), or teacher_kl
+    val_temperature: float  # validation answers: 0 greedy, 1 one sample per prompt
     loss: str | None  # the --loss it trains with; None: any
     rank: int  # each matrix moves along the top-rank singular part of D; 0: all of D
     help: str
 
 
 PROTOCOLS = {
-    "effopd": Protocol(is_attention_or_mlp, "greedy", None, 0,
+    "effopd": Protocol(is_attention_or_mlp, 0.0, None, 0,
                        "greedy validation accuracy; attention and MLP matrices, no norm"),
-    "official": Protocol(is_official_scope, "sampled", "sampled", 0,
+    "official": Protocol(is_official_scope, 1.0, "sampled", 0,
                          "as the paper's code: one answer sampled per validation prompt at "
                          "temperature 1; names with attn/attention/mlp; the sampled-token loss"),
-    "dense": Protocol(is_attention_or_mlp, "teacher_kl", None, 0,
-                      "as effopd, but scored by minus the reverse KL to the teacher on the "
-                      "validation prompts' greedy teacher answers (a variant)"),
-    "topr": Protocol(is_attention_or_mlp, "greedy", None, 8,
+    "topr": Protocol(is_attention_or_mlp, 0.0, None, 8,
                      "as effopd, but each matrix moves along only the top-8 singular part of D, "
                      "the low-rank direction OPD locks into (a variant)"),
 }
@@ -999,19 +977,6 @@ def train(cfg: Config) -> list[dict]:
                 return accuracy(model, tokenizer, records, cfg.max_new_tokens, eos,
                                 cfg.eval_batch_size, temperature)
 
-        if cfg.effopd and protocol.validation == "teacher_kl":  # fixed: the teacher's answers
-            val_prompts = render_prompts(tokenizer, [r["prompt"] for r in val_set])
-            with autocast:
-                val_answers = sample(teacher, val_prompts, cfg.max_new_tokens, eos,
-                                     tokenizer.pad_token_id, vocab, 0.0)
-
-        def validation_score(model) -> float:  # EffOPD's score of a candidate, higher is better
-            if protocol.validation == "teacher_kl":
-                with autocast:
-                    return teacher_kl_score(model, teacher, *val_answers, vocab,
-                                            cfg.eval_batch_size)
-            return score(model, val_set, 1.0 if protocol.validation == "sampled" else 0.0)
-
         if resumed:
             print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
             set_rng_state(resumed["rng"])
@@ -1097,8 +1062,9 @@ def train(cfg: Config) -> list[dict]:
             # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
             if cfg.effopd and is_power_of_two(step):
                 t1 = time.time()
-                trials = effopd_extrapolate(student, anchor, validation_score,
-                                            cfg.max_candidates, protocol.rank)
+                trials = effopd_extrapolate(
+                    student, anchor, lambda model: score(model, val_set, protocol.val_temperature),
+                    cfg.max_candidates, protocol.rank)
                 kept = max(h["multiple"] for h in trials if h["kept"])
                 with autocast:
                     broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],

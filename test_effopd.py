@@ -1341,7 +1341,7 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     (["--anchor-device", "foo"], "--anchor-device must be cpu, cuda or cuda:N, not 'foo'$"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
     (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
-    (["--protocol", "verl"], "--protocol must be one of effopd, official, dense, topr, not 'verl'"),
+    (["--protocol", "verl"], "--protocol must be one of effopd, official, topr, not 'verl'"),
     (["--protocol", "official"], "--protocol official trains with --loss sampled, not opd: add "
                                  "--loss sampled"),
     (["--precision", "fp16"], "--precision must be auto, bf16 or fp32, not 'fp16'"),
@@ -1617,42 +1617,6 @@ def test_official_protocol_validates_on_samples_and_moves_its_names(tmp_path, ca
     assert any("layernorm" in n and "attention" in n for n, _ in student.named_parameters())
     assert (f"effopd: {len(moved)} tensors, {sum(p.numel() for p in moved) / 1e6:.2f}M "
             f"parameters in scope (--protocol official)") in capsys.readouterr().out
-
-
-def test_teacher_kl_score_is_minus_the_mean_reverse_kl_over_all_answer_tokens():
-    """Left-padded prompts with answers of 3, 0 and 1 scored tokens, in batches of 2: minus the
-    mean of KL(student || teacher) over the 4 tokens, the formula in float64 on the whole batch
-    (a mean of the batches' means would weight the second batch's one token as much as three)."""
-    student, teacher = tiny_model("qwen2", 14), tiny_model("qwen2", 14, seed=1)
-    ids = torch.tensor([[3, 4, 5, 6, 7], [0, 3, 5, 8, 9], [0, 0, 4, 2, 2]])
-    attention_mask = (torch.arange(5) >= torch.tensor([[0], [1], [2]])).long()
-    mask = torch.tensor([[True, True, True], [False, False, False], [True, False, False]])
-    score = effopd.teacher_kl_score(student, teacher, ids, attention_mask, mask, 14, batch_size=2)
-    with torch.no_grad():
-        logits = [effopd.response_logits(m.double(), ids, attention_mask, 3, 14)
-                  for m in (student, teacher)]
-    assert score == pytest.approx(-effopd.reverse_kl(*logits, mask).item(), rel=1e-5)
-    assert effopd.teacher_kl_score(teacher, teacher, ids, attention_mask, mask, 14) == \
-        pytest.approx(0.0, abs=1e-6)
-
-
-@pytest.mark.slow
-def test_dense_protocol_scores_candidates_by_the_teacher_kl(tmp_path, monkeypatch):
-    """--protocol dense: EffOPD's candidates are scored by teacher_kl_score on the validation
-    prompts' greedy teacher answers (made once), the evaluations stay greedy accuracy."""
-    calls, real = [], effopd.teacher_kl_score
-
-    def teacher_kl_score(model, teacher, ids, *args):
-        calls.append(len(ids))
-        return real(model, teacher, ids, *args)
-    monkeypatch.setattr(effopd, "teacher_kl_score", teacher_kl_score)
-    effopd.main([*TINY_RUN, "--effopd", "--protocol", "dense", "--eval-every", "2",
-                 "--val-size", "10", "--out", str(tmp_path / "run")])
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    trials = [t for r in records for t in r.get("effopd/trials", [])]
-    assert len(calls) == len(trials) >= 4 and set(calls) == {10}  # steps 1 and 2: W, W+2D, ...
-    assert all(t["score"] <= 0 for t in trials)  # minus a KL
-    assert [r["step"] for r in records if "eval/val_acc" in r] == [0, 2]
 
 
 @pytest.mark.slow

@@ -80,8 +80,8 @@ class Config:
     effopd: bool = arg(False, "extrapolate at steps 1, 2, 4, 8, ... (validation-accepted)")
     max_candidates: int = arg(5, "EffOPD candidates per trigger: W+2D, W+4D, ...")
     anchor_device: str = arg("cpu", "where EffOPD keeps its copies of the weights")
-    protocol: str = arg("effopd", "EffOPD's validation and scope, a row of PROTOCOLS: effopd, "
-                        "official (the paper's code; with --loss sampled) or topr")
+    protocol: str = arg("effopd", "EffOPD's validation and scope, a row of PROTOCOLS: effopd or "
+                        "official (the paper's code; with --loss sampled)")
     # subspace locking ("On the Geometry of On-Policy Distillation")
     lock_subspace: str = arg("", "checkpoint whose update dW = W - W_0 fixes, per attention and "
                              "MLP matrix, the subspace every later update is projected onto")
@@ -480,19 +480,15 @@ class Protocol(NamedTuple):
     moves: Callable[[str], bool]  # parameter name -> extrapolated or not
     val_temperature: float  # validation answers: 0 greedy, 1 one sample per prompt
     loss: str | None  # the --loss it trains with; None: any
-    rank: int  # each matrix moves along the top-rank singular part of D; 0: all of D
     help: str
 
 
 PROTOCOLS = {
-    "effopd": Protocol(is_attention_or_mlp, 0.0, None, 0,
+    "effopd": Protocol(is_attention_or_mlp, 0.0, None,
                        "greedy validation accuracy; attention and MLP matrices, no norm"),
-    "official": Protocol(is_official_scope, 1.0, "sampled", 0,
+    "official": Protocol(is_official_scope, 1.0, "sampled",
                          "as the paper's code: one answer sampled per validation prompt at "
                          "temperature 1; names with attn/attention/mlp; the sampled-token loss"),
-    "topr": Protocol(is_attention_or_mlp, 0.0, None, 8,
-                     "as effopd, but each matrix moves along only the top-8 singular part of D, "
-                     "the low-rank direction OPD locks into (a variant)"),
 }
 
 
@@ -535,16 +531,8 @@ def effopd_anchor(model: torch.nn.Module, device: str = "cpu",
             if moves(n)}
 
 
-def top_rank_part(d: torch.Tensor, rank: int) -> torch.Tensor:
-    """The best rank-r approximation of a matrix: its top-r singular part (a vector stays whole)."""
-    if d.ndim != 2 or rank >= min(d.shape):
-        return d
-    u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)
-    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(d.dtype)
-
-
 def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], score_fn,
-                       max_candidates: int = 5, rank: int = 0) -> list[dict]:
+                       max_candidates: int = 5) -> list[dict]:
     """Try W_t + 2D, W_t + 4D, ... with D = W_t - anchor; keep the best strictly-improving one.
 
     The official update W := W + f (W - B), f = 2, then f := f / (1 + f) after each acceptance,
@@ -555,19 +543,14 @@ def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], 
     evaluation: {"multiple": m, "score": s, "kept": bool}, m = 0 for the unextrapolated W_t,
     kept = it beat every earlier score; the model ends at the last kept multiple. The move is
     elementwise, so with sharded weights each process moves its own shards (anchor sharded alike).
-    rank > 0 (a variant, unsharded weights only): each matrix moves along top_rank_part(D, rank).
     """
-    if rank and is_sharded(model):
-        raise ValueError("effopd_extrapolate: rank > 0 needs whole matrices, not FSDP2 shards")
     params = local_parameters(model)
     start = {n: params[n].detach().to(b.device, copy=True) for n, b in anchor.items()}  # W_t
-    low_rank = {n: top_rank_part(w - anchor[n], rank) for n, w in start.items()} if rank else {}
 
     @torch.no_grad()
     def move_to(multiple: int):
         for n, w in start.items():
-            d = low_rank[n] if rank else w - anchor[n]
-            params[n].copy_(w + multiple * d if multiple else w)
+            params[n].copy_(w + multiple * (w - anchor[n]) if multiple else w)
         reshard(model)  # FSDP2: the next forward gathers the moved shards, not an earlier copy
 
     best = score_fn(model)
@@ -1064,7 +1047,7 @@ def train(cfg: Config) -> list[dict]:
                 t1 = time.time()
                 trials = effopd_extrapolate(
                     student, anchor, lambda model: score(model, val_set, protocol.val_temperature),
-                    cfg.max_candidates, protocol.rank)
+                    cfg.max_candidates)
                 kept = max(h["multiple"] for h in trials if h["kept"])
                 with autocast:
                     broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],

@@ -5,7 +5,6 @@ no end-to-end runs)."""
 import errno
 import functools
 import io
-import itertools
 import json
 import math
 import os
@@ -375,40 +374,6 @@ def test_effopd_ladder_weights_anchor_and_history(scores, kept):
         assert torch.equal(p.detach(), w_t[n] + kept * d[n] if n in anchor else w_t[n])
         if n in anchor:
             assert torch.equal(anchor[n], p.detach())
-
-
-def test_top_rank_part_is_the_truncated_svd():
-    gen = torch.Generator().manual_seed(0)
-    d = torch.randn(6, 9, generator=gen)
-    u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)  # the f64 oracle
-    for r in (1, 3):
-        expected = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
-        assert torch.allclose(effopd.top_rank_part(d, r).double(), expected, atol=1e-5)
-        # Eckart-Young: no rank-r matrix is closer; the error is the tail singular values
-        assert torch.linalg.norm(d.double() - expected) == \
-            pytest.approx(s[r:].square().sum().sqrt().item())
-    row = d[0]
-    assert effopd.top_rank_part(d, 6) is d and effopd.top_rank_part(row, 1) is row  # whole
-
-
-def test_effopd_low_rank_ladder_moves_along_the_top_singular_part():
-    model = Block()
-    gen = torch.Generator().manual_seed(1)
-    anchor = {n: p.detach() - torch.randn(p.shape, generator=gen)
-              for n, p in model.named_parameters() if effopd.is_attention_or_mlp(n)}
-    w_t = {n: p.detach().clone() for n, p in model.named_parameters()}
-    d = {n: w_t[n] - b for n, b in anchor.items()}
-    seen = []
-    effopd.effopd_extrapolate(model, anchor, scripted([0.5, 0.6, 0.4], model, seen), rank=1)
-    for n in ("self_attn.weight", "mlp.weight"):
-        u, s, vh = torch.linalg.svd(d[n].double())
-        d1 = (s[0] * torch.outer(u[:, 0], vh[0])).float()  # the f64 rank-1 part of D
-        assert torch.allclose(seen[1][n], w_t[n] + 2 * d1, atol=1e-5)  # W_t + 2 D_1
-        assert torch.allclose(seen[2][n], w_t[n] + 4 * d1, atol=1e-5)
-        assert torch.allclose(model.get_parameter(n).detach(), w_t[n] + 2 * d1, atol=1e-5)
-        assert not torch.allclose(d1, d[n], atol=1e-2)  # D itself has rank 2
-    bias = "self_attn.bias"  # a vector moves along all of D
-    assert torch.allclose(seen[1][bias], w_t[bias] + 2 * d[bias])
 
 
 def test_effopd_never_keeps_a_lower_score():
@@ -1341,7 +1306,7 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
     (["--anchor-device", "foo"], "--anchor-device must be cpu, cuda or cuda:N, not 'foo'$"),
     (["--loss", "grpo", "--group-size", "1"], "--loss grpo needs --group-size >= 2"),
     (["--loss", "dpo"], "--loss must be opd, sampled, grpo or sft, not 'dpo'"),
-    (["--protocol", "verl"], "--protocol must be one of effopd, official, topr, not 'verl'"),
+    (["--protocol", "verl"], "--protocol must be one of effopd, official, not 'verl'"),
     (["--protocol", "official"], "--protocol official trains with --loss sampled, not opd: add "
                                  "--loss sampled"),
     (["--precision", "fp16"], "--precision must be auto, bf16 or fp32, not 'fp16'"),
@@ -1617,27 +1582,6 @@ def test_official_protocol_validates_on_samples_and_moves_its_names(tmp_path, ca
     assert any("layernorm" in n and "attention" in n for n, _ in student.named_parameters())
     assert (f"effopd: {len(moved)} tensors, {sum(p.numel() for p in moved) / 1e6:.2f}M "
             f"parameters in scope (--protocol official)") in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_topr_protocol_moves_each_matrix_along_a_low_rank_direction(tmp_path, monkeypatch):
-    """--protocol topr: the move EffOPD keeps changes each matrix by a rank <= 8 matrix."""
-    moves, real, scores = [], effopd.effopd_extrapolate, itertools.count()
-
-    def extrapolate(model, anchor, score_fn, max_candidates, rank):
-        before = {n: p.detach().clone() for n, p in model.named_parameters() if n in anchor}
-        trials = real(model, anchor, lambda m: float(next(scores)), max_candidates, rank)
-        moves.append({n: model.get_parameter(n).detach() - w for n, w in before.items()})
-        return trials  # every candidate beats W: the run keeps W + 10 D_8 at each trigger
-    monkeypatch.setattr(effopd, "effopd_extrapolate", extrapolate)
-    effopd.main([*TINY_RUN, "--effopd", "--protocol", "topr", "--steps", "2",
-                 "--out", str(tmp_path / "run")])
-    assert len(moves) == 2
-    for move in moves:
-        matrices = [m for m in move.values() if m.ndim == 2 and min(m.shape) > 8]
-        for m in matrices:  # rank 8 up to fp32 rounding: singular values 9, 10, ... ~ 0
-            s = torch.linalg.svdvals(m.double())
-            assert s[0] > 0 and s[8] < 1e-3 * s[0], s[:10]
 
 
 def test_first_nonfinite_names_a_weight_or_the_logits():

@@ -1424,8 +1424,8 @@ def check_resume(out: str, steps: int) -> None:
                         f"resumed") from None
     kinds = dict(step=int, checkpoint=str, clock=float, optimizer=dict, metrics_bytes=int,
                  rng=dict)  # what checkpoint() saves, besides the anchor
-    wrong = [k for k, kind in kinds.items() if type(resumed.get(k) if isinstance(resumed, dict)
-                                                    else None) is not kind]
+    state = resumed if isinstance(resumed, dict) else {}
+    wrong = [k for k, kind in kinds.items() if type(state.get(k)) is not kind]
     if wrong:
         raise UserError(f"{path}: expected the state effopd.py saves; no valid "
                         f"{', '.join(wrong)} in it")

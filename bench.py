@@ -321,15 +321,46 @@ def bench_geometry(args) -> bool:
 # speedup: vanilla OPD vs EffOPD, each at its best learning rate
 
 
-def first_reaching(curve: list[tuple[int, float, float]], target: float):
-    """(step, seconds) of the first evaluation whose accuracy reaches target, or (None, None)."""
-    return next(((step, s) for step, acc, s in curve if acc >= target), (None, None))
+def git_commit() -> str:
+    """The commit of the code this process runs, with "+dirty" when tracked files differ from it
+    (the runs it makes are then not reproducible from that commit alone)."""
+    git = lambda *a: subprocess.run(["git", "-C", effopd.PROJECT, *a], capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def speedup_run(method: str, lr: float, seed: int, args) -> list[tuple[int, float, float]]:
-    """One effopd.py run in this process: (step, test accuracy, training seconds) per evaluation.
-    Each finished run is kept as a small JSON in --results; a run found there with the same flags
-    is read, not trained again, so a long sweep goes on where it stopped (and can be committed)."""
+def first_reaching(curve: list, target: float):
+    """(step, seconds) of the first evaluation whose accuracy reaches target, or (None, None).
+    curve: (step, accuracy, seconds) per evaluation; reached at step 0 is (0, 0.0), not never."""
+    return next(((step, s) for step, acc, s, *_ in curve if acc >= target), (None, None))
+
+
+def ratio(vanilla: float | None, effopd: float | None) -> float | None:
+    """vanilla's steps (or seconds) to the target over EffOPD's, None for "never" (infinitely
+    many): never/12 is inf, 12/never is 0, never/never is None ("n/a": no ratio), 0/0 is 1."""
+    a, b = (math.inf if x is None else x for x in (vanilla, effopd))
+    if a == b:
+        return None if a == math.inf else 1.0
+    return math.inf if b == 0 or a == math.inf else a / b
+
+
+def median_cell(values: list) -> str:
+    """A table cell: the median of the ratios that exist, saying how many when some are n/a."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "n/a"
+    return f"{statistics.median(known):.2f}x" + (
+        f" ({len(known)} of {len(values)} seeds)" if len(known) < len(values) else "")
+
+
+def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False) -> dict:
+    """One effopd.py run in this process: {"curve": (step, test accuracy, training seconds) per
+    evaluation, "val": (step, validation accuracy), "kept": (trigger step, multiple kept),
+    "commit": the code's git commit}. Each finished run is kept as a small JSON in --results;
+    a run found there with the same flags is read, not trained again, so a long sweep goes on
+    where it stopped (and can be committed). need_val: a saved run made before validation
+    curves were kept is trained again."""
     loss = effopd.PROTOCOLS[args.protocol].loss  # a protocol's loss is its vanilla run's too
     flags, name = (["--loss", loss] if loss else []), "vanilla" + (f"-{loss}" if loss else "")
     if method == "effopd":
@@ -338,87 +369,183 @@ def speedup_run(method: str, lr: float, seed: int, args) -> list[tuple[int, floa
         name = "effopd" + (f"-{args.protocol}" if other else "")  # e.g. effopd-official
     name = f"{name}-lr{lr:g}-seed{seed}"
     out, saved = os.path.join(args.out, name), os.path.join(args.results, f"{name}.json")
-    argv = [f"--{args.setting}", "--lr", str(lr), "--seed", str(seed), "--steps", str(args.steps),
-            "--eval-every", str(args.eval_every), "--test-size", str(args.test_size), *flags,
-            *args.extra]
-    if os.path.isfile(saved):
-        with open(saved) as f:
-            run = json.load(f)
-        if run["flags"] != argv:
-            raise SystemExit(f"bench.py: error: {saved} was made with {' '.join(run['flags'])}, "
-                             f"not {' '.join(argv)}: pass another --results or delete it")
-        return [tuple(point) for point in run["curve"]]
-    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        history = effopd.train(effopd.parse_args(argv + ["--no-save-checkpoints", "--out", out]))
-    curve = [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in history
-             if "eval/test_acc" in r]
-    kept = [(r["step"], r["effopd/kept_multiple"]) for r in history if "effopd/trials" in r]
-    os.makedirs(args.results, exist_ok=True)
-    effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(
-        json.dumps({"flags": argv, "curve": curve, "kept": kept})))
-    return curve
+    steps, every = args.budget[lr]
+    argv = [f"--{args.setting}", "--lr", str(lr), "--seed", str(seed), "--steps", str(steps),
+            "--eval-every", str(every), "--test-size", str(args.test_size), *flags, *args.extra]
+    run = read_result(saved) if os.path.isfile(saved) else None
+    if run and run.get("flags") != argv:
+        raise SystemExit(f"bench.py: error: {saved} was made with "
+                         f"{' '.join(map(str, run.get('flags', [])))}, not {' '.join(argv)}: "
+                         "pass another --results or delete it")
+    if not run or (need_val and "val" not in run):
+        shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            history = effopd.train(effopd.parse_args(
+                argv + ["--no-save-checkpoints", "--out", out]))
+        evals = [r for r in history if "eval/test_acc" in r]
+        run = {"flags": argv, "commit": args.commit,
+               "curve": [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in evals],
+               "val": [(r["step"], r["eval/val_acc"]) for r in evals],
+               "kept": [(r["step"], r["effopd/kept_multiple"]) for r in history
+                        if "effopd/trials" in r]}
+        os.makedirs(args.results, exist_ok=True)
+        effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(json.dumps(run)))
+    tuples = lambda points: [tuple(p) for p in points] if points is not None else None  # noqa: E731
+    return {**run, "commit": run.get("commit"), "curve": tuples(run["curve"]),
+            "val": tuples(run.get("val")), "kept": tuples(run.get("kept", []))}
 
 
-def sweep_score(curves: list, target: float) -> tuple[float, float]:
-    """Sort key of one learning rate over the tuning seeds: median steps to target (inf when a
-    seed misses it), then the higher mean final accuracy."""
+def read_result(path: str) -> dict:
+    """A saved run's JSON, or one line naming the file when it is not one."""
+    try:
+        run = json.loads(Path(path).read_text())
+        assert isinstance(run, dict) and isinstance(run["curve"], list)
+        return run
+    except (OSError, ValueError, AssertionError, KeyError) as e:
+        raise SystemExit(f"bench.py: error: {path} is not a saved run ({type(e).__name__}): "
+                         "delete it to train that run again")
+
+
+def sweep_score(runs: list[dict], target: float) -> tuple[float, float]:
+    """Sort key of one learning rate over the tuning seeds, read on the VALIDATION prompts (the
+    held-out comparison scores only the test prompts): median steps to target (inf when a seed
+    misses it), then the higher mean final validation accuracy."""
+    curves = [[(step, acc, 0.0) for step, acc in run["val"]] for run in runs]
     steps = [first_reaching(c, target)[0] for c in curves]
     finals = [c[-1][1] for c in curves]
     return (statistics.median(s if s is not None else math.inf for s in steps),
             -statistics.mean(finals))
 
 
+def compare(vanilla: dict, effopd_run: dict, target: float) -> dict:
+    """One seed's comparison on the test prompts: steps and seconds to target, their ratios,
+    final accuracies, and the multiples EffOPD kept."""
+    (v_step, v_s), (e_step, e_s) = (first_reaching(r["curve"], target)
+                                    for r in (vanilla, effopd_run))
+    return dict(vanilla_steps=v_step, effopd_steps=e_step, step_ratio=ratio(v_step, e_step),
+                vanilla_s=v_s, effopd_s=e_s, time_ratio=ratio(v_s, e_s),
+                vanilla_final=vanilla["curve"][-1][1], effopd_final=effopd_run["curve"][-1][1],
+                kept=[m for _, m in effopd_run["kept"]])
+
+
 def bench_speedup(args) -> bool:
-    """Sweep the learning rate of both methods on the tuning seeds; run each at its best on the
-    held-out seeds; compare steps and seconds to a fixed test accuracy, and final accuracy."""
+    """--shared: both methods at each rate on the held-out seeds (the paper's form of the claim).
+    Then the tuned comparison: sweep the rate of both methods on the tuning seeds, scored on the
+    validation prompts; run each at its best on the held-out seeds, scored on the test prompts."""
     print(f"{args.setting} setting, --protocol {args.protocol}, target test accuracy "
-          f"{args.target}, {args.steps} steps, "
-          f"tuning seeds {args.tune_seeds}, held-out seeds {args.seeds}")
+          f"{args.target}, steps (eval every) per rate "
+          + ", ".join(f"{lr:g}: {s} ({e})" for lr, (s, e) in args.budget.items())
+          + f", tuning seeds {args.tune_seeds}, held-out seeds {args.seeds}")
+    runs, shared = {}, {}
+
+    def held_out(method: str, lr: float, seed: int) -> dict:
+        runs[method, lr, seed] = speedup_run(method, lr, seed, args)  # read back when saved
+        return runs[method, lr, seed]
+
+    if args.shared:
+        print(f"\nboth methods at one shared rate, held-out seeds, target {args.target} on "
+              f"{args.test_size} test prompts (never: not within the run; a ratio is vanilla's "
+              "over EffOPD's, above 1 EffOPD is faster)\n")
+        print("| lr | steps | steps to target, vanilla/EffOPD per seed | step ratio (median) | "
+              "wall-clock ratio (median) | final acc, vanilla/EffOPD (mean) | multiples kept "
+              "per seed |\n|---|---|---|---|---|---|---|")
+        for lr in args.lrs:
+            rows = [compare(held_out("vanilla", lr, s), held_out("effopd", lr, s), args.target)
+                    for s in args.seeds]
+            shared[lr] = rows
+            never = lambda x: "never" if x is None else str(x)  # noqa: E731
+            print(f"| {lr:g} | {args.budget[lr][0]} | "
+                  + ", ".join(f"{never(r['vanilla_steps'])}/{never(r['effopd_steps'])}"
+                              for r in rows)
+                  + f" | {median_cell([r['step_ratio'] for r in rows])} | "
+                  f"{median_cell([r['time_ratio'] for r in rows])} | "
+                  f"{statistics.mean(r['vanilla_final'] for r in rows):.3f}/"
+                  f"{statistics.mean(r['effopd_final'] for r in rows):.3f} | "
+                  + "; ".join(",".join(f"{m:g}" for m in r["kept"]) for r in rows) + " |",
+                  flush=True)
     sweep, best = {}, {}
-    print("\nlr       | vanilla: steps to target (median), final | effopd: the same")
+    print(f"\nthe sweep on seeds {args.tune_seeds}, scored on the validation prompts\n")
+    print("lr       | vanilla: steps to target (median), final | effopd: the same")
     for lr in args.lrs:
-        for method in ("vanilla", "effopd"):
-            sweep[method, lr] = [speedup_run(method, lr, seed, args) for seed in args.tune_seeds]
         cells = []
         for method in ("vanilla", "effopd"):
+            sweep[method, lr] = [speedup_run(method, lr, seed, args, need_val=True)
+                                 for seed in args.tune_seeds]
             steps, final = sweep_score(sweep[method, lr], args.target)
             cells.append(f"{steps:>4} {-final:.3f}")
         print(f"{lr:<8g} | {cells[0]:>20} | {cells[1]:>20}", flush=True)
     for method in ("vanilla", "effopd"):
         best[method] = min(args.lrs, key=lambda lr: sweep_score(sweep[method, lr], args.target))
     print(f"best learning rate: vanilla {best['vanilla']:g}, effopd {best['effopd']:g}")
-    rows, curves = [], {}
+    rows = []
     for seed in args.seeds:
-        for method in ("vanilla", "effopd"):
-            curves[method, seed] = speedup_run(method, best[method], seed, args)
-        (v_step, v_s), (e_step, e_s) = (first_reaching(curves[m, seed], args.target)
-                                        for m in ("vanilla", "effopd"))
-        # a method that never reaches the target takes "infinitely long": a ratio of inf or 0
-        ratio = lambda a, b: (a or math.inf) / (b or math.inf)  # noqa: E731 (both never: nan)
-        rows.append(dict(seed=seed, vanilla_lr=best["vanilla"], effopd_lr=best["effopd"],
-                         vanilla_steps=v_step, effopd_steps=e_step,
-                         step_ratio=ratio(v_step, e_step),
-                         vanilla_s=v_s, effopd_s=e_s, time_ratio=ratio(v_s, e_s),
-                         vanilla_final=curves["vanilla", seed][-1][1],
-                         effopd_final=curves["effopd", seed][-1][1]))
-        r = rows[-1]
-        print(f"seed {seed} | steps to {args.target}: vanilla {v_step} effopd {e_step} "
-              f"({r['step_ratio']:.2f}x) | seconds {v_s} vs {e_s} ({r['time_ratio']:.2f}x) | "
-              f"final {r['vanilla_final']:.3f} vs {r['effopd_final']:.3f}", flush=True)
-    median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
-    print(f"\nheld-out seeds, each method at its best learning rate: median step ratio "
-          f"{median('step_ratio'):.2f}x, median wall-clock ratio (EffOPD's validation counted) "
-          f"{median('time_ratio'):.2f}x; mean final accuracy vanilla "
+        r = compare(held_out("vanilla", best["vanilla"], seed),
+                    held_out("effopd", best["effopd"], seed), args.target)
+        rows.append(dict(seed=seed, vanilla_lr=best["vanilla"], effopd_lr=best["effopd"], **r))
+        print(f"seed {seed} | steps to {args.target}: vanilla {r['vanilla_steps']} effopd "
+              f"{r['effopd_steps']} | seconds {r['vanilla_s']} vs {r['effopd_s']} | final "
+              f"{r['vanilla_final']:.3f} vs {r['effopd_final']:.3f}", flush=True)
+    print(f"\nheld-out seeds and test prompts, each method at the rate its validation sweep chose:"
+          f" median step ratio {median_cell([r['step_ratio'] for r in rows])}, median "
+          f"wall-clock ratio (EffOPD's validation counted) "
+          f"{median_cell([r['time_ratio'] for r in rows])}; mean final accuracy vanilla "
           f"{statistics.mean(r['vanilla_final'] for r in rows):.3f}, effopd "
           f"{statistics.mean(r['effopd_final'] for r in rows):.3f} (the paper: ~3x at equal "
           f"final accuracy)")
+    commits = sorted({run["commit"] or "not recorded" for run in
+                      [*runs.values(), *(r for rs in sweep.values() for r in rs)]})
+    print(f"runs made at commits: {', '.join(commits)}")
     os.makedirs(args.out, exist_ok=True)  # a call that read every run from --results made none
     with open(os.path.join(args.out, "speedup.json"), "w") as f:
-        json.dump(dict(sweep={f"{m} {lr:g}": c for (m, lr), c in sweep.items()}, best=best,
-                       rows=rows), f, indent=1)
-    plot_curves(curves, args, os.path.join(args.out, "speedup.png"))
+        json.dump(dict(sweep={f"{m} {lr:g}": [r["curve"] for r in rs]
+                              for (m, lr), rs in sweep.items()},
+                       best=best, rows=rows, shared={f"{lr:g}": r for lr, r in shared.items()},
+                       commits=commits), f, indent=1)
+    plot_curves({(m, s): runs[m, best[m], s]["curve"] for m in best for s in args.seeds}, args,
+                os.path.join(args.out, "speedup.png"))
+    if args.shared:
+        plot_steps_against_lr(shared, best, args, args.figure or os.path.join(
+            args.out, "speedup-vs-lr.png"))
     return True
+
+
+def plot_steps_against_lr(shared: dict, best: dict, args, path: str) -> None:
+    """Steps to the target against the shared learning rate, one line per method: the median
+    over the held-out seeds, their range as a bar; a seed that never reached it is drawn at the
+    run's length with an open marker; each method's tuned rate is ringed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, color, shift in (("vanilla", "tab:blue", 0.97), ("effopd", "tab:red", 1.03)):
+        medians, lows, highs = {}, [], []
+        for lr, rows in shared.items():
+            steps = [r[f"{method}_steps"] for r in rows]
+            reached = sorted(s for s in steps if s is not None)
+            missed = len(steps) - len(reached)
+            ax.scatter([lr * shift] * missed, [args.budget[lr][0]] * missed, marker="^",
+                       facecolors="none", edgecolors=color, zorder=3)
+            if len(reached) * 2 > len(steps):  # a median exists when most seeds reached it
+                medians[lr] = statistics.median(s if s is not None else math.inf for s in steps)
+                lows.append(medians[lr] - reached[0])
+                highs.append(reached[-1] - medians[lr])
+        label = "vanilla OPD" if method == "vanilla" else "EffOPD"
+        ax.errorbar([lr * shift for lr in medians], list(medians.values()), yerr=[lows, highs],
+                    color=color, marker="o", capsize=3, label=label)
+        tuned = best.get(method)
+        if tuned in shared:
+            ax.scatter([tuned * shift], [medians.get(tuned, args.budget[tuned][0])], s=200,
+                       facecolors="none", edgecolors=color, lw=2, label=f"{label}'s tuned rate")
+    ax.scatter([], [], facecolors="none", edgecolors="gray", marker="^",
+               label="a seed that never reached it (drawn at the run's length)")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (both methods)", ylabel=f"steps to test accuracy {args.target}",
+           title=f"{args.setting}: vanilla OPD vs EffOPD at one shared rate, "
+                 f"{len(args.seeds)} held-out seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def plot_curves(curves, args, path: str) -> None:
@@ -1039,8 +1166,17 @@ def main(argv=None) -> None:
     p.add_argument("--tune-seeds", type=int, nargs="+", default=[0], help="seeds of the sweep")
     p.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13],
                    help="held-out seeds: each method once at its best learning rate")
-    p.add_argument("--steps", type=int, default=64, help="steps of every run")
-    p.add_argument("--eval-every", type=int, default=1, help="test accuracy every N steps")
+    p.add_argument("--steps", type=analyze.positive_int, nargs="+", default=[64],
+                   help="steps of every run: one number, or one per --lrs (a lower rate needs "
+                        "more)")
+    p.add_argument("--eval-every", type=analyze.positive_int, nargs="+", default=[1],
+                   help="evaluate every N steps: one number, or one per --lrs")
+    p.add_argument("--shared", action="store_true",
+                   help="first run both methods at every rate of --lrs on the held-out seeds "
+                        "and table them rate by rate (the paper's form: one shared rate)")
+    p.add_argument("--figure", default=None,
+                   help="--shared's figure, steps to target against the rate (default: "
+                        "OUT/speedup-vs-lr.png)")
     p.add_argument("--test-size", type=int, default=None,
                    help="test prompts per evaluation (default: the setting's --test-size)")
     p.add_argument("--protocol", choices=list(effopd.PROTOCOLS), default="effopd",
@@ -1130,6 +1266,15 @@ def main(argv=None) -> None:
             "test_size", effopd.Config.test_size)
     if args.command == "speedup" and not 0 < args.target <= 1:
         error(f"--target is a test accuracy, in (0, 1]; got {args.target}")
+    if args.command == "speedup":
+        for flag in ("steps", "eval_every"):
+            values = getattr(args, flag)
+            if len(values) not in (1, len(args.lrs)):
+                error(f"--{flag.replace('_', '-')} takes one number or one per --lrs "
+                      f"({len(args.lrs)}), got {len(values)}")
+        per_rate = lambda values: values * len(args.lrs) if len(values) == 1 else values  # noqa: E731
+        args.budget = dict(zip(args.lrs, zip(per_rate(args.steps), per_rate(args.eval_every))))
+        args.commit = git_commit()
     if args.command == "reproduce":
         args.steps = args.steps or effopd.SETTINGS[args.setting]["steps"]
         args.lock_step = args.lock_step or 2 ** max(0, (args.steps // 8).bit_length() - 1)

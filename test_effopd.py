@@ -2347,15 +2347,26 @@ def test_toy_rejects_an_unstable_learning_rate():
 # bench.py
 
 
-def test_first_reaching_and_sweep_score():
+def test_first_reaching_sweep_score_and_ratio():
     fast = [(0, 0.2, 0.0), (1, 0.6, 1.0), (2, 0.96, 2.0), (3, 0.97, 3.0)]
     slow = [(0, 0.2, 0.0), (1, 0.4, 1.5), (2, 0.5, 3.0), (3, 0.95, 4.5)]
     never = [(0, 0.2, 0.0), (1, 0.5, 1.0), (2, 0.9, 2.0), (3, 0.94, 3.0)]
     assert bench.first_reaching(fast, 0.95) == (2, 2.0)
     assert bench.first_reaching(never, 0.95) == (None, None)
-    assert bench.sweep_score([fast, slow], 0.95) == (2.5, -0.96)  # median 2.5, mean final 0.96
-    assert bench.sweep_score([fast, never], 0.95)[0] == math.inf  # a missed seed
-    assert min([[never], [slow], [fast]], key=lambda c: bench.sweep_score(c, 0.95)) == [fast]
+    assert bench.first_reaching(fast, 0.2) == (0, 0.0)  # reached before training: step 0
+    # the sweep reads the validation curves: (step, validation accuracy), no seconds
+    val = lambda curve: {"val": [(step, acc) for step, acc, _ in curve]}  # noqa: E731
+    assert bench.sweep_score([val(fast), val(slow)], 0.95) == (2.5, -0.96)  # mean final 0.96
+    assert bench.sweep_score([val(fast), val(never)], 0.95)[0] == math.inf  # a missed seed
+    assert min([[val(never)], [val(slow)], [val(fast)]],
+               key=lambda runs: bench.sweep_score(runs, 0.95)) == [val(fast)]
+    assert bench.ratio(12, 4) == 3.0 and bench.ratio(None, 4) == math.inf
+    assert bench.ratio(4, None) == 0.0 and bench.ratio(0, 4) == 0.0
+    assert bench.ratio(4, 0) == math.inf  # reached at step 0 by EffOPD only
+    assert bench.ratio(None, None) is None and bench.ratio(0, 0) == 1.0
+    assert bench.median_cell([3.0, None, 1.0]) == "2.00x (2 of 3 seeds)"
+    assert bench.median_cell([None, None]) == "n/a"
+    assert bench.median_cell([1.0, 3.0, math.inf]) == "3.00x"
 
 
 def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_path, monkeypatch):
@@ -2363,24 +2374,36 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
 
     def train(cfg):  # a scripted run: test accuracy 0.5 at step 0, 0.9 at step 2
         trained.append((cfg.lr, cfg.seed, cfg.effopd, cfg.loss))
-        return [{"step": 0, "eval/test_acc": 0.5, "time/train_s": 0.0},
+        return [{"step": 0, "eval/test_acc": 0.5, "eval/val_acc": 0.4, "time/train_s": 0.0},
                 {"step": 1, "train/loss": 1.0, "time/train_s": 1.5},
-                {"step": 2, "eval/test_acc": 0.9, "time/train_s": 3.0}]
+                {"step": 2, "eval/test_acc": 0.9, "eval/val_acc": 0.7, "time/train_s": 3.0}]
     monkeypatch.setattr(effopd, "train", train)
-    args = types.SimpleNamespace(setting="tiny", steps=2, eval_every=2, test_size=10, extra=[],
+    args = types.SimpleNamespace(setting="tiny", budget={1e-5: (2, 2)}, test_size=10, extra=[],
                                  out=str(tmp_path / "runs"), results=str(tmp_path / "results"),
-                                 protocol="effopd")
-    curve = [(0, 0.5, 0.0), (2, 0.9, 3.0)]
-    assert bench.speedup_run("effopd", 1e-5, 3, args) == curve
-    assert json.loads((tmp_path / "results" / "effopd-lr1e-05-seed3.json").read_text())[
-        "curve"] == [list(point) for point in curve]
-    assert bench.speedup_run("effopd", 1e-5, 3, args) == curve  # read back, not trained again
+                                 protocol="effopd", commit="abc123")
+    curve, val = [(0, 0.5, 0.0), (2, 0.9, 3.0)], [(0, 0.4), (2, 0.7)]
+    assert bench.speedup_run("effopd", 1e-5, 3, args)["curve"] == curve
+    saved = tmp_path / "results" / "effopd-lr1e-05-seed3.json"
+    run = json.loads(saved.read_text())
+    assert run["curve"] == [list(p) for p in curve] and run["val"] == [list(p) for p in val]
+    assert run["commit"] == "abc123"
+    assert bench.speedup_run("effopd", 1e-5, 3, args)["curve"] == curve  # read, not trained
     assert trained == [(1e-5, 3, True, "opd")]
-    args.steps = 4
+    del run["val"]  # a run saved before validation curves were kept: the sweep retrains it
+    saved.write_text(json.dumps(run))
+    assert bench.speedup_run("effopd", 1e-5, 3, args)["val"] is None  # held out: no need
+    assert bench.speedup_run("effopd", 1e-5, 3, args, need_val=True)["val"] == val
+    assert len(trained) == 2
+    saved.write_text("{not json")
+    with pytest.raises(SystemExit, match="effopd-lr1e-05-seed3.json is not a saved run"):
+        bench.speedup_run("effopd", 1e-5, 3, args)
+    saved.unlink()
+    bench.speedup_run("effopd", 1e-5, 3, args)
+    args.budget = {1e-5: (4, 2)}
     with pytest.raises(SystemExit, match="effopd-lr1e-05-seed3.json was made with .*--steps 2.*, "
                                          "not .*--steps 4"):
         bench.speedup_run("effopd", 1e-5, 3, args)
-    args.steps, args.protocol = 2, "official"  # its vanilla run trains with its loss
+    args.budget, args.protocol = {1e-5: (2, 2)}, "official"  # its vanilla run trains with its loss
     for method, name, flags in [
             ("vanilla", "vanilla-sampled", ["--loss", "sampled"]),
             ("effopd", "effopd-official", ["--loss", "sampled", "--effopd", "--protocol",
@@ -2388,7 +2411,7 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
         bench.speedup_run(method, 1e-5, 3, args)
         saved = tmp_path / "results" / f"{name}-lr1e-05-seed3.json"
         assert json.loads(saved.read_text())["flags"][-len(flags):] == flags
-    assert trained[1:] == [(1e-5, 3, False, "sampled"), (1e-5, 3, True, "sampled")]
+    assert trained[3:] == [(1e-5, 3, False, "sampled"), (1e-5, 3, True, "sampled")]
 
 
 def test_speedup_evaluates_on_the_settings_test_size(monkeypatch):

@@ -74,7 +74,8 @@ from pathlib import Path
 import torch
 
 from effopd import (ATTENTION, PROJECT, OneLineErrors, UserError, accuracy, check_device,
-                    effopd_extrapolate, eos_ids, is_attention_or_mlp, is_power_of_two, load_jsonl,
+                    effopd_extrapolate, eos_ids, is_attention_or_mlp, is_power_of_two,
+                    kept_multiple, load_jsonl,
                     principal_overlap, principal_rotation, singular_part, subspace_alignment,
                     top_singular_subspaces, unchanged_fraction, update_metrics, write_atomically)
 
@@ -107,20 +108,20 @@ def train_opd(sigma: torch.Tensor, r: torch.Tensor, steps: int, lr: float, score
 
     With score_fn (model -> float, higher is better) this is EffOPD: after the step at t = 1, 2,
     4, 8, ... effopd_extrapolate moves dW along dW - anchor, as effopd.train does. Returns
-    [dW_0, ..., dW_T] and one effopd_extrapolate history per trigger.
+    [dW_0, ..., dW_T] and the ladder effopd_extrapolate returned at each trigger.
     """
     c = r @ sigma  # (m, n): E[r(x) x^T]
     student = torch.nn.Linear(r.shape[1], r.shape[0], bias=False, dtype=torch.float64)
     torch.nn.init.zeros_(student.weight)  # weight (m, n) is dW: the student starts at the base
     anchor = {"weight": student.weight.detach().clone()}  # EffOPD's B: the initial student
-    deltas, trials = [student.weight.detach().clone()], []
+    deltas, ladders = [student.weight.detach().clone()], []
     for step in range(1, steps + 1):
         with torch.no_grad():
             student.weight -= lr * (student.weight @ sigma - c)
         if score_fn is not None and is_power_of_two(step):
-            trials.append(effopd_extrapolate(student, anchor, score_fn, max_candidates))
+            ladders.append(effopd_extrapolate(student, anchor, score_fn, max_candidates))
         deltas.append(student.weight.detach().clone())
-    return deltas, trials
+    return deltas, ladders
 
 
 def opd_closed_form(sigma: torch.Tensor, r: torch.Tensor, lr: float, step: int) -> torch.Tensor:
@@ -258,17 +259,17 @@ def run_toy(args: argparse.Namespace) -> dict:
     def score(model) -> float:  # minus the held-out loss
         return -0.5 * (model(x_val) - r_val).square().sum(1).mean().item()
 
-    effopd, trials = train_opd(sigma, r, args.steps, args.lr, score_fn=score)
+    effopd, ladders = train_opd(sigma, r, args.steps, args.lr, score_fn=score)
     effopd_losses = [population_loss(d, sigma, r).item() for d in effopd]
     opd_losses = [population_loss(d, sigma, r).item() for d in opd]  # index = step
     target = opd_losses[-1]
     steps_opd = first_step_at_or_below(opd_losses, target)
     steps_effopd = first_step_at_or_below(effopd_losses, target)
-    kept = " ".join(str(max(h["multiple"] for h in trial if h["kept"])) for trial in trials)
+    kept = " ".join(str(kept_multiple(ladder)) for ladder in ladders)
     print(f"final loss: OPD {target:.4f} | RL-like {runs['RL-like']['loss'][-1]:.4f} | "
           f"OPD + EffOPD {effopd_losses[-1]:.4f}")
     print(f"EffOPD kept W_t + m (W_t - B) with m = {kept} at t = 1, 2, 4, ... "
-          f"({sum(len(trial) for trial in trials)} held-out evaluations of {args.val_size} inputs)")
+          f"({sum(len(ladder) for ladder in ladders)} held-out evaluations of {args.val_size} inputs)")
     print(f"steps to reach OPD's final loss {target:.4f}: OPD {steps_opd} | OPD + EffOPD "
           f"{steps_effopd}")
 

@@ -387,7 +387,7 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
                "curve": [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in evals],
                "val": [(r["step"], r["eval/val_acc"]) for r in evals],
                "kept": [(r["step"], r["effopd/kept_multiple"]) for r in history
-                        if "effopd/trials" in r]}
+                        if "effopd/ladder" in r]}
         os.makedirs(args.results, exist_ok=True)
         effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(json.dumps(run)))
     tuples = lambda points: [tuple(p) for p in points] if points is not None else None  # noqa: E731

@@ -18,6 +18,11 @@ Simplifications, all deliberate:
     official code; RESULTS.md); EffOPDCallback does the same inside a Hugging Face Trainer;
  5. the student in fp32 (under bf16 autocast on a GPU), the teacher in bf16 on a GPU (--precision).
 
+The file reads top to bottom: the algorithm (config, losses, sampling and scoring, opd_step: one
+training step, EffOPD, train, main); then EXTENSIONS (update geometry, subspace locking, EffOPD in
+a Hugging Face Trainer); then PLUMBING (checks of flags, files and the run folder, --resume,
+checkpoints, the metrics log), which train() reaches in one call per concern.
+
 Run:  python effopd.py --tiny             # tiny models on the CPU, seconds (README)
       python effopd.py --tiny --effopd    # the same with EffOPD
       python effopd.py --smol             # SmolLM2-135M-Instruct, a real LM, on the CPU (README)
@@ -31,6 +36,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -248,11 +254,19 @@ def sft_loss(student_logits: torch.Tensor, tokens: torch.Tensor,
     return -masked_mean(token_logprobs(student_logits, tokens), mask)
 
 
+class Scored(NamedTuple):
+    """One micro-batch as both models scored it: what a row of LOSSES may use."""
+    student_logits: torch.Tensor  # (b, R, V), differentiable
+    teacher_logits: torch.Tensor  # (b, R, V), no gradient
+    tokens: torch.Tensor  # (b, R): the response ids
+    mask: torch.Tensor  # (b, R) bool: the scored positions
+    advantages: torch.Tensor  # (b,): GRPO's, from the 0/1 answer rewards
+    chunk_size: int  # positions per fp32 chunk of opd_loss
+
+
 class Loss(NamedTuple):
-    """A row of LOSSES. loss(student_logits, teacher_logits, tokens, mask, advantages,
-    chunk_size) -> the scalar loss of a micro-batch: logits (b, R, V), tokens and mask (b, R),
-    advantages (b,)."""
-    loss: Callable[..., torch.Tensor]
+    """A row of LOSSES: loss(scored) -> the scalar loss of a micro-batch."""
+    loss: Callable[[Scored], torch.Tensor]
     samples_from: str  # whose rollouts it trains on: "student" (on-policy) or "teacher"
     min_group_size: int
     help: str
@@ -261,80 +275,27 @@ class Loss(NamedTuple):
 # The losses of --loss: OPD and the baselines the papers compare it with. A new loss is a function
 # above and a row here.
 LOSSES = {
-    "opd": Loss(lambda s, t, y, m, a, c: opd_loss(s, t, m, c), "student", 1,
-                "full-vocabulary reverse KL to the teacher"),
-    "sampled": Loss(lambda s, t, y, m, a, c: sampled_token_loss(s, t, y, m), "student", 1,
+    "opd": Loss(lambda mb: opd_loss(mb.student_logits, mb.teacher_logits, mb.mask, mb.chunk_size),
+                "student", 1, "full-vocabulary reverse KL to the teacher"),
+    "sampled": Loss(lambda mb: sampled_token_loss(mb.student_logits, mb.teacher_logits, mb.tokens,
+                                                  mb.mask), "student", 1,
                     "per-token policy gradient, advantage log p_teacher - log p_student"),
-    "grpo": Loss(lambda s, t, y, m, a, c: grpo_loss(s, y, m, a), "student", 2,
-                 "RL, GRPO with a 0/1 reward for the right answer (the teacher is not used)"),
-    "sft": Loss(lambda s, t, y, m, a, c: sft_loss(s, y, m), "teacher", 1,
+    "grpo": Loss(lambda mb: grpo_loss(mb.student_logits, mb.tokens, mb.mask, mb.advantages),
+                 "student", 2, "RL, GRPO with a 0/1 reward for the right answer (the teacher is "
+                 "not used)"),
+    "sft": Loss(lambda mb: sft_loss(mb.student_logits, mb.tokens, mb.mask), "teacher", 1,
                 "cross-entropy on the teacher's own samples (off-policy)"),
 }
 
 # ------------------------------------------------------------------------------------------------
-# Data, models, sampling and scoring. Data: JSONL records {"prompt": str, "answer": int}, graded by
+# Sampling and scoring. Data: JSONL records {"prompt": str, "answer": int} (load_jsonl), graded by
 # the last number in the response
-
-
-def load_jsonl(path: str) -> list[dict]:
-    """Read prompt/answer records; a bad line is reported by file and line number."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
-    records = []
-    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
-        for lineno, line in enumerate(f, 1):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1}: "
-                                f"{e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            answer = record.get("answer") if isinstance(record, dict) else None
-            if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
-                answer = int(answer)
-            if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-                    and record["prompt"].strip() and isinstance(answer, int)
-                    and not isinstance(answer, bool)):
-                raise UserError(f"{path}:{lineno}: expected {{\"prompt\": non-empty string, "
-                                f"\"answer\": integer}}, got {line.strip()[:80]}")
-            records.append({"prompt": record["prompt"], "answer": answer})
-    if not records:
-        raise UserError(f"{path}: no records")
-    return records
 
 
 def extract_answer(text: str) -> int | None:
     """The last integer in the text ('1,234' counts as 1234; the '-' in '5-3' is not a sign)."""
     numbers = re.findall(r"(?<!\d)-?\d+", re.sub(r"(?<=\d),(?=\d{3})", "", text))
     return int(numbers[-1]) if numbers else None
-
-
-def load_model_and_tokenizer(path: str, dtype: torch.dtype, device: str):
-    """A causal LM and its tokenizer (hub name or folder); a file that cannot be read or a weight
-    that is NaN or inf is refused in one line (check_model_files, check_weights)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    check_model_files(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
-    check_weights(model, path)
-    return model, tokenizer
-
-
-def check_same_tokenizer(student_tok, teacher_tok) -> None:
-    """OPD compares the two models token by token: they must map text to the same ids."""
-    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if s != t:
-        differ = sorted(set(s.items()) ^ set(t.items()), key=str)[:3]
-        raise UserError(f"student and teacher tokenizers differ ({len(s)} vs {len(t)} tokens; "
-                        f"e.g. {differ}); OPD needs one shared tokenizer")
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -395,7 +356,9 @@ def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, eos: list[in
         if temperature == 0:
             token = logits.argmax(-1)
         else:
-            token = torch.multinomial((logits / temperature).softmax(-1), 1).squeeze(-1)
+            probs = (logits / temperature).softmax(-1)  # (B, V)
+            check_finite(probs, "the sampling distribution")
+            token = torch.multinomial(probs, 1).squeeze(-1)
         token = torch.where(done, pad_id, token)  # (B,)
         response.append(token)
         done |= torch.isin(token, stop)
@@ -450,6 +413,73 @@ def answer_rewards(tokenizer, tokens: torch.Tensor, mask: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------
+# One training step
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise FloatingPointError naming what unless every entry of x is finite: a run stops at the
+    first NaN or inf, before anything is trained on it or saved from it."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"{what} is not finite "
+                                 f"({x.item() if x.numel() == 1 else 'NaN or inf'})")
+
+
+def opd_step(student, teacher, tokenizer, optimizer, batch: list[dict], loss: str = "opd", *,
+             group_size: int = 4, max_new_tokens: int = 256, temperature: float = 1.0,
+             micro_batch_size: int = 16, chunk_size: int = 128, grad_clip: float = 1.0,
+             autocast=contextlib.nullcontext()) -> dict[str, float]:
+    """One training step on batch ({"prompt", "answer"} records): rollouts, both models' scores,
+    the loss (a row of LOSSES), backward, and one optimizer step. Returns the step's metrics.
+    Raises FloatingPointError, before the update, when the loss or the gradient is not finite."""
+    row, vocab, eos = LOSSES[loss], len(tokenizer), eos_ids(tokenizer, student)
+    # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the teacher
+    # for an off-policy loss, --loss sft), and their 0/1 answer rewards.
+    batch = [r for r in batch for _ in range(group_size)]  # group after group
+    with autocast:
+        ids, attention_mask, mask = sample(
+            teacher if row.samples_from == "teacher" else student,
+            render_prompts(tokenizer, [r["prompt"] for r in batch]), max_new_tokens, eos,
+            tokenizer.pad_token_id, vocab, temperature)
+    n_response = mask.shape[1]
+    tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
+    rewards = answer_rewards(tokenizer, tokens, mask, [r["answer"] for r in batch])  # (B,)
+    advantages = grpo_advantages(rewards, group_size)  # (B,), used by --loss grpo
+    # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss is
+    # weighted by its share of the scored tokens, so the gradients add up to the gradient of the
+    # mean over the whole batch.
+    n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
+    for i in range(0, len(batch), micro_batch_size):
+        mb = slice(i, i + micro_batch_size)
+        with autocast:
+            student_logits = response_logits(student, ids[mb], attention_mask[mb], n_response,
+                                             vocab)  # (b, R, V)
+            with torch.no_grad():
+                teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
+                                                 n_response, vocab)
+        # 3. The loss; the mean KL to the teacher is logged whatever the loss.
+        value = row.loss(Scored(student_logits, teacher_logits, tokens[mb], mask[mb],
+                                advantages[mb], chunk_size))
+        with torch.no_grad():  # the OPD loss is the KL itself
+            kl = value if loss == "opd" else opd_loss(student_logits, teacher_logits, mask[mb],
+                                                      chunk_size)
+        check_finite(value, "the loss")
+        weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
+        weighted = value * weight
+        weighted.backward()
+        loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
+        del student_logits, teacher_logits, value, kl, weighted  # free before the next forward
+    # 4. One optimizer step, only with a finite gradient.
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip or math.inf)
+    check_finite(grad_norm, "the gradient norm")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"train/loss": loss_sum, "train/kl": kl_sum, "train/grad_norm": grad_norm.item(),
+            "train/response_len": mask.sum(1).float().mean().item(),
+            "train/reward": rewards.mean().item(),
+            "train/no_signal": no_signal_share(rewards, group_size)}
+
+
+# ------------------------------------------------------------------------------------------------
 # EffOPD: extrapolation along the update direction, kept only when validation improves
 
 # Attention and MLP module names in Qwen/Llama, GPT-2, GPT-NeoX, Falcon and other families.
@@ -496,203 +526,213 @@ def is_power_of_two(t: int) -> bool:
     return t > 0 and t & (t - 1) == 0
 
 
-def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules of model that FSDP2 (fully_shard) has sharded; none: it is not sharded."""
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return bool(fsdp_modules(model))
-
-
-def reshard(model: torch.nn.Module) -> None:
-    """FSDP2: drop the gathered copies of the weights (a forward may leave them, the root module's
-    always), so that the parameters are the shards again and the next forward gathers the shards
-    as they are now. A no-op without FSDP2."""
-    for module in fsdp_modules(model):
-        module.reshard()
-
-
-def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as this process holds it: its local shard where it is sharded (an FSDP2
-    DTensor: the shard of the fp32 master weights that the next forward gathers), else itself."""
-    reshard(model)
-    with torch.no_grad():  # to_local() is then the shard's own storage: edits of it are kept
-        return {n: p.to_local() if hasattr(p, "to_local") else p
-                for n, p in model.named_parameters()}
-
-
 def effopd_anchor(model: torch.nn.Module, device: str = "cpu",
-                  moves: Callable[[str], bool] = is_attention_or_mlp) -> dict[str, torch.Tensor]:
-    """EffOPD's anchor B at the start: a copy, on device, of every parameter it moves (of this
-    process's shard of it when the weights are sharded)."""
-    return {n: p.detach().to(device, copy=True) for n, p in local_parameters(model).items()
-            if moves(n)}
+                  moves: Callable[[str], bool] = is_attention_or_mlp,
+                  weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """EffOPD's anchor B at the start: a copy, on device, of every parameter it moves. weights:
+    the tensors to copy by name, instead of model's parameters (EffOPDCallback passes this
+    process's shards)."""
+    weights = dict(model.named_parameters()) if weights is None else weights
+    return {n: w.detach().to(device, copy=True) for n, w in weights.items() if moves(n)}
 
 
 def effopd_extrapolate(model: torch.nn.Module, anchor: dict[str, torch.Tensor], score_fn,
-                       max_candidates: int = 5) -> list[dict]:
+                       max_candidates: int = 5,
+                       weights: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Try W_t + 2D, W_t + 4D, ... with D = W_t - anchor; keep the best strictly-improving one.
 
     The official update W := W + f (W - B), f = 2, then f := f / (1 + f) after each acceptance,
-    walks exactly W_t + 2D, W_t + 4D, W_t + 6D, ...; we compute W_t + m D directly, which is the
-    same point without the rounding drift. score_fn(model) -> float, higher is better. At the
-    first candidate that does not beat the best so far, the best weights are restored. anchor
-    (parameter name -> tensor, on any device) is set to the kept weights. Returns one entry per
-    evaluation: {"multiple": m, "score": s, "kept": bool}, m = 0 for the unextrapolated W_t,
-    kept = it beat every earlier score; the model ends at the last kept multiple. The move is
-    elementwise, so with sharded weights each process moves its own shards (anchor sharded alike).
+    walks exactly W_t + 2D, W_t + 4D, W_t + 6D, ...; we compute W_t + m D directly, the same point
+    without the rounding drift. score_fn(model) -> float, higher is better. At the first candidate
+    that does not beat the best so far, the best weights are restored, and anchor (name -> tensor,
+    on any device) is set to them. weights: the tensors to move in place, by name (default: the
+    model's parameters). Returns the ladder, one rung per candidate scored: {"multiple": m,
+    "score": s, "improved": it beat every earlier score}, m = 0 for W_t itself; the model ends at
+    the last improved multiple.
     """
-    params = local_parameters(model)
-    start = {n: params[n].detach().to(b.device, copy=True) for n, b in anchor.items()}  # W_t
+    weights = dict(model.named_parameters()) if weights is None else weights
+    start = {n: weights[n].detach().to(b.device, copy=True) for n, b in anchor.items()}  # W_t
 
     @torch.no_grad()
     def move_to(multiple: int):
         for n, w in start.items():
-            params[n].copy_(w + multiple * (w - anchor[n]) if multiple else w)
-        reshard(model)  # FSDP2: the next forward gathers the moved shards, not an earlier copy
+            weights[n].copy_(w + multiple * (w - anchor[n]) if multiple else w)
 
     best = score_fn(model)
-    history, kept_multiple = [{"multiple": 0, "score": best, "kept": True}], 0
+    ladder, kept = [{"multiple": 0, "score": best, "improved": True}], 0
     for multiple in range(2, 2 * max_candidates + 1, 2):
         move_to(multiple)
         score = score_fn(model)
-        history.append({"multiple": multiple, "score": score, "kept": score > best})
+        ladder.append({"multiple": multiple, "score": score, "improved": score > best})
         if score <= best:
             break
-        best, kept_multiple = score, multiple
-    move_to(kept_multiple)
+        best, kept = score, multiple
+    move_to(kept)
     with torch.no_grad():
         for n, b in anchor.items():
-            b.copy_(params[n])
-    return history
+            b.copy_(weights[n])
+    return ladder
 
 
-# EffOPD in any Hugging Face Trainer (TRL's DistillationTrainer and GKDTrainer are Trainers): a
-# callback. examples/trl_effopd.py shows it with TRL, on one process and on two.
+def kept_multiple(ladder: list[dict]) -> int:
+    """The multiple m of the W_t + m D that a ladder kept (0: none moved)."""
+    return max(rung["multiple"] for rung in ladder if rung["improved"])
+
+# ------------------------------------------------------------------------------------------------
+# Training: set-up, then one loop
 
 
-def rank0_score(score_fn, every_rank: bool = False):
-    """score_fn made collective: every process receives rank 0's value. Several processes must take
-    one accept/reject decision, or their weights drift apart. Only rank 0 scores, unless every_rank:
-    with sharded weights (FSDP2) every forward gathers the shards from all processes, so every
-    rank must run score_fn and make the same forward calls (greedy decoding of the same prompts
-    does: the ranks gather the same weights). Without a process group this is score_fn itself."""
-    import torch.distributed as dist
-
-    def score(model) -> float:
-        if not (dist.is_available() and dist.is_initialized()):
-            return float(score_fn(model))
-        value = [float(score_fn(model)) if every_rank or dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(value, src=0)  # gloo on CPUs, NCCL on GPUs; the others wait
-        return value[0]
-    return score
+def use_bf16(precision: str, device: str) -> bool:
+    """--precision: bf16 (student in fp32 under bf16 autocast, teacher in bf16) or fp32; auto is
+    bf16 on a GPU that supports it, fp32 elsewhere."""
+    if precision == "auto":
+        return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
 
 
-def check_effopd_trainer(trainer, model: torch.nn.Module) -> None:
-    """Refuse, in one line, the trainers the callback would get wrong."""
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        raise NotImplementedError(
-            "EffOPDCallback does not support DeepSpeed: a move would have to write ZeRO's fp32 "
-            "master partition (deepspeed.utils.safe_set_local_fp32_param) and the bf16 partition "
-            "the forward reads (param.ds_tensor in ZeRO-3, param.data in ZeRO-1/2); use FSDP2 or "
-            "DDP")
-    if getattr(trainer, "is_fsdp_enabled", False) and not is_sharded(model):
-        raise NotImplementedError("EffOPDCallback supports FSDP version 2 (DTensor parameters), "
-                                  "not FSDP 1's flattened parameters: set fsdp_version: 2")
-    if hasattr(model, "peft_config") or any(".lora_" in n for n, _ in model.named_parameters()):
-        raise ValueError("EffOPDCallback cannot extrapolate a PEFT/LoRA student: moving lora_A and "
-                         "lora_B apart is not W + m(W - B) (it adds m^2 dB dA); train full weights "
-                         "or merge the adapter first")
+def check_same_tokenizer(student_tok, teacher_tok) -> None:
+    """OPD compares the two models token by token: they must map text to the same ids."""
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s != t:
+        differ = sorted(set(s.items()) ^ set(t.items()), key=str)[:3]
+        raise UserError(f"student and teacher tokenizers differ ({len(s)} vs {len(t)} tokens; "
+                        f"e.g. {differ}); OPD needs one shared tokenizer")
 
 
-def anchor_file(checkpoint: str, sharded: bool) -> str:
-    """Where the anchor is saved in a Trainer checkpoint folder: one file per rank if sharded."""
-    import torch.distributed as dist
-    rank = dist.get_rank() if sharded and dist.is_initialized() else 0
-    return os.path.join(checkpoint, f"effopd_anchor_rank{rank}.pt" if sharded else
-                        "effopd_anchor.pt")
+def load_student_and_teacher(student_path: str, teacher_path: str, device: str, bf16: bool):
+    """The student in fp32 (bf16 weights would round lr-1e-6 updates away), the frozen teacher in
+    bf16 when bf16, and their one tokenizer, with a pad token. Returns all three."""
+    student, tokenizer = load_model_and_tokenizer(student_path, torch.float32, device)
+    teacher, teacher_tokenizer = load_model_and_tokenizer(
+        teacher_path, torch.bfloat16 if bf16 else torch.float32, device)
+    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    teacher.eval().requires_grad_(False)
+    for name, m in (("student", student), ("teacher", teacher)):
+        if m.get_output_embeddings().weight.shape[0] < len(tokenizer):
+            raise UserError(f"{name} has {m.get_output_embeddings().weight.shape[0]} logits, "
+                            f"fewer than the tokenizer's {len(tokenizer)} tokens")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return student, teacher, tokenizer
 
 
-def load_anchor(path: str, like: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    """The anchor saved at path, onto device; refused in one line unless it fits like."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"EffOPDCallback: {path} is missing: the anchor B of the resumed "
-                                f"run cannot be restored (it is read from the checkpoint in "
-                                f"output_dir of the resumed step)")
-    saved = torch.load(path, map_location=device)
-    if [(n, b.shape) for n, b in saved.items()] != [(n, b.shape) for n, b in like.items()]:
-        raise ValueError(f"EffOPDCallback: {path} does not fit this model's parameters (another "
-                         f"model, or another number of processes?)")
-    return saved
+def evaluate(accuracy_of, student, val_set: list[dict], test_set: list[dict], step: int,
+             clock: float) -> dict:
+    """The metrics record of an evaluation, printed: accuracy_of(model, records) on both sets."""
+    record = {"step": step, "time/train_s": round(clock, 3), "eval/val_acc":
+              accuracy_of(student, val_set), "eval/test_acc": accuracy_of(student, test_set)}
+    print(f"eval {step:4d} | val {record['eval/val_acc']:.3f} | test {record['eval/test_acc']:.3f}")
+    return record
 
 
-class EffOPDCallback(TrainerCallback):
-    """EffOPD inside a transformers Trainer:
-    trainer.add_callback(EffOPDCallback(trainer, score_fn)).
+def train(cfg: Config) -> list[dict]:
+    """Run OPD (or another loss of LOSSES), optionally with EffOPD, from the start or (cfg.resume)
+    from a stopped run's last checkpoint; return this call's metrics records, which are also
+    appended to <out>/metrics.jsonl."""
+    with open_run(cfg) as run:  # flags and folder checked, the folder held, --resume's state read
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        device = default_device(cfg)
+        bf16 = use_bf16(cfg.precision, device)
+        autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+        train_set, val_set, test_set = load_splits(cfg)
+        student, teacher, tokenizer = load_student_and_teacher(run.last_checkpoint or cfg.student,
+                                                               cfg.teacher, device, bf16)
+        check_prompt_lengths(cfg, [train_set, val_set, test_set], tokenizer, [student, teacher])
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+        protocol = PROTOCOLS[cfg.protocol]
+        anchor = effopd_anchor(student, cfg.anchor_device, protocol.moves) if cfg.effopd \
+            else None  # EffOPD's B
+        if cfg.effopd:
+            print_effopd_scope(anchor, student, cfg.protocol)
+        lock = None  # --lock-subspace: W_0 and the (U_r, V_r) of each matrix it holds
+        if cfg.lock_subspace:
+            initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] \
+                if run.resumed else student
+            lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device)
+        probe = left_pad(render_prompts(tokenizer, [r["prompt"] for r in val_set[:4]]),
+                         tokenizer.pad_token_id, device)  # the finite-logits check's inputs
+        run.start(optimizer, anchor, probe)  # config.json; a resumed run's optimizer, anchor, RNG
+        sizes = dict(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
+                     chunk_size=cfg.chunk_size, grad_clip=cfg.grad_clip, autocast=autocast)
 
-    After the optimizer step at global steps 1, 2, 4, 8, ... it runs effopd_extrapolate on the model
-    the trainer trains at that moment (unwrapped from DDP), in eval mode, scored by
-    score_fn(model) -> float (higher is better; greedy validation accuracy in the paper). The anchor
-    B is taken at train begin, kept on anchor_device and saved in every Trainer checkpoint
-    (checkpoint-N/effopd_anchor*.pt); a run resumed from checkpoint-N restores it from there. The
-    ladder goes through the trainer's own log, so it lands in trainer.state.log_history and in
-    wandb, tensorboard, ... when report_to has them: effopd/kept_multiple, effopd/score_+<m>D for
-    every candidate scored, effopd/val_s. Optimizer state and learning-rate schedule are left alone.
+        def accuracy_of(model, records: list[dict], temperature: float = 0.0) -> float:
+            with autocast:  # temperature 0: greedy
+                return accuracy(model, tokenizer, records, cfg.max_new_tokens,
+                                eos_ids(tokenizer, student), cfg.eval_batch_size, temperature)
 
-    Several processes: DDP (accelerate launch, torchrun): every rank holds the full weights; rank 0
-    scores, the score is broadcast (rank0_score), every rank makes the same move, so the ranks stay
-    identical. FSDP2 (fsdp_version 2, or torch's fully_shard): each rank keeps the anchor of its own
-    shards and moves them in place; every rank runs score_fn (each forward needs them all), rank
-    0's score decides. vLLM rollouts: vLLM holds its own copy of the weights, which must be
-    re-synced after a move. TRL's trainers do it themselves: they sync at the first generation
-    after global_step changes, which comes after this callback. Elsewhere (verl, OpenRLHF, your own
-    loop) push the weights after every trigger. Refused at train begin: DeepSpeed, FSDP 1 and PEFT
-    (check_effopd_trainer says why).
-    """
+        if not run.resumed:  # step 0: the student before training, evaluated and saved
+            run.log(evaluate(accuracy_of, student, val_set, test_set, 0, run.clock))
+            if cfg.save_checkpoints:
+                run.checkpoint(0, student, tokenizer, optimizer, anchor)
+        for step in run.steps():
+            t0 = time.time()
+            # 1.-4. Rollouts, both models' scores, the loss, backward, the optimizer step.
+            batch = random.sample(train_set, cfg.batch_size)
+            record = {"step": step, **opd_step(student, teacher, tokenizer, optimizer, batch,
+                                               cfg.loss, **sizes)}
+            if lock:  # each locked matrix's update back into its early subspace
+                lock_to_subspace(student, *lock)
+            run.check_weights(student, "the update (diverged: try a lower --lr)")
+            step_s = seconds_since(t0, device)
+            run.clock += step_s
+            record["time/step_s"] = round(step_s, 3)
+            if device.startswith("cuda"):
+                record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
+                  f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
+                  f"{step_s:.2f} s")
+            # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
+            if cfg.effopd and is_power_of_two(step):
+                t1 = time.time()
+                ladder = effopd_extrapolate(
+                    student, anchor, lambda model: accuracy_of(model, val_set,
+                                                               protocol.val_temperature),
+                    cfg.max_candidates)
+                kept = kept_multiple(ladder)
+                if kept:
+                    run.check_weights(student, f"EffOPD's move to W+{kept}D", logits=True)
+                effopd_s = time.time() - t1
+                run.clock += effopd_s
+                record.update({"effopd/ladder": ladder, "effopd/kept_multiple": kept,
+                               "effopd/val_s": round(effopd_s, 3)})
+                print(f"effopd {step:4d} | " + " ".join(
+                    f"{r['multiple']:+d}D:{r['score']:.3f}{'*' if r['improved'] else ''}"
+                    for r in ladder) + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
+            record["time/train_s"] = round(run.clock, 3)
+            run.log(record)
+            # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                run.log(evaluate(accuracy_of, student, val_set, test_set, step, run.clock))
+            if cfg.save_checkpoints and (is_power_of_two(step) or step == cfg.steps):
+                run.checkpoint(step, student, tokenizer, optimizer, anchor)
+        if device.startswith("cuda"):
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(f"done: {run.out}")
+        return run.records
 
-    def __init__(self, trainer, score_fn, max_candidates: int = 5, anchor_device: str = "cpu"):
-        self.trainer, self.score_fn = trainer, score_fn
-        self.max_candidates, self.anchor_device = max_candidates, anchor_device
-        self.anchor, self.sharded = None, False  # parameter name -> B, from on_train_begin
 
-    def model(self) -> torch.nn.Module:
-        """The module the trainer trains now (it may have wrapped or replaced the one it got)."""
-        return self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # one line per step is the whole log
+    try:
+        train(cfg)
+    except RefusedConfig as e:  # before anything loaded, as argparse refuses a flag
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (UserError, OSError) as e:
+        sys.exit(f"effopd: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: every file on disk is whole (written atomically)
+        print(interrupted(run_folder(cfg), cfg.steps), file=sys.stderr)
+        sys.exit(130)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        model = self.model()
-        check_effopd_trainer(self.trainer, model)
-        self.sharded = is_sharded(model)
-        self.anchor = effopd_anchor(model, self.anchor_device)
-        if state.global_step > 0:  # resumed: the Trainer loaded W_t; B is the one saved with it
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            self.anchor = load_anchor(anchor_file(checkpoint, self.sharded), self.anchor,
-                                      self.anchor_device)
 
-    def on_save(self, args, state, control, **kwargs):
-        if self.sharded or state.is_world_process_zero:  # sharded: each rank its own shards
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            os.makedirs(checkpoint, exist_ok=True)  # a rank may get here before rank 0 made it
-            torch.save(self.anchor, anchor_file(checkpoint, self.sharded))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not is_power_of_two(state.global_step):
-            return
-        model, t0 = self.model(), time.time()
-        was_training = model.training
-        model.eval()  # no dropout while scoring
-        trials = effopd_extrapolate(model, self.anchor, rank0_score(self.score_fn, self.sharded),
-                                    self.max_candidates)
-        model.train(was_training)
-        record = {"effopd/kept_multiple": max(h["multiple"] for h in trials if h["kept"]),
-                  **{f"effopd/score_{h['multiple']:+d}D": h["score"] for h in trials},
-                  "effopd/val_s": round(time.time() - t0, 3)}
-        from transformers import Trainer
-        should_log = control.should_log  # the trainer's log resets it: the step's own log stays due
-        Trainer.log(self.trainer, record)  # the base log: TRL's would flush its running averages
-        control.should_log = should_log
+# ================================================================================================
+# EXTENSIONS: the geometry of the updates, subspace locking, EffOPD in a Hugging Face Trainer
+# ================================================================================================
 
 # ------------------------------------------------------------------------------------------------
 # Update geometry: metrics of dW = W_t - W_0
@@ -851,256 +891,185 @@ def update_subspaces(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def lock_to_subspace(model: torch.nn.Module, base: dict[str, torch.Tensor],
-                     bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """W := W_0 + U U^T (W - W_0) V V^T, in place, for every parameter named in bases; base holds
-    its W_0 and bases its (U, V) on the parameter's device. Computed in fp32 at least, written
-    back in the parameter's dtype (bf16 weights too)."""
+def lock_to_subspace(model: torch.nn.Module, w0: dict[str, torch.Tensor],
+                     subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """W := W_0 + U U^T (W - W_0) V V^T, in place, for every parameter named in subspaces; w0
+    holds its W_0 and subspaces its (U, V), on the parameter's device. Computed in fp32 at least,
+    written back in the parameter's dtype (bf16 weights too)."""
     for name, p in model.named_parameters():
-        if name in bases:
-            w0 = base[name].to(torch.promote_types(p.dtype, torch.float32))
-            p.copy_(w0 + project_update(p.to(w0.dtype) - w0, *bases[name]))
-
-
-# ------------------------------------------------------------------------------------------------
-# Training: set-up, then one loop
-
-
-def use_bf16(precision: str, device: str) -> bool:
-    """--precision: bf16 (student in fp32 under bf16 autocast, teacher in bf16) or fp32; auto is
-    bf16 on a GPU that supports it, fp32 elsewhere."""
-    if precision == "auto":
-        return device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
-
-
-def load_student_and_teacher(student_path: str, teacher_path: str, device: str, bf16: bool):
-    """The student in fp32 (bf16 weights would round lr-1e-6 updates away), the frozen teacher in
-    bf16 when bf16, and their one tokenizer, with a pad token. Returns all three."""
-    student, tokenizer = load_model_and_tokenizer(student_path, torch.float32, device)
-    teacher, teacher_tokenizer = load_model_and_tokenizer(
-        teacher_path, torch.bfloat16 if bf16 else torch.float32, device)
-    check_same_tokenizer(tokenizer, teacher_tokenizer)
-    teacher.eval().requires_grad_(False)
-    for name, m in (("student", student), ("teacher", teacher)):
-        if m.get_output_embeddings().weight.shape[0] < len(tokenizer):
-            raise UserError(f"{name} has {m.get_output_embeddings().weight.shape[0]} logits, "
-                            f"fewer than the tokenizer's {len(tokenizer)} tokens")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return student, teacher, tokenizer
+        if name in subspaces:
+            start = w0[name].to(torch.promote_types(p.dtype, torch.float32))
+            p.copy_(start + project_update(p.to(start.dtype) - start, *subspaces[name]))
 
 
 def load_subspace_lock(initial: torch.nn.Module, path: str, rank: int, device: str):
     """--lock-subspace: W_0 (from initial) and the top-rank (U, V) of the update W - W_0 of the
     checkpoint at path, for every attention and MLP matrix: the arguments of lock_to_subspace."""
     early = dict(load_model_and_tokenizer(path, torch.float32, device)[0].named_parameters())
-    base, bases = {}, {}
+    w0, subspaces = {}, {}
     for n, p in initial.named_parameters():
         if p.dim() == 2 and is_attention_or_mlp(n):
             if n not in early or early[n].shape != p.shape:
                 raise UserError(f"--lock-subspace {path}: {n} missing or of another shape than "
                                 f"the student's {tuple(p.shape)}")
-            base[n] = p.detach().clone()
-            bases[n] = update_subspaces(early[n] - base[n], rank)
-    print(f"lock: {len(bases)} matrices held to their top-{rank} update subspaces in {path}")
-    return base, bases
+            w0[n] = p.detach().clone()
+            subspaces[n] = update_subspaces(early[n] - w0[n], rank)
+    print(f"lock: {len(subspaces)} matrices held to their top-{rank} update subspaces in {path}")
+    return w0, subspaces
+
+# ------------------------------------------------------------------------------------------------
+# EffOPD in any Hugging Face Trainer (TRL's DistillationTrainer and GKDTrainer are Trainers), on
+# one process, under DDP or under FSDP2: a callback. examples/trl_effopd.py shows it with TRL.
 
 
-def evaluate(score, student, val_set: list[dict], test_set: list[dict], step: int,
-             clock: float) -> dict:
-    """The metrics record of an evaluation, printed: score(model, records) on both sets."""
-    record = {"step": step, "time/train_s": round(clock, 3),
-              "eval/val_acc": score(student, val_set), "eval/test_acc": score(student, test_set)}
-    print(f"eval {step:4d} | val {record['eval/val_acc']:.3f} | test {record['eval/test_acc']:.3f}")
-    return record
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of model that FSDP2 (fully_shard) has sharded; none: it is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def train(cfg: Config) -> list[dict]:
-    """Run OPD (or another loss of LOSSES), optionally with EffOPD, from the start or (cfg.resume)
-    from a stopped run's last checkpoint; return this call's metrics records, which are also
-    appended to <out>/metrics.jsonl."""
-    check_config(cfg)  # again, for callers that built cfg without parse_args
-    out, loss_row, protocol = run_folder(cfg), LOSSES[cfg.loss], PROTOCOLS[cfg.protocol]
-    with hold_run_folder(out):  # out is this process's alone until train() returns or raises
-        resumed = torch.load(os.path.join(out, "resume.pt"), map_location="cpu") if cfg.resume \
-            else None
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        device = default_device(cfg)
-        on_gpu = device.startswith("cuda")
-        bf16 = use_bf16(cfg.precision, device)
-        autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
-        train_set, val_set, test_set = load_splits(cfg)
-        last_checkpoint = os.path.join(out, resumed["checkpoint"]) if resumed else None
-        student, teacher, tokenizer = load_student_and_teacher(last_checkpoint or cfg.student,
-                                                               cfg.teacher, device, bf16)
-        check_prompt_lengths(cfg, [train_set, val_set, test_set], tokenizer, [student, teacher])
-        vocab = len(tokenizer)  # real tokens; checkpoints may pad their logit width beyond it
-        eos = eos_ids(tokenizer, student)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay)
-        anchor = effopd_anchor(student, cfg.anchor_device, protocol.moves) if cfg.effopd \
-            else None  # EffOPD's B
-        if cfg.effopd:
-            print_effopd_scope(anchor, student, cfg.protocol)
-        lock_base, lock = {}, {}  # --lock-subspace: W_0 and the (U_r, V_r) of each locked matrix
-        if cfg.lock_subspace:
-            initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] if resumed \
-                else student
-            lock_base, lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device)
-        config = json.dumps({**asdict(cfg), "out": out}, indent=2)
-        write_atomically(os.path.join(out, "config.json"), lambda tmp: Path(tmp).write_text(config))
-        metrics_path = os.path.join(out, "metrics.jsonl")
-        clock = restore_run(resumed, optimizer, anchor, metrics_path) if resumed else 0.0  # seconds
-        history = []  # this call's metrics records; the clock counts training and EffOPD, not evals
-
-        def score(model, records: list[dict], temperature: float = 0.0) -> float:  # 0: greedy
-            with autocast:
-                return accuracy(model, tokenizer, records, cfg.max_new_tokens, eos,
-                                cfg.eval_batch_size, temperature)
-
-        if resumed:
-            print(f"resuming {out} after step {resumed['step']} ({last_checkpoint})")
-            set_rng_state(resumed["rng"])
-        else:
-            open(metrics_path, "w").close()
-            history.append(evaluate(score, student, val_set, test_set, 0, clock))
-            log(metrics_path, history[-1])
-            if cfg.save_checkpoints:
-                last_checkpoint = checkpoint(out, 0, student, tokenizer, optimizer, anchor, clock)
-        for step in range(resumed["step"] + 1 if resumed else 1, cfg.steps + 1):
-            t0 = time.time()
-            # 1. Rollouts: group_size samples per prompt, from the student as it is now (from the
-            # teacher for an off-policy loss, --loss sft), and their 0/1 answer rewards.
-            batch = random.sample(train_set, cfg.batch_size)
-            batch = [r for r in batch for _ in range(cfg.group_size)]  # group after group
-            with autocast:
-                ids, attention_mask, mask = sample(
-                    teacher if loss_row.samples_from == "teacher" else student,
-                    render_prompts(tokenizer, [r["prompt"] for r in batch]),
-                    cfg.max_new_tokens, eos, tokenizer.pad_token_id, vocab, cfg.temperature)
-            n_response = mask.shape[1]
-            tokens = ids[:, -n_response:]  # (B, R): the response ids, scored by both models
-            rewards = answer_rewards(tokenizer, tokens, mask, [r["answer"] for r in batch])  # (B,)
-            advantages = grpo_advantages(rewards, cfg.group_size)  # (B,), used by --loss grpo
-            # 2. Both models score the same ids, micro-batch by micro-batch; each micro-batch's loss
-            # is weighted by its share of the scored tokens, so the gradients add up to the gradient
-            # of the mean over the whole batch.
-            n_scored, loss_sum, kl_sum = mask.sum().clamp(min=1), 0.0, 0.0
-            for i in range(0, len(batch), cfg.micro_batch_size):
-                mb = slice(i, i + cfg.micro_batch_size)
-                with autocast:
-                    student_logits = response_logits(student, ids[mb], attention_mask[mb],
-                                                     n_response, vocab)  # (b, R, V)
-                    with torch.no_grad():
-                        teacher_logits = response_logits(teacher, ids[mb], attention_mask[mb],
-                                                         n_response, vocab)
-                # 3. The loss; the mean KL to the teacher is logged whatever the loss.
-                loss = loss_row.loss(student_logits, teacher_logits, tokens[mb], mask[mb],
-                                     advantages[mb], cfg.chunk_size)
-                with torch.no_grad():  # the OPD loss is the KL itself
-                    kl = loss if cfg.loss == "opd" else opd_loss(student_logits, teacher_logits,
-                                                                 mask[mb], cfg.chunk_size)
-                if not torch.isfinite(loss):
-                    raise diverged(step, f"the loss is {loss.item()}", last_checkpoint)
-                weight = mask[mb].sum() / n_scored  # this micro-batch's share of the scored tokens
-                weighted = loss * weight
-                weighted.backward()
-                loss_sum, kl_sum = loss_sum + weighted.item(), kl_sum + (kl * weight).item()
-                del student_logits, teacher_logits, loss, kl, weighted  # free before next forward
-            # 4. One optimizer step, only with a finite gradient; after it the student must still be
-            # finite (its weights, and its logits on the first micro-batch) or nothing is saved.
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(),
-                                                       cfg.grad_clip or math.inf)
-            if not torch.isfinite(grad_norm):
-                raise diverged(step, f"the gradient norm is {grad_norm.item()} (the update was not "
-                               f"applied)", last_checkpoint)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if lock:  # --lock-subspace: each locked matrix's update back into the early subspace
-                lock_to_subspace(student, lock_base, lock)
-            probe = slice(0, cfg.micro_batch_size)
-            with autocast:
-                broken = first_nonfinite(student, ids[probe], attention_mask[probe], n_response,
-                                         vocab)
-            if broken:
-                raise diverged(step, f"{broken} became NaN or inf in the update (diverged: try a "
-                               f"lower --lr)", last_checkpoint)
-            if on_gpu:
-                torch.cuda.synchronize()  # the GPU works asynchronously: wait before the clock
-            step_s = time.time() - t0
-            clock += step_s
-            record = {"step": step, "train/loss": loss_sum, "train/kl": kl_sum,
-                      "train/grad_norm": grad_norm.item(),
-                      "train/response_len": mask.sum(1).float().mean().item(),
-                      "train/reward": rewards.mean().item(),
-                      "train/no_signal": no_signal_share(rewards, cfg.group_size),
-                      "time/step_s": round(step_s, 3)}
-            if on_gpu:
-                record["gpu/peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            print(f"step {step:4d}/{cfg.steps} | loss {record['train/loss']:8.4f} | "
-                  f"kl {record['train/kl']:.4f} | len {record['train/response_len']:5.1f} | "
-                  f"{step_s:.2f} s")
-            # 5. EffOPD at t = 1, 2, 4, 8, ...: extrapolate, keep only what validation accepts.
-            if cfg.effopd and is_power_of_two(step):
-                t1 = time.time()
-                trials = effopd_extrapolate(
-                    student, anchor, lambda model: score(model, val_set, protocol.val_temperature),
-                    cfg.max_candidates)
-                kept = max(h["multiple"] for h in trials if h["kept"])
-                with autocast:
-                    broken = kept and first_nonfinite(student, ids[probe], attention_mask[probe],
-                                                      n_response, vocab)
-                if broken:
-                    raise diverged(step, f"{broken} became NaN or inf in EffOPD's move to "
-                                   f"W+{kept}D", last_checkpoint)
-                effopd_s = time.time() - t1
-                clock += effopd_s
-                record.update({"effopd/trials": trials, "effopd/kept_multiple": kept,
-                               "effopd/val_s": round(effopd_s, 3)})
-                print(f"effopd {step:4d} | " + " ".join(
-                    f"{h['multiple']:+d}D:{h['score']:.3f}{'*' if h['kept'] else ''}"
-                    for h in trials) + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
-            record["time/train_s"] = round(clock, 3)
-            history.append(record)
-            log(metrics_path, record)
-            # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                history.append(evaluate(score, student, val_set, test_set, step, clock))
-                log(metrics_path, history[-1])
-            if cfg.save_checkpoints and (is_power_of_two(step) or step == cfg.steps):
-                last_checkpoint = checkpoint(out, step, student, tokenizer, optimizer, anchor,
-                                             clock)
-        if on_gpu:
-            print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        print(f"done: {out}")
-        return history
+def is_sharded(model: torch.nn.Module) -> bool:
+    return bool(fsdp_modules(model))
 
 
-def main(argv=None) -> None:
-    cfg = parse_args(argv)
-    import transformers
-    transformers.utils.logging.disable_progress_bar()  # one line per step is the whole log
-    try:
-        train(cfg)
-    except (UserError, OSError) as e:
-        sys.exit(f"effopd: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: every file on disk is whole (written atomically)
-        out = run_folder(cfg)
-        step = min(logged_steps(os.path.join(out, "metrics.jsonl")) + 1, cfg.steps)
-        if os.path.isfile(os.path.join(out, "resume.pt")):
-            print(f"\ninterrupted at step {step}; resume with: python effopd.py --resume {out}",
-                  file=sys.stderr)
-        else:
-            print(f"\ninterrupted at step {step}; no checkpoint was saved, so nothing can be "
-                  f"resumed: delete {out} and start again", file=sys.stderr)
-        sys.exit(130)
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2: drop the gathered copies of the weights (a forward may leave them, the root module's
+    always), so that the parameters are the shards again and the next forward gathers the shards
+    as they are now. A no-op without FSDP2."""
+    for module in fsdp_modules(model):
+        module.reshard()
+
+
+def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as this process holds it: its local shard where it is sharded (an FSDP2
+    DTensor: the shard of the fp32 master weights that the next forward gathers), else itself."""
+    reshard(model)
+    with torch.no_grad():  # to_local() is then the shard's own storage: edits of it are kept
+        return {n: p.to_local() if hasattr(p, "to_local") else p
+                for n, p in model.named_parameters()}
+
+
+def rank0_score(score_fn, every_rank: bool = False):
+    """score_fn made collective: every process receives rank 0's value, so that all take one
+    accept/reject decision (or their weights drift apart). Only rank 0 scores, unless every_rank:
+    under FSDP2 every forward gathers the shards from all processes, so every rank must run
+    score_fn with the same forward calls (greedy decoding of the same prompts does). Without a
+    process group this is score_fn itself."""
+    import torch.distributed as dist
+
+    def score(model) -> float:
+        if not (dist.is_available() and dist.is_initialized()):
+            return float(score_fn(model))
+        value = [float(score_fn(model)) if every_rank or dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(value, src=0)  # gloo on CPUs, NCCL on GPUs; the others wait
+        return value[0]
+    return score
+
+
+def check_effopd_trainer(trainer, model: torch.nn.Module) -> None:
+    """Refuse, in one line, the trainers the callback would get wrong."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise NotImplementedError(
+            "EffOPDCallback does not support DeepSpeed: a move would have to write ZeRO's fp32 "
+            "master partition (deepspeed.utils.safe_set_local_fp32_param) and the bf16 partition "
+            "the forward reads (param.ds_tensor in ZeRO-3, param.data in ZeRO-1/2); use FSDP2 or "
+            "DDP")
+    if getattr(trainer, "is_fsdp_enabled", False) and not is_sharded(model):
+        raise NotImplementedError("EffOPDCallback supports FSDP version 2 (DTensor parameters), "
+                                  "not FSDP 1's flattened parameters: set fsdp_version: 2")
+    if hasattr(model, "peft_config") or any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("EffOPDCallback cannot extrapolate a PEFT/LoRA student: moving lora_A and "
+                         "lora_B apart is not W + m(W - B) (it adds m^2 dB dA); train full weights "
+                         "or merge the adapter first")
+
+
+def anchor_file(checkpoint: str, sharded: bool) -> str:
+    """Where the anchor is saved in a Trainer checkpoint folder: one file per rank if sharded."""
+    import torch.distributed as dist
+    rank = dist.get_rank() if sharded and dist.is_initialized() else 0
+    return os.path.join(checkpoint, f"effopd_anchor_rank{rank}.pt" if sharded else
+                        "effopd_anchor.pt")
+
+
+def load_anchor(path: str, like: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """The anchor saved at path, onto device; refused in one line unless it fits like."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EffOPDCallback: {path} is missing: the anchor B of the resumed "
+                                f"run cannot be restored (it is read from the checkpoint in "
+                                f"output_dir of the resumed step)")
+    saved = torch.load(path, map_location=device, weights_only=True)
+    if [(n, b.shape) for n, b in saved.items()] != [(n, b.shape) for n, b in like.items()]:
+        raise ValueError(f"EffOPDCallback: {path} does not fit this model's parameters (another "
+                         f"model, or another number of processes?)")
+    return saved
+
+
+class EffOPDCallback(TrainerCallback):
+    """EffOPD inside a transformers Trainer:
+    trainer.add_callback(EffOPDCallback(trainer, score_fn)).
+
+    After the optimizer step at global steps 1, 2, 4, 8, ... it runs effopd_extrapolate on the
+    model the trainer trains (unwrapped from DDP), in eval mode, scored by score_fn(model) ->
+    float (higher is better). The anchor B is taken at train begin, kept on anchor_device, saved in
+    every Trainer checkpoint (checkpoint-N/effopd_anchor*.pt) and restored from there on a resume.
+    The ladder goes through the trainer's own log (log_history, wandb, tensorboard):
+    effopd/kept_multiple, effopd/score_+<m>D per candidate, effopd/val_s. Optimizer state and
+    schedule are left alone. DDP: rank 0 scores, the score is broadcast (rank0_score), every rank
+    makes the same move. FSDP2: each rank moves its own shards, every rank scores, rank 0's score
+    decides. vLLM holds its own weights: TRL re-syncs them after this callback; elsewhere push them
+    after a trigger. DeepSpeed, FSDP 1 and PEFT are refused at train begin (check_effopd_trainer).
+    """
+
+    def __init__(self, trainer, score_fn, max_candidates: int = 5, anchor_device: str = "cpu"):
+        self.trainer, self.score_fn = trainer, score_fn
+        self.max_candidates, self.anchor_device = max_candidates, anchor_device
+        self.anchor, self.sharded = None, False  # parameter name -> B, from on_train_begin
+
+    def model(self) -> torch.nn.Module:
+        """The module the trainer trains now (it may have wrapped or replaced the one it got)."""
+        return self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = self.model()
+        check_effopd_trainer(self.trainer, model)
+        self.sharded = is_sharded(model)
+        self.anchor = effopd_anchor(model, self.anchor_device, weights=local_parameters(model))
+        if state.global_step > 0:  # resumed: the Trainer loaded W_t; B is the one saved with it
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self.anchor = load_anchor(anchor_file(checkpoint, self.sharded), self.anchor,
+                                      self.anchor_device)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.sharded or state.is_world_process_zero:  # sharded: each rank its own shards
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(checkpoint, exist_ok=True)  # a rank may get here before rank 0 made it
+            torch.save(self.anchor, anchor_file(checkpoint, self.sharded))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not is_power_of_two(state.global_step):
+            return
+        model, t0 = self.model(), time.time()
+        was_training = model.training
+        model.eval()  # no dropout while scoring
+        score = rank0_score(self.score_fn, self.sharded)
+        ladder = effopd_extrapolate(  # FSDP2: each forward must gather the shards as moved
+            model, self.anchor, lambda m: (reshard(m), score(m))[1], self.max_candidates,
+            weights=local_parameters(model))
+        reshard(model)
+        model.train(was_training)
+        record = {"effopd/kept_multiple": kept_multiple(ladder),
+                  **{f"effopd/score_{r['multiple']:+d}D": r["score"] for r in ladder},
+                  "effopd/val_s": round(time.time() - t0, 3)}
+        from transformers import Trainer
+        should_log = control.should_log  # the trainer's log resets it: the step's own log stays due
+        Trainer.log(self.trainer, record)  # the base log: TRL's would flush its running averages
+        control.should_log = should_log
 
 
 # ================================================================================================
-# PLUMBING. Nothing below is OPD or EffOPD: flag, data and run-folder checks, checkpoints and
-# --resume, atomic writes. Read it when a run refuses to start or stops.
+# PLUMBING. Nothing below is OPD or EffOPD: flag, data, model-file and run-folder checks, the run
+# folder's lock, --resume, checkpoints, the metrics log, atomic writes. Read it when a run refuses
+# to start or stops.
 # ================================================================================================
 
 
@@ -1108,13 +1077,18 @@ class UserError(Exception):
     """Bad input (flags, files, models) or a diverged run: one line, a non-zero exit."""
 
 
-SIZES = ("steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "chunk_size",
-         "max_candidates", "eval_every", "eval_batch_size", "val_size", "test_size", "lock_rank")
-# What --resume may change: in what pieces the work runs (the results agree up to floating-point
-# summation order), and --steps, to train further. Everything else is the run's (--device too:
+class RefusedConfig(UserError):
+    """A flag, the run folder or --resume's state refused before anything loads: exit 2, as
+    argparse's own errors."""
+
+
+AT_LEAST_ONE = ("steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size",
+                "chunk_size", "max_candidates", "eval_every", "eval_batch_size", "val_size",
+                "test_size", "lock_rank")
+# What --resume may change besides --steps (to train further): in what pieces the work runs (the
+# results agree up to floating-point summation order). Everything else is the run's (--device too:
 # CPU and CUDA draw different random streams).
-RESUMABLE = ("resume", "steps", "anchor_device", "micro_batch_size", "chunk_size",
-             "eval_batch_size")
+RESUMABLE = ("anchor_device", "micro_batch_size", "chunk_size", "eval_batch_size")
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -1126,7 +1100,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> Config:
     """Config from the command line: the defaults (or a setting's, or the resumed run's
-    config.json) with the given flags on top, checked before anything loads (argparse's exit 2)."""
+    config.json) with the given flags on top. train() checks it (check_config)."""
     parser = OneLineErrors(description=__doc__.split("\n\n")[0].strip(),
                            argument_default=argparse.SUPPRESS)
     for f in fields(Config):
@@ -1152,13 +1126,10 @@ def parse_args(argv=None) -> Config:
         if "setting" in given:
             given["setting"] = given["setting"][0]
         if "resume" in given:
-            cfg = resumed_config(given)
-        else:
-            cfg = Config(**{**SETTINGS.get(given.get("setting"), {}), **given})
-        check_config(cfg)
+            return resumed_config(given)
     except UserError as e:
         parser.error(str(e))
-    return cfg
+    return Config(**{**SETTINGS.get(given.get("setting"), {}), **given})
 
 
 def resumed_config(given: dict) -> Config:
@@ -1183,9 +1154,10 @@ def resumed_config(given: dict) -> Config:
                             f"of type {want.__name__}, as effopd.py writes it")
     flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
     for k, v in given.items():
-        if k not in RESUMABLE and v != saved.get(k):
+        if k not in ("resume", "steps", *RESUMABLE) and v != saved.get(k):
             raise UserError(f"{flags([k])} {v} differs from the run's {saved.get(k)}: a resumed "
-                            f"run keeps its config (only {flags(RESUMABLE[1:])} may change)")
+                            f"run keeps its config (only {flags(['steps', *RESUMABLE])} may "
+                            f"change)")
     return Config(**{**saved, **given, "out": given["resume"]})
 
 
@@ -1200,8 +1172,8 @@ def run_folder(cfg: Config) -> str:
 
 
 def check_config(cfg: Config) -> None:
-    """Everything that can be checked before a model loads: sizes, rates, paths, the run folder."""
-    for name in SIZES:
+    """The flags, before anything loads: sizes, rates, names of table rows, paths, devices."""
+    for name in AT_LEAST_ONE:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got "
                             f"{getattr(cfg, name)}")
@@ -1242,10 +1214,6 @@ def check_config(cfg: Config) -> None:
     on_gpu = default_device(cfg).startswith("cuda")
     if cfg.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16: this GPU does not support bf16; use fp32")
-    out = run_folder(cfg)
-    check_run_folder(out, resume=bool(cfg.resume))
-    if cfg.resume:
-        check_resume(out, cfg.steps)
 
 
 def check_device(flag: str, device: str) -> None:
@@ -1301,6 +1269,42 @@ def hold_run_folder(out: str):
         yield
 
 
+# ------------------------------------------------------------------------------------------------
+# Data and model files
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Read prompt/answer records; a bad line is reported by file and line number."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    records = []
+    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
+        for lineno, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1}: "
+                                f"{e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            answer = record.get("answer") if isinstance(record, dict) else None
+            if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
+                answer = int(answer)
+            if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                    and record["prompt"].strip() and isinstance(answer, int)
+                    and not isinstance(answer, bool)):
+                raise UserError(f"{path}:{lineno}: expected {{\"prompt\": non-empty string, "
+                                f"\"answer\": integer}}, got {line.strip()[:80]}")
+            records.append({"prompt": record["prompt"], "answer": answer})
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
 def load_splits(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     """The training records and the first --val-size / --test-size of the other two files."""
     train_set, val_set, test_set = load_jsonl(cfg.train), load_jsonl(cfg.val), load_jsonl(cfg.test)
@@ -1331,6 +1335,20 @@ def line_of(path: str, i: int) -> int:
     """The line number of load_jsonl(path)[i] (blank lines hold no record)."""
     with open(path, "rb") as f:
         return [n for n, line in enumerate(f, 1) if line.decode("utf-8").strip()][i]
+
+
+def load_model_and_tokenizer(path: str, dtype: torch.dtype, device: str):
+    """A causal LM and its tokenizer (hub name or folder); a file that cannot be read or a weight
+    that is NaN or inf is refused in one line (check_model_files, check_weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_model_files(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    check_weights(model, path)
+    return model, tokenizer
 
 
 def check_model_files(path: str) -> None:
@@ -1366,9 +1384,11 @@ def check_model_files(path: str) -> None:
 def check_weights(model, path: str) -> None:
     """Every weight of the model loaded from path is finite: nothing is trained or saved from a
     NaN or an infinity."""
-    weight = first_nonfinite_weight(model)
-    if weight:
-        raise UserError(f"{path}: weight {weight} is NaN or inf; expected finite weights")
+    for n, p in model.named_parameters():
+        try:
+            check_finite(p, f"weight {n}")
+        except FloatingPointError:
+            raise UserError(f"{path}: weight {n} is NaN or inf; expected finite weights") from None
 
 
 def print_effopd_scope(anchor: dict[str, torch.Tensor], model: torch.nn.Module,
@@ -1382,61 +1402,139 @@ def print_effopd_scope(anchor: dict[str, torch.Tensor], model: torch.nn.Module,
           f"parameters in scope (--protocol {protocol})")
 
 
-def diverged(step: int, what: str, last_checkpoint: str | None) -> UserError:
-    """A NaN or inf: the run stops before anything is saved from it."""
-    return UserError(f"step {step}: {what}; stopped before saving. Last good (finite) checkpoint: "
-                     f"{last_checkpoint or 'none saved'}")
-
-
 # ------------------------------------------------------------------------------------------------
-# Plumbing: checkpoints, --resume and atomic writes
+# The run folder while train() runs: checks, lock, --resume, checkpoints, the metrics log
 
 
-def checkpoint(out: str, step: int, student, tokenizer, optimizer, anchor: dict | None,
-               clock: float) -> str:
-    """The student's weights in out/step_N, then what --resume needs besides them in
-    out/resume.pt (only the latest): optimizer state, EffOPD anchor, clock, RNG states, and the
-    length of metrics.jsonl. Returns the checkpoint's path."""
-    path = os.path.join(out, f"step_{step:06d}")
-    save_checkpoint(student, tokenizer, path)
-    state = {"step": step, "checkpoint": os.path.basename(path), "clock": clock,
-             "optimizer": optimizer.state_dict(), "anchor": anchor,
-             "metrics_bytes": os.path.getsize(os.path.join(out, "metrics.jsonl")), "rng": {
-                 "python": random.getstate(), "torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
+@contextlib.contextmanager
+def open_run(cfg: Config):
+    """train()'s run folder: the flags and the folder checked and --resume's state read, once,
+    before any model loads (RefusedConfig); the folder held (a lock) while the block runs. Yields
+    the Run. A NaN or inf met in the block (FloatingPointError) stops the run in one line naming
+    the step and the last finite checkpoint."""
+    with contextlib.ExitStack() as stack:
+        try:
+            check_config(cfg)
+            out = run_folder(cfg)
+            check_run_folder(out, resume=bool(cfg.resume))
+            stack.enter_context(hold_run_folder(out))
+            run = Run(cfg, load_resume(out, cfg.steps) if cfg.resume else None)
+        except RefusedConfig:
+            raise
+        except UserError as e:
+            raise RefusedConfig(str(e)) from None
+        try:
+            yield run
+        except FloatingPointError as e:
+            raise UserError(f"step {run.step}: {e}; stopped before saving. Last good (finite) "
+                            f"checkpoint: {run.last_checkpoint or 'none saved'}") from None
 
-    def save(tmp: str) -> None:  # into an open file: a full disk then surfaces as an OSError
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-    write_atomically(os.path.join(out, "resume.pt"), save)
-    return path
+
+class Run:
+    """A run folder as train() writes it: config.json, metrics.jsonl, the checkpoints step_N and
+    resume.pt. resumed: the state of --resume (load_resume), None for a new run."""
+
+    def __init__(self, cfg: Config, resumed: dict | None):
+        self.cfg, self.out, self.resumed = cfg, run_folder(cfg), resumed
+        self.metrics = os.path.join(self.out, "metrics.jsonl")
+        self.step = resumed["step"] if resumed else 0  # the step under way (after: the last done)
+        self.clock = resumed["clock"] if resumed else 0.0  # seconds of training and EffOPD
+        self.last_checkpoint = os.path.join(self.out, resumed["checkpoint"]) if resumed else None
+        self.records, self.probe = [], None  # this call's metrics; the finite-logits inputs
+
+    def start(self, optimizer, anchor: dict | None, probe: tuple[torch.Tensor, torch.Tensor]):
+        """Write config.json. On --resume, put back what checkpoint() saved (optimizer state,
+        EffOPD's anchor, RNG states) and cut metrics.jsonl back to the saved step's lines; else
+        start metrics.jsonl empty. probe: (input_ids, attention_mask) of check_weights' logits."""
+        config = json.dumps({**asdict(self.cfg), "out": self.out}, indent=2)
+        write_atomically(os.path.join(self.out, "config.json"),
+                         lambda tmp: Path(tmp).write_text(config))
+        self.probe = probe
+        if not self.resumed:
+            open(self.metrics, "w").close()
+            return
+        optimizer.load_state_dict(self.resumed["optimizer"])
+        for n, b in (anchor or {}).items():
+            b.copy_(self.resumed["anchor"][n])
+        os.truncate(self.metrics, self.resumed["metrics_bytes"])  # drop the lines of lost steps
+        print(f"resuming {self.out} after step {self.step} ({self.last_checkpoint})")
+        rng = self.resumed["rng"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def steps(self):
+        """The steps left to train, in order; self.step is the one under way."""
+        while self.step < self.cfg.steps:
+            self.step += 1
+            yield self.step
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        append_line(self.metrics, record)
+
+    def check_weights(self, model, after: str, logits: bool = False) -> None:
+        """Every weight finite, and (logits) the model's logits on the probe prompts: finite
+        weights can still overflow them (1e12 after a huge step). Else FloatingPointError."""
+        try:
+            for n, p in model.named_parameters():
+                check_finite(p, f"weight {n}")
+            if logits:
+                with torch.no_grad():
+                    check_finite(model(self.probe[0], attention_mask=self.probe[1]).logits,
+                                 "a logit")
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} after {after}") from None
+
+    def checkpoint(self, step: int, student, tokenizer, optimizer, anchor: dict | None) -> None:
+        """The student, checked finite, in out/step_N, then what --resume needs besides it in
+        out/resume.pt (only the latest): optimizer state, EffOPD anchor, clock, RNG states, and
+        the length of metrics.jsonl."""
+        self.check_weights(student, "the update (diverged: try a lower --lr)", logits=True)
+        path = os.path.join(self.out, f"step_{step:06d}")
+        save_pretrained_atomically(student, tokenizer, path)
+        state = {"step": step, "checkpoint": os.path.basename(path), "clock": self.clock,
+                 "optimizer": optimizer.state_dict(), "anchor": anchor,
+                 "metrics_bytes": os.path.getsize(self.metrics), "rng": {
+                     "python": random.getstate(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
+                     else []}}
+
+        def save(tmp: str) -> None:  # into an open file: a full disk then surfaces as an OSError
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        write_atomically(os.path.join(self.out, "resume.pt"), save)
+        self.last_checkpoint = path
 
 
-def check_resume(out: str, steps: int) -> None:
-    """What --resume needs besides config.json, checked before a model loads: a readable
-    resume.pt, steps left to train, the checkpoint it continues from, metrics.jsonl whole."""
+def load_resume(out: str, steps: int) -> dict:
+    """resume.pt of the run in out, read once (weights_only: no code runs from it) and checked
+    before any model loads: the state Run.checkpoint saves, steps left to train, the checkpoint
+    it continues from, metrics.jsonl whole up to the length saved with it."""
     path = os.path.join(out, "resume.pt")
-    try:  # mmap: reads the step, not the optimizer state
-        resumed = torch.load(path, map_location="cpu", mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load's own errors (RuntimeError, EOFError, ...) on a cut file
         why = getattr(e, "strerror", None) or "truncated or corrupt"
         raise UserError(f"{path}: cannot be read ({why}); without it the run cannot be "
                         f"resumed") from None
     kinds = dict(step=int, checkpoint=str, clock=float, optimizer=dict, metrics_bytes=int,
-                 rng=dict)  # what checkpoint() saves, besides the anchor
-    state = resumed if isinstance(resumed, dict) else {}
+                 rng=dict)  # what Run.checkpoint saves, besides the anchor
+    state = state if isinstance(state, dict) else {}
     wrong = [k for k, kind in kinds.items() if type(state.get(k)) is not kind]
     if wrong:
         raise UserError(f"{path}: expected the state effopd.py saves; no valid "
                         f"{', '.join(wrong)} in it")
-    done, last = resumed["step"], os.path.join(out, resumed["checkpoint"])
+    done, last = state["step"], os.path.join(out, state["checkpoint"])
     if done >= steps:
         raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
                         f"to train it further")
     if not os.path.isdir(last):
         raise UserError(f"{last}: missing, but resume.pt continues from this checkpoint; put it "
                         f"back to resume, or start a new run")
-    check_metrics(os.path.join(out, "metrics.jsonl"), done, resumed["metrics_bytes"])
+    check_metrics(os.path.join(out, "metrics.jsonl"), done, state["metrics_bytes"])
+    return state
 
 
 def check_metrics(path: str, step: int, size: int) -> None:
@@ -1460,23 +1558,26 @@ def check_metrics(path: str, step: int, size: int) -> None:
                             f"resume, or start a new run")
 
 
-def restore_run(resumed: dict, optimizer, anchor: dict | None, metrics_path: str) -> float:
-    """Put back what checkpoint saved (the RNG states apart: set_rng_state, just before the loop)
-    and cut metrics.jsonl back to the saved step's lines, once check_metrics passes them; returns
-    the clock."""
-    optimizer.load_state_dict(resumed["optimizer"])
-    for n, b in (anchor or {}).items():
-        b.copy_(resumed["anchor"][n])
-    check_metrics(metrics_path, resumed["step"], resumed["metrics_bytes"])
-    os.truncate(metrics_path, resumed["metrics_bytes"])  # drop the lines of lost steps
-    return resumed["clock"]
+def save_pretrained_atomically(model, tokenizer, path: str) -> None:
+    """save_pretrained (safetensors) of model and tokenizer into the folder path, atomically."""
+    write_atomically(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
-def set_rng_state(rng: dict) -> None:
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def seconds_since(t0: float, device: str) -> float:
+    """time.time() - t0, once a GPU has done the work queued on it (it runs asynchronously)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.time() - t0
+
+
+def interrupted(out: str, steps: int) -> str:
+    """What Ctrl-C prints: the step it stopped in, and the command that resumes it."""
+    step = min(logged_steps(os.path.join(out, "metrics.jsonl")) + 1, steps)
+    if os.path.isfile(os.path.join(out, "resume.pt")):
+        return f"\ninterrupted at step {step}; resume with: python effopd.py --resume " \
+            f"{shlex.quote(out)}"
+    return f"\ninterrupted at step {step}; no checkpoint was saved, so nothing can be resumed: " \
+        f"delete {shlex.quote(out)} and start again"
 
 
 def write_atomically(path: str, save) -> None:
@@ -1506,30 +1607,7 @@ def write_atomically(path: str, save) -> None:
     remove(old)
 
 
-def save_checkpoint(model, tokenizer, path: str) -> None:
-    """save_pretrained (safetensors) of model and tokenizer into the folder path, atomically."""
-    write_atomically(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-
-
-def first_nonfinite_weight(model) -> str | None:
-    """The name of the model's first parameter holding a NaN or an infinity; None if none does."""
-    return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-
-
-def first_nonfinite(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    n_response: int, vocab_size: int) -> str | None:
-    """What of the model holds a NaN or an infinity: its first such weight, else its logits on
-    input_ids (B, P+R); None if all is finite. A run that diverged can keep finite weights (1e12
-    after a huge step) whose logits overflow, so both are checked."""
-    weight = first_nonfinite_weight(model)
-    if weight:
-        return f"weight {weight}"
-    with torch.no_grad():
-        logits = response_logits(model, input_ids, attention_mask, n_response, vocab_size)
-    return None if torch.isfinite(logits).all() else "the logits"
-
-
-def log(path: str, record: dict) -> None:
+def append_line(path: str, record: dict) -> None:
     """Append record to the JSONL at path as one line, whole or not at all: a failed write (a full
     disk) is cut back off, and the error names path."""
     line = (json.dumps(record) + "\n").encode()

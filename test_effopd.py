@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -355,7 +356,7 @@ def scripted(scores, model, seen):
     ([0.5, 0.5], 0),
     ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 10),        # all five candidates accepted
     ([0.5, 0.9, 0.6], 2)])
-def test_effopd_ladder_weights_anchor_and_history(scores, kept):
+def test_effopd_ladder_weights_and_anchor(scores, kept):
     model = Block()
     anchor = {n: p.detach().clone() - 1 - 2 * (n == "mlp.weight")  # D = 1, and 3 for the MLP
               for n, p in model.named_parameters() if effopd.is_attention_or_mlp(n)}
@@ -363,10 +364,11 @@ def test_effopd_ladder_weights_anchor_and_history(scores, kept):
     w_t = {n: p.detach().clone() for n, p in model.named_parameters()}
     d = {n: w_t[n] - anchor[n] for n in anchor}
     seen = []
-    history = effopd.effopd_extrapolate(model, anchor, scripted(scores, model, seen))
+    ladder = effopd.effopd_extrapolate(model, anchor, scripted(scores, model, seen))
     multiples = [0, 2, 4, 6, 8, 10][:len(scores)]
-    assert history == [{"multiple": m, "score": s, "kept": m == 0 or s > max(scores[:i])}
-                       for i, (m, s) in enumerate(zip(multiples, scores))]
+    assert ladder == [{"multiple": m, "score": s, "improved": m == 0 or s > max(scores[:i])}
+                      for i, (m, s) in enumerate(zip(multiples, scores))]
+    assert effopd.kept_multiple(ladder) == kept
     for m, weights in zip(multiples, seen):  # every candidate is W_t + m D, exactly
         for n, w in weights.items():
             assert torch.equal(w, w_t[n] + m * d[n] if n in anchor else w_t[n]), (m, n)
@@ -382,10 +384,10 @@ def test_effopd_never_keeps_a_lower_score():
         scores = torch.rand(6, generator=gen).round(decimals=1).tolist()
         model = Block()
         anchor = {n: p.detach() - 1 for n, p in model.named_parameters() if "mlp" in n}
-        history = effopd.effopd_extrapolate(model, anchor, scripted(scores, model, []))
-        kept = [h["score"] for h in history if h["kept"]]
-        assert all(a < b for a, b in zip(kept, kept[1:]))  # each kept one strictly better
-        assert history[-1]["kept"] is False or len(history) == 6
+        ladder = effopd.effopd_extrapolate(model, anchor, scripted(scores, model, []))
+        improved = [rung["score"] for rung in ladder if rung["improved"]]
+        assert all(a < b for a, b in zip(improved, improved[1:]))  # each one strictly better
+        assert ladder[-1]["improved"] is False or len(ladder) == 6
 
 
 def test_effopd_scope_on_qwen_names():
@@ -684,8 +686,7 @@ def decision(score_fn):  # rank 0 sees scores 0.1 0.2 0.3 0.2 (keep 4), rank 1 s
     model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(3, 3)})
     torch.nn.init.ones_(model.mlp.weight)
     anchor = {n: p.detach() - 1 for n, p in model.named_parameters()}
-    history = effopd.effopd_extrapolate(model, anchor, score_fn)
-    kept = max(h["multiple"] for h in history if h["kept"])
+    kept = effopd.kept_multiple(effopd.effopd_extrapolate(model, anchor, score_fn))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, (kept, model.mlp.weight.tolist()))
     return every
@@ -1101,7 +1102,7 @@ def test_training_run_tiny_with_effopd(tmp_path, capsys):
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    assert [r["step"] for r in steps if "effopd/trials" in r] == [1, 2, 4]
+    assert [r["step"] for r in steps if "effopd/ladder" in r] == [1, 2, 4]
     assert [r["step"] for r in records if "eval/test_acc" in r] == [0, 2, 4]
     assert all(r["train/kl"] >= 0 and math.isfinite(r["train/loss"]) for r in steps)
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == [
@@ -1151,7 +1152,7 @@ def test_training_run_tiny_in_bf16_on_the_cpu(tmp_path, monkeypatch):
     steps = [r for r in history if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(math.isfinite(r["train/loss"]) and r["train/kl"] >= 0 for r in steps)
-    assert all(len(r["effopd/trials"]) >= 2 for r in steps)  # the ladder ran at steps 1 and 2
+    assert all(len(r["effopd/ladder"]) >= 2 for r in steps)  # the ladder ran at steps 1 and 2
     assert seen == {"teacher": {torch.bfloat16}, "sample": {torch.bfloat16},
                     "accuracy": {torch.bfloat16},
                     "loss": {(torch.bfloat16, torch.bfloat16, torch.float32)}}
@@ -1206,8 +1207,8 @@ def test_training_run_effopd_keeps_what_it_validated(tmp_path, tokenizer):
     steps = {r["step"]: r for r in history if "train/loss" in r}
     evals = {r["step"]: r for r in history if "eval/val_acc" in r}
     for t in (1, 2, 4):  # after EffOPD, the model is the best candidate it scored
-        kept = [h["score"] for h in steps[t]["effopd/trials"] if h["kept"]]
-        assert evals[t]["eval/val_acc"] == kept[-1]
+        improved = [rung["score"] for rung in steps[t]["effopd/ladder"] if rung["improved"]]
+        assert evals[t]["eval/val_acc"] == improved[-1]
     # the checkpoint is written after EffOPD: reloaded, it scores the same
     model = Qwen2ForCausalLM.from_pretrained(os.path.join(out, "step_000004"))
     val = effopd.load_jsonl("data/tiny/val.jsonl")
@@ -1279,7 +1280,7 @@ def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys
 
 def test_training_run_refuses_too_few_logits(tmp_path, tokenizer):
     small = str(tmp_path / "small")
-    effopd.save_checkpoint(tiny_model("qwen2", 10), tokenizer, small)
+    effopd.save_pretrained_atomically(tiny_model("qwen2", 10), tokenizer, small)
     with pytest.raises(SystemExit, match="student has 10 logits, fewer than the tokenizer's 14"):
         effopd.main(["--tiny", "--student", small, "--out", str(tmp_path / "r")])
 
@@ -1293,7 +1294,7 @@ TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
 
 @pytest.mark.parametrize("flags, message", [
     *[([f"--{size.replace('_', '-')}", "0"], f"--{size.replace('_', '-')} must be at least 1, "
-       f"got 0") for size in effopd.SIZES],
+       f"got 0") for size in effopd.AT_LEAST_ONE],
     (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
     (["--lr=-1e-5"], r"--lr must be finite and > 0, got -1e-05"),
     (["--lr", "nan"], r"--lr must be finite and > 0, got nan"),
@@ -1584,18 +1585,26 @@ def test_official_protocol_validates_on_samples_and_moves_its_names(tmp_path, ca
             f"parameters in scope (--protocol official)") in capsys.readouterr().out
 
 
-def test_first_nonfinite_names_a_weight_or_the_logits():
+def test_check_finite_and_check_weights_name_a_weight_or_the_logits(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"^the loss is not finite \(nan\)$"):
+        effopd.check_finite(torch.tensor(float("nan")), "the loss")
+    effopd.check_finite(torch.tensor([1.0, -3e38]), "x")  # finite: nothing raised
+    run = effopd.Run(effopd.Config(out=str(tmp_path)), None)
+    run.probe = torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long)
     model = tiny_model("qwen2", 14)
-    ids, mask = torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long)
-    assert effopd.first_nonfinite(model, ids, mask, 2, 14) is None
+    run.check_weights(model, "the update", logits=True)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    assert effopd.first_nonfinite(model, ids, mask, 2, 14) == \
-        "weight model.layers.1.mlp.up_proj.weight"
+    with pytest.raises(FloatingPointError, match=r"^weight model\.layers\.1\.mlp\.up_proj\.weight "
+                                                 r"is not finite \(NaN or inf\) after the update$"):
+        run.check_weights(model, "the update")
     model = tiny_model("qwen2", 14)
     with torch.no_grad():
         model.lm_head.weight.fill_(3e38)  # finite weights whose logits overflow to inf
-    assert effopd.first_nonfinite(model, ids, mask, 2, 14) == "the logits"
+    run.check_weights(model, "the update")  # the weights alone pass
+    with pytest.raises(FloatingPointError, match=r"^a logit is not finite \(NaN or inf\) after "
+                                                 r"EffOPD's move$"):
+        run.check_weights(model, "EffOPD's move", logits=True)
 
 
 @pytest.mark.slow
@@ -1619,18 +1628,19 @@ def test_a_diverged_run_stops_before_saving_and_names_the_last_good_checkpoint(t
 def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
-        with pytest.raises(SystemExit, match=r"step 1: the gradient norm is inf \(the update was "
-                                             r"not applied\); stopped before saving"):
+        with pytest.raises(SystemExit, match=r"step 1: the gradient norm is not finite \(inf\); "
+                                             r"stopped before saving"):
             effopd.main([*TINY_RUN, "--out", str(tmp_path / "grad")])
 
     def broken_move(model, anchor, score_fn, *sizes):
         with torch.no_grad():
             model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
-        return [{"multiple": 0, "score": 0.1, "kept": True},
-                {"multiple": 2, "score": 0.2, "kept": True}]
+        return [{"multiple": 0, "score": 0.1, "improved": True},
+                {"multiple": 2, "score": 0.2, "improved": True}]
     monkeypatch.setattr(effopd, "effopd_extrapolate", broken_move)
     with pytest.raises(SystemExit, match=r"step 1: weight model\.layers\.0\.self_attn\.q_proj\."
-                                         r"weight became NaN or inf in EffOPD's move to W\+2D"):
+                                         r"weight is not finite \(NaN or inf\) after EffOPD's "
+                                         r"move to W\+2D"):
         effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "move")])
     assert not (tmp_path / "move" / "step_000001").exists()
 
@@ -1638,7 +1648,7 @@ def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError("No space left on device")])
 def test_save_checkpoint_replaces_whole_or_not_at_all(tmp_path, tokenizer, monkeypatch, failure):
     model, path = tiny_model("qwen2", 14), str(tmp_path / "step_000001")
-    effopd.save_checkpoint(model, tokenizer, path)
+    effopd.save_pretrained_atomically(model, tokenizer, path)
     before = sorted(os.listdir(path))
     assert "model.safetensors" in before
 
@@ -1650,7 +1660,7 @@ def test_save_checkpoint_replaces_whole_or_not_at_all(tmp_path, tokenizer, monke
     expected = pytest.raises(KeyboardInterrupt) if failure is KeyboardInterrupt else \
         pytest.raises(OSError, match=f"cannot write {re.escape(path)}: No space left on device")
     with expected:
-        effopd.save_checkpoint(model, tokenizer, path)
+        effopd.save_pretrained_atomically(model, tokenizer, path)
     assert sorted(os.listdir(path)) == before  # the complete old checkpoint is still there
     assert sorted(os.listdir(tmp_path)) == ["step_000001"]  # and no half-written step_000001.tmp
     reloaded = Qwen2ForCausalLM.from_pretrained(path)
@@ -1702,18 +1712,20 @@ def test_a_full_disk_is_named_and_leaves_resume_pt_and_metrics_whole(tmp_path, t
                                                                      monkeypatch):
     model, metrics = tiny_model("qwen2", 14), tmp_path / "metrics.jsonl"
     optimizer = torch.optim.AdamW(model.parameters())
-    effopd.log(str(metrics), {"step": 0, "eval/val_acc": 0.25})
-    effopd.checkpoint(str(tmp_path), 0, model, tokenizer, optimizer, None, 0.0)
+    effopd.append_line(str(metrics), {"step": 0, "eval/val_acc": 0.25})
+    run = effopd.Run(effopd.Config(out=str(tmp_path)), None)
+    run.probe = torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long)
+    run.checkpoint(0, model, tokenizer, optimizer, None)
     before = (tmp_path / "resume.pt").read_bytes(), metrics.read_bytes()
     monkeypatch.setattr(effopd, "open", lambda path, mode, **kw: FullDisk(path, mode),
                         raising=False)  # effopd's own files only
     monkeypatch.setattr(FullDisk, "room", 100)
     with pytest.raises(OSError) as error:  # torch.save's own error: "[enforce fail at ..."
-        effopd.checkpoint(str(tmp_path), 1, model, tokenizer, optimizer, None, 1.0)
+        run.checkpoint(1, model, tokenizer, optimizer, None)
     assert str(error.value) == f"cannot write {tmp_path}/resume.pt: No space left on device"
     monkeypatch.setattr(FullDisk, "room", 10)
     with pytest.raises(OSError) as error:
-        effopd.log(str(metrics), {"step": 1, "train/loss": 1.5})
+        effopd.append_line(str(metrics), {"step": 1, "train/loss": 1.5})
     assert str(error.value) == f"cannot write {metrics}: No space left on device"
     assert ((tmp_path / "resume.pt").read_bytes(), metrics.read_bytes()) == before  # no half line
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "resume.pt", "step_000000",
@@ -1748,11 +1760,13 @@ def stopped_run(out):
 
 def test_resume_cuts_metrics_back_to_the_records_of_the_checkpoint(tmp_path):
     out = stopped_run(tmp_path)
-    effopd.check_resume(str(out), steps=8)
+    resumed = effopd.load_resume(str(out), steps=8)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
-    resumed = {**torch.load(out / "resume.pt"), "optimizer": optimizer.state_dict(),
-               "anchor": None, "clock": 1.5}
-    assert effopd.restore_run(resumed, optimizer, None, str(out / "metrics.jsonl")) == 1.5
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": []}
+    run = effopd.Run(effopd.parse_args(["--resume", str(out)]),
+                     {**resumed, "optimizer": optimizer.state_dict(), "rng": rng})
+    run.start(optimizer, None, probe=None)
+    assert (run.step, run.clock, run.last_checkpoint) == (2, 1.5, str(out / "step_000002"))
     assert [json.loads(line) for line in open(out / "metrics.jsonl")] == KEPT
 
 
@@ -2035,10 +2049,10 @@ def test_checkpoint_pairs_are_checked_and_a_padded_vocabulary_is_cut(tmp_path):
 
 def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
     model = tiny_model("qwen2", 14)
-    effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000000"))
+    effopd.save_pretrained_atomically(model, tokenizer, str(tmp_path / "step_000000"))
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[1, 2] = float("nan")
-    effopd.save_checkpoint(model, tokenizer, str(tmp_path / "step_000004"))
+    effopd.save_pretrained_atomically(model, tokenizer, str(tmp_path / "step_000004"))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"^analyze: error: \S+step_000004/model\.safetensors: "
                                          r"model\.layers\.0\.mlp\.down_proj\.weight holds NaN "
@@ -2302,7 +2316,7 @@ def test_effopd_first_trigger_keeps_the_best_point_of_the_ladder():
     losses = {m: analyze.population_loss((1 + m) * lr * c, sigma, r).item()
               for m in range(0, 11, 2)}
     best = min(losses, key=losses.get)
-    assert max(h["multiple"] for h in trials[0] if h["kept"]) == best
+    assert effopd.kept_multiple(trials[0]) == best
     assert (deltas[1] - (1 + best) * lr * c).abs().max().item() < 1e-12
 
 

@@ -386,7 +386,7 @@ def convert_gguf(gguf: str, folder: str) -> None:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config  # eos = pad = <|im_end|>
     try:
-        effopd.save_checkpoint(model, tokenizer, folder)  # a tmp folder, renamed when complete
+        effopd.save_pretrained_atomically(model, tokenizer, folder)  # a tmp folder, renamed when complete
     except OSError as e:
         raise effopd.UserError(f"{str(e).splitlines()[0]}; free disk space (the float32 model "
                                f"takes 538 MB) and rerun") from None
@@ -486,7 +486,7 @@ def make_smol_teacher(student: str, adapter: str, folder: str) -> None:
     merge_lora(model, load_file(os.path.join(adapter, "adapter.safetensors")),
                lora["alpha"] / lora["rank"])
     try:
-        effopd.save_checkpoint(model, tokenizer, folder)
+        effopd.save_pretrained_atomically(model, tokenizer, folder)
     except OSError as e:
         raise effopd.UserError(f"{str(e).splitlines()[0]}; free disk space (538 MB) and rerun")
     print(f"teacher: wrote {folder}")
@@ -512,7 +512,7 @@ def save(tokenizer, test: list[dict], max_new_tokens: int, folder: str,
          dtype: torch.dtype = torch.float32, **models) -> None:
     """Save each model to folder/<name> in dtype; print its test accuracy with the saved weights."""
     for name, model in models.items():
-        effopd.save_checkpoint(model.to(dtype), tokenizer, os.path.join(folder, name))
+        effopd.save_pretrained_atomically(model.to(dtype), tokenizer, os.path.join(folder, name))
         acc = effopd.accuracy(model.float(), tokenizer, test, max_new_tokens,
                               [tokenizer.eos_token_id])
         print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, "

@@ -56,15 +56,16 @@ and 2 layers, random weights; two teachers: an independent random model with 1.5
 KL), and the student plus noise (a small KL, where the relative difference is largest).
 
 gpu. `python effopd.py`'s path without its checkpoints: random-weight models with the exact
-configurations of Qwen2.5-0.5B-Instruct and 1.5B-Instruct (QWEN25), Qwen2.5's tokenizer rebuilt
-from data/qwen/qwen.tiktoken.xz (qwen25_tokenizer), the prompts of data/arith. --steps steps of
-rollouts, scoring, loss, backward and AdamW, made of effopd's own functions as train() calls them,
-one EffOPD trigger after step 1, one greedy evaluation. Each phase is timed and its peak memory read
-(torch.cuda.max_memory_allocated on a GPU, the peak RSS VmHWM on a CPU; reset at each phase's
-start). Then micro-batches of 1, 2, 4, ... responses (the last rollout's rows, repeated when
-needed) are scored and backpropagated until one runs out of memory or peaks above --memory-gib:
-the largest that fitted is the --micro-batch-size to use. The counts are small (3 steps, one
-trigger, 64 evaluation prompts) to fit a short GPU loan; its GPU time has not been measured.
+configurations of Qwen2.5-0.5B-Instruct and 1.5B-Instruct (QWEN25), saved and loaded by effopd's
+loader, Qwen2.5's tokenizer rebuilt from data/qwen/qwen.tiktoken.xz (qwen25_tokenizer), the prompts
+of data/arith. --steps calls of effopd.opd_step (rollouts, scoring, loss, backward and AdamW, the
+step train() runs), one EffOPD trigger after step 1, one greedy evaluation. Each phase is timed and
+its peak memory read (torch.cuda.max_memory_allocated on a GPU, the peak RSS VmHWM on a CPU; reset
+at each phase's start) by wrapping the functions the step calls (timed_phases). Then whole steps
+with micro-batches of 1, 2, 4, ... responses run until one runs out of memory or peaks above
+--memory-gib: the largest that fitted is the --micro-batch-size to use. The counts are small (3
+steps, one trigger, 64 evaluation prompts) to fit a short GPU loan; its GPU time has not been
+measured.
 --shapes tiny: small widths and run sizes, Qwen's vocabulary, for the CPU test.
 
 Each command exits 1 when it prints FAIL or a measurement fails. What these printed on the
@@ -82,6 +83,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -921,74 +923,59 @@ class Phases:
         self.peak[name] = max(self.peak.get(name, 0), peak)
 
 
-def opd_micro_batches(student, teacher, ids, attention_mask, mask, vocab: int,
-                      micro_batch_size: int, autocast, phases: Phases) -> float:
-    """Steps 2 and 3 of effopd.train for OPD: both models score the ids micro-batch by
-    micro-batch, each loss weighted by its share of the scored tokens, then backward. Returns
-    the loss."""
-    n_response, n_scored, total = mask.shape[1], mask.sum().clamp(min=1), 0.0
-    for i in range(0, len(ids), micro_batch_size):
-        mb = slice(i, i + micro_batch_size)
-        with phases("student_forward"), autocast:
-            student_logits = effopd.response_logits(student, ids[mb], attention_mask[mb],
-                                                    n_response, vocab)
-        with phases("teacher_forward"), autocast, torch.no_grad():
-            teacher_logits = effopd.response_logits(teacher, ids[mb], attention_mask[mb],
-                                                    n_response, vocab)
-        with phases("loss"):
-            loss = effopd.opd_loss(student_logits, teacher_logits, mask[mb]) * (
-                mask[mb].sum() / n_scored)
-        with phases("backward"):
-            loss.backward()
-        total += loss.item()
-        del student_logits, teacher_logits, loss
-    return total
+@contextlib.contextmanager
+def timed_phases(phases: Phases, student, optimizer):
+    """Inside the block, effopd.opd_step (the step users run) is timed by phase: the functions it
+    calls are wrapped, each in its phase; backward is Tensor.backward, the optimizer phase the
+    gradient clip and AdamW's step."""
+    originals = [(effopd, "sample"), (effopd, "response_logits"), (effopd, "opd_loss"),
+                 (torch.Tensor, "backward"), (torch.nn.utils, "clip_grad_norm_"),
+                 (optimizer, "step")]
+    saved = [getattr(owner, name) for owner, name in originals]
 
-
-def opd_step(student, teacher, optimizer, prompts: list[list[int]], max_new_tokens: int,
-             eos: list[int], pad_id: int, vocab: int, micro_batch_size: int, autocast,
-             phases: Phases):
-    """Steps 1 to 4 of effopd.train for OPD, without its checks: rollouts at temperature 1,
-    scoring, loss, backward, a clipped AdamW step. Returns the rollout (ids, attention_mask,
-    mask) and the loss."""
-    with phases("rollout"), autocast:
-        ids, attention_mask, mask = effopd.sample(student, prompts, max_new_tokens, eos, pad_id,
-                                                  vocab, 1.0)
-    loss = opd_micro_batches(student, teacher, ids, attention_mask, mask, vocab,
-                             micro_batch_size, autocast, phases)
-    with phases("optimizer"):
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return ids, attention_mask, mask, loss
-
-
-def random_pair(student_shape: dict, teacher_shape: dict, seed: int, device: str, bf16: bool):
-    """Qwen2.5's tokenizer, a random student in fp32 and a frozen random teacher (in bf16 when
-    bf16) on device, with Qwen2.5-Instruct's generation EOS ids, as effopd's loading gives them."""
-    tokenizer = qwen25_tokenizer()
-    student = random_qwen2(student_shape, seed).to(device)
-    teacher = random_qwen2(teacher_shape, seed + 1, torch.bfloat16 if bf16 else torch.float32)
-    teacher = teacher.to(device).requires_grad_(False)
-    for model in (student, teacher):  # as in Qwen2.5-Instruct's generation_config.json
-        model.generation_config.eos_token_id = [151645, 151643]
-    return tokenizer, student, teacher
-
-
-def micro_batch_peak(size: int, student, teacher, ids, attention_mask, mask, vocab: int,
-                     autocast, device: str) -> int | None:
-    """Peak memory of scoring, loss and backward of one micro-batch of size responses (the
-    rollout's rows, repeated when size is larger), or None when it runs out of memory."""
-    rows = torch.arange(size) % len(ids)
-    trial = Phases(device)
+    def timed(phase, fn):
+        def call(*args, **kwargs):
+            with phases(phase(*args) if callable(phase) else phase):
+                return fn(*args, **kwargs)
+        return call
+    scorer = lambda model, *args: "student_forward" if model is student else "teacher_forward"  # noqa: E731
+    for (owner, name), fn, phase in zip(originals, saved, [
+            "rollout", scorer, "loss", "backward", "optimizer", "optimizer"]):
+        setattr(owner, name, timed(phase, fn))
     try:
-        opd_micro_batches(student, teacher, ids[rows], attention_mask[rows], mask[rows], vocab,
-                          size, autocast, trial)
-        return max(trial.peak.values())
+        yield
+    finally:
+        for (owner, name), fn in zip(originals, saved):
+            setattr(owner, name, fn)
+
+
+def random_pair(student_shape: dict, teacher_shape: dict, seed: int, folder: str, device: str,
+                bf16: bool):
+    """A random student and teacher of the given configurations, with Qwen2.5's tokenizer and
+    Qwen2.5-Instruct's generation EOS ids, saved in folder (bf16) and loaded by effopd's own
+    loader, as effopd.train loads models."""
+    tokenizer = qwen25_tokenizer()
+    paths = []
+    for i, shape in enumerate((student_shape, teacher_shape)):
+        model = random_qwen2(shape, seed + i, torch.bfloat16)
+        model.generation_config.eos_token_id = [151645, 151643]  # as generation_config.json
+        paths.append(os.path.join(folder, ("student", "teacher")[i]))
+        model.save_pretrained(paths[-1])
+        tokenizer.save_pretrained(paths[-1])
+        del model
+    return effopd.load_student_and_teacher(*paths, device, bf16)
+
+
+def micro_batch_peak(size: int, step, device: str) -> int | None:
+    """Peak memory of step(size): one whole effopd.opd_step with micro-batches of size responses,
+    or None when it runs out of memory."""
+    peak_reset(device)
+    try:
+        step(size)
+        return peak_bytes(device)
     except torch.OutOfMemoryError:
         return None
     finally:
-        student.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -1041,9 +1028,9 @@ def bench_gpu(args) -> bool:
     print(f"gpu: {args.shapes} shapes on {device} ({name}), {'bf16' if bf16 else 'fp32'}; "
           f"{args.batch_size} prompts x {args.group_size} samples, <= {args.max_new_tokens} new "
           f"tokens, micro-batch {args.micro_batch_size}, {args.steps} steps", flush=True)
-    with phases("build"):  # the tokenizer and the random models (not part of a step)
-        tokenizer, student, teacher = random_pair(student_shape, teacher_shape, args.seed, device,
-                                                  bf16)
+    with phases("build"), tempfile.TemporaryDirectory() as folder:  # not part of a step
+        student, teacher, tokenizer = random_pair(student_shape, teacher_shape, args.seed, folder,
+                                                  device, bf16)
     vocab, eos = len(tokenizer), effopd.eos_ids(tokenizer, student)
     print(f"built in {phases.seconds['build']:.1f} s: tokenizer of {vocab} tokens, student "
           f"{sum(p.numel() for p in student.parameters()) / 1e9:.3f}B, teacher "
@@ -1052,6 +1039,8 @@ def bench_gpu(args) -> bool:
     train_set, val_set, test_set = (effopd.load_jsonl(os.path.join(data, f"{split}.jsonl"))
                                     for split in ("train", "val", "test"))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    sizes = dict(group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                 micro_batch_size=args.micro_batch_size, autocast=autocast)
 
     def score(model, records: list[dict]) -> float:  # as train()'s: greedy accuracy, autocast
         with autocast:
@@ -1059,39 +1048,41 @@ def bench_gpu(args) -> bool:
 
     with phases("effopd_anchor"):
         anchor = effopd.effopd_anchor(student, "cpu")
-    steps, effopd_trials = [], None
+    steps, effopd_ladder = [], None
     for step in range(1, args.steps + 1):
         before = dict(phases.seconds)
-        batch = [r for r in rng.sample(train_set, args.batch_size) for _ in range(args.group_size)]
-        prompts = effopd.render_prompts(tokenizer, [r["prompt"] for r in batch])
-        ids, attention_mask, mask, loss = opd_step(
-            student, teacher, optimizer, prompts, args.max_new_tokens, eos,
-            tokenizer.pad_token_id, vocab, args.micro_batch_size, autocast, phases)
+        with timed_phases(phases, student, optimizer):
+            record = effopd.opd_step(student, teacher, tokenizer, optimizer,
+                                     rng.sample(train_set, args.batch_size), **sizes)
         seconds = {k: round(v - before.get(k, 0.0), 4) for k, v in phases.seconds.items()
                    if v != before.get(k)}
-        steps.append({"step": step, "loss": loss, "prompt_len": ids.shape[1] - mask.shape[1],
-                      "response_tokens": int(mask.sum()), "response_len": mask.shape[1],
-                      "rollout_tokens_per_s": round(int(mask.sum()) / seconds["rollout"], 1),
+        tokens = round(record["train/response_len"] * args.batch_size * args.group_size)
+        steps.append({"step": step, "loss": record["train/loss"], "response_tokens": tokens,
+                      "rollout_tokens_per_s": round(tokens / seconds["rollout"], 1),
                       "seconds": seconds, "step_s": round(sum(seconds.values()), 4)})
         r = steps[-1]
-        print(f"step {step}/{args.steps} | loss {loss:.4f} | rollout {r['response_tokens']} "
-              f"tokens in {seconds['rollout']:.2f} s ({r['rollout_tokens_per_s']:.0f} tokens/s) "
-              f"| scoring, loss, backward, AdamW "
-              f"{r['step_s'] - seconds['rollout']:.2f} s | {r['step_s']:.2f} s", flush=True)
+        print(f"step {step}/{args.steps} | loss {r['loss']:.4f} | rollout {tokens} tokens in "
+              f"{seconds['rollout']:.2f} s ({r['rollout_tokens_per_s']:.0f} tokens/s) | "
+              f"scoring, loss, backward, AdamW {r['step_s'] - seconds['rollout']:.2f} s | "
+              f"{r['step_s']:.2f} s", flush=True)
         if step == 1:  # EffOPD's trigger at t = 1, on the validation prompts
             with phases("effopd"):
-                effopd_trials = effopd.effopd_extrapolate(
+                effopd_ladder = effopd.effopd_extrapolate(
                     student, anchor, lambda model: score(model, val_set[:args.val_size]))
-            print(f"effopd 1 | {len(effopd_trials)} candidates scored on {args.val_size} "
+            print(f"effopd 1 | {len(effopd_ladder)} candidates scored on {args.val_size} "
                   f"prompts in {phases.seconds['effopd']:.2f} s", flush=True)
     with phases("evaluation"):
         accuracy = score(student, test_set[:args.eval_size])
     print(f"evaluation | greedy accuracy of {args.eval_size} test prompts {accuracy:.3f} in "
           f"{phases.seconds['evaluation']:.2f} s", flush=True)
     budget = int(args.memory_gib * GiB) if args.memory_gib else device_memory(device)
+
+    def one_step(size: int) -> None:  # a whole step whose micro-batches hold size responses
+        prompts = rng.sample(train_set, max(1, math.ceil(size / args.group_size)))
+        effopd.opd_step(student, teacher, tokenizer, optimizer, prompts,
+                        **{**sizes, "micro_batch_size": size})
     largest, trials = largest_micro_batch(
-        lambda size: micro_batch_peak(size, student, teacher, ids, attention_mask, mask, vocab,
-                                      autocast, device),
+        lambda size: micro_batch_peak(size, one_step, device),
         args.max_micro_batch or args.batch_size * args.group_size, budget)
     print(f"{'phase':>16s} | seconds (all calls) | peak GiB")
     for phase, s in phases.seconds.items():
@@ -1104,7 +1095,7 @@ def bench_gpu(args) -> bool:
                else "peak RSS (VmHWM)",
                "phases": {p: {"seconds": round(s, 4), "peak_gib": round(phases.peak[p] / GiB, 3)}
                           for p, s in phases.seconds.items()},
-               "steps": steps, "effopd_trials": effopd_trials, "eval_accuracy": accuracy,
+               "steps": steps, "effopd_ladder": effopd_ladder, "eval_accuracy": accuracy,
                "memory_budget_gib": round(budget / GiB, 3), "largest_micro_batch": largest,
                "micro_batch_trials": trials}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

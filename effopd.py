@@ -385,24 +385,6 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logits[:, :-1, :vocab_size]
 
 
-@torch.no_grad()
-def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, eos: list[int],
-             batch_size: int = 64, temperature: float = 0.0) -> float:
-    """Share of records whose response ends in the right number: greedy (deterministic) at
-    temperature 0, else one answer sampled per record."""
-    correct = 0
-    for i in range(0, len(records), batch_size):
-        batch = records[i:i + batch_size]
-        ids, _, mask = sample(model, render_prompts(tokenizer, [r["prompt"] for r in batch]),
-                              max_new_tokens, eos, tokenizer.pad_token_id, len(tokenizer),
-                              temperature)
-        response = ids[:, -mask.shape[1]:]
-        for r, row, m in zip(batch, response, mask):
-            text = tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
-            correct += extract_answer(text) == r["answer"]
-    return correct / len(records)
-
-
 def answer_rewards(tokenizer, tokens: torch.Tensor, mask: torch.Tensor,
                    answers: list[int]) -> torch.Tensor:
     """1.0 where a response (B, R), up to its mask, ends in the right number, else 0.0: (B,)."""
@@ -413,15 +395,7 @@ def answer_rewards(tokenizer, tokens: torch.Tensor, mask: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------
-# One training step
-
-
-def check_finite(x: torch.Tensor, what: str) -> None:
-    """Raise FloatingPointError naming what unless every entry of x is finite: a run stops at the
-    first NaN or inf, before anything is trained on it or saved from it."""
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"{what} is not finite "
-                                 f"({x.item() if x.numel() == 1 else 'NaN or inf'})")
+# One training step, and the scoring that evaluation and EffOPD share
 
 
 def opd_step(student, teacher, tokenizer, optimizer, batch: list[dict], loss: str = "opd", *,
@@ -478,6 +452,23 @@ def opd_step(student, teacher, tokenizer, optimizer, batch: list[dict], loss: st
             "train/reward": rewards.mean().item(),
             "train/no_signal": no_signal_share(rewards, group_size)}
 
+
+@torch.no_grad()
+def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, eos: list[int],
+             batch_size: int = 64, temperature: float = 0.0) -> float:
+    """Share of records whose response ends in the right number: greedy (deterministic) at
+    temperature 0, else one answer sampled per record."""
+    correct = 0
+    for i in range(0, len(records), batch_size):
+        batch = records[i:i + batch_size]
+        ids, _, mask = sample(model, render_prompts(tokenizer, [r["prompt"] for r in batch]),
+                              max_new_tokens, eos, tokenizer.pad_token_id, len(tokenizer),
+                              temperature)
+        response = ids[:, -mask.shape[1]:]
+        for r, row, m in zip(batch, response, mask):
+            text = tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+            correct += extract_answer(text) == r["answer"]
+    return correct / len(records)
 
 # ------------------------------------------------------------------------------------------------
 # EffOPD: extrapolation along the update direction, kept only when validation improves
@@ -580,40 +571,6 @@ def kept_multiple(ladder: list[dict]) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # Training: set-up, then one loop
-
-
-def use_bf16(precision: str, device: str) -> bool:
-    """--precision: bf16 (student in fp32 under bf16 autocast, teacher in bf16) or fp32; auto is
-    bf16 on a GPU that supports it, fp32 elsewhere."""
-    if precision == "auto":
-        return device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
-
-
-def check_same_tokenizer(student_tok, teacher_tok) -> None:
-    """OPD compares the two models token by token: they must map text to the same ids."""
-    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if s != t:
-        differ = sorted(set(s.items()) ^ set(t.items()), key=str)[:3]
-        raise UserError(f"student and teacher tokenizers differ ({len(s)} vs {len(t)} tokens; "
-                        f"e.g. {differ}); OPD needs one shared tokenizer")
-
-
-def load_student_and_teacher(student_path: str, teacher_path: str, device: str, bf16: bool):
-    """The student in fp32 (bf16 weights would round lr-1e-6 updates away), the frozen teacher in
-    bf16 when bf16, and their one tokenizer, with a pad token. Returns all three."""
-    student, tokenizer = load_model_and_tokenizer(student_path, torch.float32, device)
-    teacher, teacher_tokenizer = load_model_and_tokenizer(
-        teacher_path, torch.bfloat16 if bf16 else torch.float32, device)
-    check_same_tokenizer(tokenizer, teacher_tokenizer)
-    teacher.eval().requires_grad_(False)
-    for name, m in (("student", student), ("teacher", teacher)):
-        if m.get_output_embeddings().weight.shape[0] < len(tokenizer):
-            raise UserError(f"{name} has {m.get_output_embeddings().weight.shape[0]} logits, "
-                            f"fewer than the tokenizer's {len(tokenizer)} tokens")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return student, teacher, tokenizer
 
 
 def evaluate(accuracy_of, student, val_set: list[dict], test_set: list[dict], step: int,
@@ -1270,7 +1227,7 @@ def hold_run_folder(out: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data and model files
+# Data, models and finite checks
 
 
 def load_jsonl(path: str) -> list[dict]:
@@ -1349,6 +1306,40 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype, device: str):
         raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
     check_weights(model, path)
     return model, tokenizer
+
+
+def use_bf16(precision: str, device: str) -> bool:
+    """--precision: bf16 (student in fp32 under bf16 autocast, teacher in bf16) or fp32; auto is
+    bf16 on a GPU that supports it, fp32 elsewhere."""
+    if precision == "auto":
+        return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def check_same_tokenizer(student_tok, teacher_tok) -> None:
+    """OPD compares the two models token by token: they must map text to the same ids."""
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s != t:
+        differ = sorted(set(s.items()) ^ set(t.items()), key=str)[:3]
+        raise UserError(f"student and teacher tokenizers differ ({len(s)} vs {len(t)} tokens; "
+                        f"e.g. {differ}); OPD needs one shared tokenizer")
+
+
+def load_student_and_teacher(student_path: str, teacher_path: str, device: str, bf16: bool):
+    """The student in fp32 (bf16 weights would round lr-1e-6 updates away), the frozen teacher in
+    bf16 when bf16, and their one tokenizer, with a pad token. Returns all three."""
+    student, tokenizer = load_model_and_tokenizer(student_path, torch.float32, device)
+    teacher, teacher_tokenizer = load_model_and_tokenizer(
+        teacher_path, torch.bfloat16 if bf16 else torch.float32, device)
+    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    teacher.eval().requires_grad_(False)
+    for name, m in (("student", student), ("teacher", teacher)):
+        if m.get_output_embeddings().weight.shape[0] < len(tokenizer):
+            raise UserError(f"{name} has {m.get_output_embeddings().weight.shape[0]} logits, "
+                            f"fewer than the tokenizer's {len(tokenizer)} tokens")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return student, teacher, tokenizer
 
 
 def check_model_files(path: str) -> None:
@@ -1556,6 +1547,13 @@ def check_metrics(path: str, step: int, size: int) -> None:
                             f"with the checkpoint of step {step}, got "
                             f"{line.decode(errors='replace').strip()[:60]!r}; undo the change to "
                             f"resume, or start a new run")
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise FloatingPointError naming what unless every entry of x is finite: a run stops at the
+    first NaN or inf, before anything is trained on it or saved from it."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"{what} is {x.item() if x.numel() == 1 else 'NaN or inf'}")
 
 
 def save_pretrained_atomically(model, tokenizer, path: str) -> None:

@@ -1586,7 +1586,7 @@ def test_official_protocol_validates_on_samples_and_moves_its_names(tmp_path, ca
 
 
 def test_check_finite_and_check_weights_name_a_weight_or_the_logits(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"^the loss is not finite \(nan\)$"):
+    with pytest.raises(FloatingPointError, match=r"^the loss is nan$"):
         effopd.check_finite(torch.tensor(float("nan")), "the loss")
     effopd.check_finite(torch.tensor([1.0, -3e38]), "x")  # finite: nothing raised
     run = effopd.Run(effopd.Config(out=str(tmp_path)), None)
@@ -1596,13 +1596,13 @@ def test_check_finite_and_check_weights_name_a_weight_or_the_logits(tmp_path):
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"^weight model\.layers\.1\.mlp\.up_proj\.weight "
-                                                 r"is not finite \(NaN or inf\) after the update$"):
+                                                 r"is NaN or inf after the update$"):
         run.check_weights(model, "the update")
     model = tiny_model("qwen2", 14)
     with torch.no_grad():
         model.lm_head.weight.fill_(3e38)  # finite weights whose logits overflow to inf
     run.check_weights(model, "the update")  # the weights alone pass
-    with pytest.raises(FloatingPointError, match=r"^a logit is not finite \(NaN or inf\) after "
+    with pytest.raises(FloatingPointError, match=r"^a logit is NaN or inf after "
                                                  r"EffOPD's move$"):
         run.check_weights(model, "EffOPD's move", logits=True)
 
@@ -1628,7 +1628,7 @@ def test_a_diverged_run_stops_before_saving_and_names_the_last_good_checkpoint(t
 def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
-        with pytest.raises(SystemExit, match=r"step 1: the gradient norm is not finite \(inf\); "
+        with pytest.raises(SystemExit, match=r"step 1: the gradient norm is inf; "
                                              r"stopped before saving"):
             effopd.main([*TINY_RUN, "--out", str(tmp_path / "grad")])
 
@@ -1639,8 +1639,7 @@ def test_nonfinite_gradient_or_effopd_move_stops_the_run(tmp_path, monkeypatch):
                 {"multiple": 2, "score": 0.2, "improved": True}]
     monkeypatch.setattr(effopd, "effopd_extrapolate", broken_move)
     with pytest.raises(SystemExit, match=r"step 1: weight model\.layers\.0\.self_attn\.q_proj\."
-                                         r"weight is not finite \(NaN or inf\) after EffOPD's "
-                                         r"move to W\+2D"):
+                                         r"weight is NaN or inf after EffOPD's move to W\+2D"):
         effopd.main([*TINY_RUN, "--effopd", "--out", str(tmp_path / "move")])
     assert not (tmp_path / "move" / "step_000001").exists()
 
@@ -2580,7 +2579,7 @@ def test_bench_gpu_tiny_shapes_on_the_cpu(tmp_path):
     assert [s["step"] for s in steps] == [1, 2]
     assert all(math.isfinite(s["loss"]) and s["rollout_tokens_per_s"] > 0 for s in steps)
     assert all(s["response_tokens"] <= 2 * 2 * 8 for s in steps)  # 2 prompts x 2, <= 8 tokens
-    assert len(figures["effopd_trials"]) >= 2
+    assert len(figures["effopd_ladder"]) >= 2
     trials = figures["micro_batch_trials"]
     assert [t["micro_batch_size"] for t in trials] == [1, 2, 4, 6]  # all fit in the machine
     assert figures["largest_micro_batch"] == 6 and all(t["fits"] for t in trials)

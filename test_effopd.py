@@ -1688,7 +1688,7 @@ def test_leftover_tmp_files_neither_block_nor_stay(tmp_path):
 def test_io_error_is_one_line_naming_the_path(tmp_path, monkeypatch):
     def full(model, tokenizer, path):
         raise OSError(f"cannot write {path}: I/O error: No space left on device (os error 28)")
-    monkeypatch.setattr(effopd, "save_checkpoint", full)
+    monkeypatch.setattr(effopd, "save_pretrained_atomically", full)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=f"^effopd: error: cannot write {re.escape(str(out))}/"
                                          r"step_000000: I/O error: No space left on device"):

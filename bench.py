@@ -73,6 +73,7 @@ project's 2-core machine, and the commands, are in RESULTS.md.
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import glob
 import json
@@ -577,8 +578,20 @@ ARMS = ("opd", "grpo", "sft")
 
 def reproduce_run(argv: list[str], out: str, steps: int) -> None:
     """effopd.py with these flags into out, unless out holds the finished run (its last
-    checkpoint) already: an interrupted benchmark picks up where it stopped."""
+    checkpoint) already, made with the same flags: an interrupted benchmark picks up where it
+    stopped; a folder of another run is refused in one line."""
     if os.path.isdir(os.path.join(out, f"step_{steps:06d}")):
+        want = {**dataclasses.asdict(effopd.parse_args(argv + ["--out", out])), "out": out}
+        try:
+            made = json.loads(Path(out, "config.json").read_text())
+        except (OSError, ValueError):
+            made = {}
+        differ = [k for k in want if made.get(k) != want[k]]
+        if differ:
+            raise SystemExit(f"bench.py: error: {out} holds a run made with other flags ("
+                             + ", ".join(f"{k}: {made.get(k)!r}, not {want[k]!r}"
+                                         for k in differ[:3])
+                             + "): delete it, or pass another --out")
         return
     shutil.rmtree(out, ignore_errors=True)
     print(f"running {' '.join(argv)} --out {out}", flush=True)

@@ -739,15 +739,10 @@ def subspace_alignment(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> 
 def top_singular_subspaces(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal bases of the top-k left and right singular subspaces of w (m, n): (m, k), (n, k).
 
-    From the eigenvectors of the smaller Gram matrix (w^T w or w w^T, N = min(m, n)): one N x N
-    eigh instead of a full SVD, 2-4x faster on a CPU for Qwen2.5's matrix shapes. Squaring the
-    matrix squares its round-off: eps sigma_1^2 in the Gram turns the top-k subspace by about
-    eps (sigma_1 / sigma_k)^2, more with a small gap to sigma_k+1. In fp32 that is ~1e-6 while
-    sigma_k / sigma_1 >= 0.1, and the subspace is lost below ~3e-4; so below 0.1, or where the
-    fp32 Gram overflows, the Gram is made again in float64 (~3e-8 at 3e-5, the fp32 output's
-    round-off). fp32 out (float64 stays float64). The columns span the subspaces in ascending
-    order of sigma (column 0 is the k-th direction); where w has rank < k, the missing columns
-    are arbitrary.
+    From the eigenvectors of the smaller Gram matrix (one min(m, n)-square eigh instead of an
+    SVD), made again in float64 where sigma_k / sigma_1 < 0.1 (why: RESULTS.md, implementation
+    notes). fp32 out (float64 stays float64); the columns span the subspaces in ascending order of
+    sigma; where w has rank < k, the missing columns are arbitrary.
     """
     if w.dim() != 2 or not 1 <= k <= min(w.shape):
         raise ValueError(f"need a 2-D matrix and k in [1, min(m, n)], got {tuple(w.shape)}, k={k}")
@@ -765,9 +760,8 @@ def top_singular_subspaces(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 def unchanged_fraction(w_base: torch.Tensor, w_tuned: torch.Tensor,
                        dtype: torch.dtype = torch.bfloat16) -> float:
-    """Share of entries equal after casting both matrices to dtype (paper 2, bf16: SFT leaves 8.1%
-    of the weights unchanged, OPD 51.6%, RLVR 77.2%). An fp32 update below half a bf16 step
-    rounds away: fp32 checkpoints must be cast before they are compared."""
+    """Share of entries equal after casting both matrices to dtype (paper 2 counts bf16 weights).
+    An fp32 update below half a bf16 step rounds away: fp32 checkpoints are cast first."""
     if w_base.shape != w_tuned.shape:
         raise ValueError(f"shapes differ: {tuple(w_base.shape)} and {tuple(w_tuned.shape)}")
     return (w_base.to(dtype) == w_tuned.to(dtype)).float().mean().item()

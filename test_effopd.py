@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import types
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -2508,6 +2510,21 @@ def test_reproduce_sweeps_keeps_numbers_as_json_and_reuses_them(tmp_path, monkey
     assert column(reproduce("--arms", "grpo"), 1) == column(first, 2)  # GRPO's, alone
     with pytest.raises(SystemExit, match=r"seed0.json was made with other flags \(.*--lock-rank 8"):
         reproduce("--lock-rank", "4")
+
+
+def test_reproduce_reuses_a_finished_run_folder_only_with_the_same_flags(tmp_path, monkeypatch):
+    out, flags = str(tmp_path / "opd-lr1e-05-seed0"), ["--tiny", "--seed", "0", "--steps", "2"]
+
+    def train(cfg):  # a scripted run: its config.json and its last checkpoint
+        os.makedirs(os.path.join(cfg.out, "step_000002"))
+        Path(cfg.out, "config.json").write_text(json.dumps({**asdict(cfg), "out": cfg.out}))
+    monkeypatch.setattr(effopd, "train", train)
+    bench.reproduce_run([*flags, "--lr", "1e-05"], out, 2)
+    monkeypatch.setattr(effopd, "train", lambda cfg: pytest.fail("trained again"))
+    bench.reproduce_run([*flags, "--lr", "1e-05"], out, 2)  # the same flags: reused
+    with pytest.raises(SystemExit, match=r"^bench.py: error: .*opd-lr1e-05-seed0 holds a run made "
+                                         r"with other flags \(lr: 1e-05, not 0\.0001\): delete it"):
+        bench.reproduce_run([*flags, "--lr", "1e-4"], out, 2)
 
 
 def test_grid_numbers_hand_worked():

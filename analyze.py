@@ -269,7 +269,7 @@ def run_toy(args: argparse.Namespace) -> dict:
     print(f"final loss: OPD {target:.4f} | RL-like {runs['RL-like']['loss'][-1]:.4f} | "
           f"OPD + EffOPD {effopd_losses[-1]:.4f}")
     print(f"EffOPD kept W_t + m (W_t - B) with m = {kept} at t = 1, 2, 4, ... "
-          f"({sum(len(ladder) for ladder in ladders)} held-out evaluations of {args.val_size} inputs)")
+          f"({sum(map(len, ladders))} held-out evaluations of {args.val_size} inputs)")
     print(f"steps to reach OPD's final loss {target:.4f}: OPD {steps_opd} | OPD + EffOPD "
           f"{steps_effopd}")
 

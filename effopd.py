@@ -470,6 +470,7 @@ def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, eos: li
             correct += extract_answer(text) == r["answer"]
     return correct / len(records)
 
+
 # ------------------------------------------------------------------------------------------------
 # EffOPD: extrapolation along the update direction, kept only when validation improves
 

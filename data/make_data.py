@@ -386,7 +386,7 @@ def convert_gguf(gguf: str, folder: str) -> None:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config  # eos = pad = <|im_end|>
     try:
-        effopd.save_pretrained_atomically(model, tokenizer, folder)  # a tmp folder, renamed when complete
+        effopd.save_pretrained_atomically(model, tokenizer, folder)  # renamed when complete
     except OSError as e:
         raise effopd.UserError(f"{str(e).splitlines()[0]}; free disk space (the float32 model "
                                f"takes 538 MB) and rerun") from None

@@ -74,8 +74,8 @@ from pathlib import Path
 import torch
 
 from effopd import (ATTENTION, PROJECT, OneLineErrors, UserError, accuracy, check_device,
-                    effopd_extrapolate, eos_ids, is_attention_or_mlp, is_power_of_two,
-                    kept_multiple, load_jsonl,
+                    checkpoint_files, effopd_extrapolate, eos_ids, is_attention_or_mlp,
+                    is_power_of_two, kept_multiple, load_jsonl, open_safetensors, read_json,
                     principal_overlap, principal_rotation, singular_part, subspace_alignment,
                     top_singular_subspaces, unchanged_fraction, update_metrics, write_atomically)
 
@@ -304,74 +304,12 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def fail(message: str) -> SystemExit:
-    return SystemExit(f"analyze: error: {message}")
-
-
-def read_json(path: str) -> dict:
-    """A JSON object from a file (config.json, model.safetensors.index.json), or a one-line
-    refusal naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-        raise fail(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise fail(f"{path}: not a JSON object")
-    return value
-
-
-def open_safetensors(file: str):
-    """safetensors.safe_open(file), or a one-line refusal of a truncated or garbage file."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        return safe_open(file, framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise fail(f"{file}: not a readable .safetensors file ({e})") from None
-
-
-def checkpoint_files(path: str) -> dict[str, str]:
-    """Tensor name -> .safetensors file of a checkpoint: a local folder (its model.safetensors,
-    or the shards that model.safetensors.index.json lists), one .safetensors file, or a hub name
-    (fetched by huggingface_hub.snapshot_download, safetensors and JSON files only)."""
-    if not os.path.exists(path):
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-            raise fail(f"{path}: no such folder or file, and not a hub name")
-        from huggingface_hub import snapshot_download
-        try:
-            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
-        except Exception as e:  # offline, unknown repository, gated model, ...
-            raise fail(f"{path}: not a local folder, and the hub download failed "
-                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str)
-                                                       for f in weight_map.values()):
-            raise fail(f"{index}: no weight_map from tensor names to .safetensors files")
-        return {n: os.path.join(path, file) for n, file in weight_map.items()}
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        files = [path]
-    elif os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.endswith(".safetensors"))
-    else:
-        files = []
-    if not files:
-        raise fail(f"{path}: no .safetensors file (save the model with save_pretrained)")
-    names = {}
-    for file in files:
-        with open_safetensors(file) as f:
-            names.update({n: file for n in f.keys()})
-    return names
-
-
 def tensor_shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor, from the safetensors headers alone (nothing is read)."""
     shapes = {}
     for file in sorted(set(files.values())):
         if not os.path.isfile(file):
-            raise fail(f"{file}: not found (listed in the checkpoint's index)")
+            raise UserError(f"{file}: not found (listed in the checkpoint's index)")
         with open_safetensors(file) as f:
             shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()
                            if files.get(n) == file})
@@ -386,7 +324,7 @@ def read_tensor(files: dict[str, str], name: str, device: str, rows: slice | Non
         tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
     tensor = tensor.to(device)
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise fail(f"{files[name]}: {name} holds NaN or inf")
+        raise UserError(f"{files[name]}: {name} holds NaN or inf")
     return tensor
 
 
@@ -402,13 +340,13 @@ def pair_tensors(base: str, tuned: str, base_shapes: dict, tuned_shapes: dict) -
     for a, b, missing in ((base, tuned, sorted(names - other)),
                           (tuned, base, sorted(other - names))):
         if missing:
-            raise fail(f"{b} lacks {len(missing)} matrices of {a}, e.g. {missing[0]}")
+            raise UserError(f"{b} lacks {len(missing)} matrices of {a}, e.g. {missing[0]}")
     rows = {}
     for n in sorted(names):
         (m1, n1), (m2, n2) = base_shapes[n], tuned_shapes[n]
         vocab_padding = module_type(n) == "embedding" and n1 == n2
         if (m1, n1) != (m2, n2) and not vocab_padding:
-            raise fail(f"{n}: shape {(m1, n1)} in {base}, {(m2, n2)} in {tuned}")
+            raise UserError(f"{n}: shape {(m1, n1)} in {base}, {(m2, n2)} in {tuned}")
         rows[n] = min(m1, m2)
     return {**rows, **{n: s[0] for n, s in base_shapes.items()
                        if n not in rows and s and tuned_shapes.get(n) == s}}
@@ -428,10 +366,10 @@ def difference_norm(base_files: dict, tuned_files: dict, name: str, rows: int, d
     return math.sqrt(total)
 
 
-def overflowed(file: str, name: str) -> SystemExit:
+def overflowed(file: str, name: str) -> UserError:
     """The refusal of an update whose norm overflows fp32: every metric of it would be noise."""
-    return fail(f"{file}: {name}: ||W_tuned - W_base||_F overflows float32 (a diverged "
-                f"checkpoint?)")
+    return UserError(f"{file}: {name}: ||W_tuned - W_base||_F overflows float32 (a diverged "
+                     f"checkpoint?)")
 
 
 def principal_k(shape: tuple[int, int], fraction: float) -> int:
@@ -564,12 +502,13 @@ def load_run(run_dir: str) -> tuple[dict, dict[int, str]]:
     """The run's config.json and its checkpoint folders by step; step 0 (W_0) must be there."""
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
-        raise fail(f"{config_path}: not found (is {run_dir} a run folder written by effopd.py?)")
+        raise UserError(f"{config_path}: not found (is {run_dir} a run folder written by "
+                        f"effopd.py?)")
     checkpoints = {int(d[5:]): os.path.join(run_dir, d) for d in os.listdir(run_dir)
                    if re.fullmatch(r"step_\d{6}", d)}
     if 0 not in checkpoints or len(checkpoints) < 2:
-        raise fail(f"{run_dir}: needs step_000000 and a later checkpoint, "
-                   f"found {sorted(checkpoints)}")
+        raise UserError(f"{run_dir}: needs step_000000 and a later checkpoint, "
+                        f"found {sorted(checkpoints)}")
     return read_json(config_path), checkpoints
 
 
@@ -578,13 +517,13 @@ def validation_set(run_dir: str, config: dict) -> list[dict]:
     (runs of older versions saved it relative to the project). Refused in one line if bad."""
     need = ("val", "val_size", "max_new_tokens", "eval_batch_size")
     if not all(key in config for key in need):
-        raise fail(f"{os.path.join(run_dir, 'config.json')}: --interventions needs its "
-                   f"{', '.join(need)}")
+        raise UserError(f"{os.path.join(run_dir, 'config.json')}: --interventions needs its "
+                        f"{', '.join(need)}")
     path = config["val"] if os.path.isabs(config["val"]) else os.path.join(PROJECT, config["val"])
     try:
         return load_jsonl(path)[:config["val_size"]]
     except UserError as e:
-        raise fail(f"{e} (the validation file of {run_dir}, for --interventions)") from None
+        raise UserError(f"{e} (the validation file of {run_dir}, for --interventions)") from None
 
 
 def run_geometry(run_dir: str, fraction: float, k: int, device: str, threads: int = 1) -> dict:
@@ -616,7 +555,7 @@ def report(run_dirs: list[str], args) -> dict[str, dict]:
         model = os.path.join(checkpoints[0], "config.json")
         layers = read_json(model).get("num_hidden_layers") if os.path.isfile(model) else None
         if args.interventions and layers and args.window > layers:
-            raise fail(f"--window {args.window}: {name} has only {layers} layers")
+            raise UserError(f"--window {args.window}: {name} has only {layers} layers")
     figure = args.png or os.path.join(run_dirs[0], "report.png")
     figures = [os.path.join(os.path.dirname(args.png) if args.png else d, f"interventions-{n}.png")
                for n, d in zip(names, run_dirs) if args.interventions]
@@ -884,13 +823,14 @@ def check_outputs(args, figures: list[str]) -> None:
     outputs = [(args.json, "--json")] if args.json else []
     for path, flag in outputs + [(f, "--png" if f == args.png else "figure") for f in figures]:
         if os.path.isdir(path):
-            raise fail(f"{flag} {path}: is a folder, not a file name")
+            raise UserError(f"{flag} {path}: is a folder, not a file name")
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             open(path + ".tmp", "w").close()  # the name write_atomically writes first
             os.remove(path + ".tmp")
         except OSError as e:
-            raise fail(f"{flag} {path}: cannot write there ({e.strerror}: {e.filename})") from None
+            raise UserError(f"{flag} {path}: cannot write there ({e.strerror}: "
+                            f"{e.filename})") from None
 
 
 def without_nonfinite(x):
@@ -909,7 +849,7 @@ def write_json(path: str, numbers: dict) -> None:
     try:
         write_atomically(path, lambda tmp: Path(tmp).write_text(text))
     except OSError as e:
-        raise fail(str(e)) from None
+        raise UserError(str(e)) from None
     print(f"wrote {path}")
 
 
@@ -1002,6 +942,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:
+        run_command(args)
+    except UserError as e:  # bad input: one line, exit 1
+        sys.exit(f"analyze: error: {e}")
+
+
+def run_command(args) -> None:
+    """The report of --base and its checkpoints, of run folders, or else the toy."""
     if args.base:
         checkpoint_report(args.base, args.run_dirs, args)
     elif args.run_dirs:

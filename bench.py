@@ -1287,7 +1287,11 @@ def main(argv=None) -> None:
                   f"a checkpoint), got {args.lock_step}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.func(args):  # it printed FAIL, or a measurement failed
+    try:
+        passed = args.func(args)
+    except effopd.UserError as e:  # a checkpoint or a file it reads: one line
+        sys.exit(f"bench.py: error: {e}")
+    if not passed:  # it printed FAIL, or a measurement failed
         sys.exit(1)
 
 

@@ -1337,34 +1337,83 @@ def load_student_and_teacher(student_path: str, teacher_path: str, device: str, 
     return student, teacher, tokenizer
 
 
+def read_json(path: str) -> dict:
+    """A JSON object from a file (config.json, model.safetensors.index.json), or a one-line
+    refusal naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise UserError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return value
+
+
+def open_safetensors(file: str):
+    """safetensors.safe_open(file), or a one-line refusal of a truncated or garbage file."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file}: not a readable .safetensors file ({e})") from None
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Tensor name -> .safetensors file of a checkpoint: a local folder (its model.safetensors,
+    or the shards that model.safetensors.index.json lists), one .safetensors file, or a hub name
+    (fetched by huggingface_hub.snapshot_download, safetensors and JSON files only). The one
+    reader of model files: effopd checks a student or teacher folder with it before loading,
+    analyze.py reads checkpoints through it."""
+    if not os.path.exists(path):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            raise UserError(f"{path}: no such folder or file, and not a hub name")
+        from huggingface_hub import snapshot_download
+        try:
+            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+        except Exception as e:  # offline, unknown repository, gated model, ...
+            raise UserError(f"{path}: not a local folder, and the hub download failed "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") \
+                from None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        saved = read_json(index)
+        weight_map = saved.get("weight_map")
+        if "metadata" not in saved or not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"{index}: expected the index save_pretrained writes, with "
+                            f"\"metadata\" and a \"weight_map\" of tensor names to files")
+        return {n: os.path.join(path, file) for n, file in weight_map.items()}
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        files = [path]
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith(".safetensors"))
+    else:
+        files = []
+    if not files:
+        raise UserError(f"{path}: no .safetensors file (save the model with save_pretrained)")
+    names = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            names.update({n: file for n in f.keys()})
+    return names
+
+
 def check_model_files(path: str) -> None:
     """A model folder, before transformers reads it: tokenizer files in it, and its shard index
-    and the header of each weight file whole (a hub name is left to the hub's own checks)."""
-    from safetensors import SafetensorError, safe_open
+    and the header of each .safetensors file whole (a hub name is left to the hub's own checks;
+    a missing shard, to from_pretrained, which names it)."""
     if not os.path.isdir(path):
         return
     files = os.listdir(path)  # without config.json it is no model, as from_pretrained says
     if "config.json" in files and not any(f.startswith(("tokenizer", "vocab")) for f in files):
         raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, "
                         f"vocab.json); save the model's tokenizer with it")
-    index, shards = os.path.join(path, "model.safetensors.index.json"), set()
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                saved = json.load(f)
-            shards = set(saved["weight_map"].values())
-            if "metadata" not in saved:  # transformers reads it too
-                raise KeyError("metadata")
-        except (ValueError, LookupError, TypeError, AttributeError):
-            raise UserError(f"{index}: corrupt; expected JSON with \"metadata\" and "
-                            f"\"weight_map\"") from None
-    weights = [os.path.join(path, name) for name in sorted(shards | {"model.safetensors"})]
-    for file in filter(os.path.isfile, weights):  # a missing one: from_pretrained names it
-        try:
-            with safe_open(file, "pt"):  # reads the header and checks it against the file size
+    if any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files):
+        for file in filter(os.path.isfile, set(checkpoint_files(path).values())):
+            with open_safetensors(file):  # reads the header, checked against the file size
                 pass
-        except SafetensorError as e:
-            raise UserError(f"{file}: not a whole safetensors file ({e})") from None
 
 
 def check_weights(model, path: str) -> None:

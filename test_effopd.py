@@ -1491,12 +1491,12 @@ def broken_model(folder, fault: str, source="data/tiny/student") -> str:
 
 
 MODEL_FAULTS = {  # what a user sees for each fault of broken_model (folder: {})
-    "truncated": "{}/model.safetensors: not a whole safetensors file (Error while deserializing "
-                 "header: incomplete metadata, file not fully covered)",
-    "garbage": "{}/model.safetensors: not a whole safetensors file (Error while deserializing "
-               "header: header too large)",
-    "corrupt index": '{}/model.safetensors.index.json: corrupt; expected JSON with "metadata" '
-                     'and "weight_map"',
+    "truncated": "{}/model.safetensors: not a readable .safetensors file (Error while "
+                 "deserializing header: incomplete metadata, file not fully covered)",
+    "garbage": "{}/model.safetensors: not a readable .safetensors file (Error while "
+               "deserializing header: header too large)",
+    "corrupt index": "{}/model.safetensors.index.json: not readable JSON (Unterminated string "
+                     "starting at: line 1 column 33 (char 32))",
     "no tokenizer": "{}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json); "
                     "save the model's tokenizer with it",
     "nan": "{}: weight model.layers.1.mlp.up_proj.weight is NaN or inf; expected finite weights"}
@@ -2034,18 +2034,18 @@ def test_checkpoint_pairs_are_checked_and_a_padded_vocabulary_is_cut(tmp_path):
     shape = dict(vocab_size=40, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
     Qwen2ForCausalLM(Qwen2Config(intermediate_size=64, num_hidden_layers=3, **shape)
                      ).save_pretrained(tmp_path / "deeper")
-    with pytest.raises(SystemExit, match=r"^analyze: error: \S+base lacks 7 matrices of \S+deeper, "
-                                         r"e\.g\. model\.layers\.2\.mlp\.down_proj\.weight$"):
+    with pytest.raises(effopd.UserError, match=r"^\S+base lacks 7 matrices of \S+deeper, "
+                                               r"e\.g\. model\.layers\.2\.mlp\.down_proj\.weight$"):
         analyze.checkpoint_geometry(base, {"d": str(tmp_path / "deeper")}, 0.01, "cpu")
     Qwen2ForCausalLM(Qwen2Config(intermediate_size=48, num_hidden_layers=2, **shape)
                      ).save_pretrained(tmp_path / "wider")
-    with pytest.raises(SystemExit, match=r"^analyze: error: model\.layers\.0\.mlp\.down_proj"
-                                         r"\.weight: shape \(32, 64\) in \S+, \(32, 48\) in \S+$"):
+    with pytest.raises(effopd.UserError, match=r"^model\.layers\.0\.mlp\.down_proj\.weight: "
+                                               r"shape \(32, 64\) in \S+, \(32, 48\) in \S+$"):
         analyze.checkpoint_geometry(base, {"w": str(tmp_path / "wider")}, 0.01, "cpu")
-    with pytest.raises(SystemExit, match="no such folder or file, and not a hub name"):
-        analyze.checkpoint_files(str(tmp_path / "nowhere" / "x"))
-    with pytest.raises(SystemExit, match="no .safetensors file"):
-        analyze.checkpoint_files(str(tmp_path))
+    with pytest.raises(effopd.UserError, match="no such folder or file, and not a hub name"):
+        effopd.checkpoint_files(str(tmp_path / "nowhere" / "x"))
+    with pytest.raises(effopd.UserError, match="no .safetensors file"):
+        effopd.checkpoint_files(str(tmp_path))
 
 
 def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
@@ -2055,9 +2055,8 @@ def test_analyze_refuses_a_checkpoint_with_nan_in_one_line(tmp_path, tokenizer):
         model.model.layers[0].mlp.down_proj.weight[1, 2] = float("nan")
     effopd.save_pretrained_atomically(model, tokenizer, str(tmp_path / "step_000004"))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"^analyze: error: \S+step_000004/model\.safetensors: "
-                                         r"model\.layers\.0\.mlp\.down_proj\.weight holds NaN "
-                                         r"or inf$"):
+    with pytest.raises(effopd.UserError, match=r"^\S+step_000004/model\.safetensors: model\.layers"
+                                               r"\.0\.mlp\.down_proj\.weight holds NaN or inf$"):
         analyze.run_geometry(str(tmp_path), 0.01, 4, "cpu")
 
 
@@ -2079,8 +2078,9 @@ def edit_tensor(file: str, name: str, edit) -> None:
                      r"deserializing header: header too large\)"),
     ("corrupt index", r"base/model\.safetensors\.index\.json: not readable JSON \(Expecting value: "
                       r"line 1 column 16 \(char 15\)\)"),
-    ("index without weight_map", r"base/model\.safetensors\.index\.json: no weight_map from "
-                                 r"tensor names to \.safetensors files"),
+    ("index without weight_map", r"base/model\.safetensors\.index\.json: expected the index "
+                                 r"save_pretrained writes, with \"metadata\" and a \"weight_map\" "
+                                 r"of tensor names to files"),
     ("inf in base", rf"base/model-\d+-of-\d+\.safetensors: {UP} holds NaN or inf"),
     ("overflowed update", rf"tuned/model\.safetensors: {UP}: \|\|W_tuned - W_base\|\|_F "
                           r"overflows float32 \(a diverged checkpoint\?\)"),
@@ -2172,8 +2172,7 @@ def test_analyze_json_is_strict_atomic_and_written_for_run_folders_too(tmp_path,
         open(self, "w").write(text[:3])
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(analyze.Path, "write_text", disk_full)
-    with pytest.raises(SystemExit, match=rf"^analyze: error: cannot write {path}: No space "
-                                         r"left on device$"):
+    with pytest.raises(effopd.UserError, match=rf"^cannot write {path}: No space left on device$"):
         analyze.write_json(str(path), {"b": 3})
     assert json.loads(path.read_text()) == strict and not os.path.exists(f"{path}.tmp")
 

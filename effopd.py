@@ -30,6 +30,7 @@ Run:  python effopd.py --tiny             # tiny models on the CPU, seconds (REA
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -101,6 +102,8 @@ class Config:
     device: str = arg("", "cuda or cpu (default: cuda when available)")
     precision: str = arg("auto", "bf16 (the student in fp32 under bf16 autocast, the teacher held "
                          "in bf16; CPUs too), fp32, or auto: bf16 on a GPU that supports it")
+    allow_overlap: bool = arg(False, "go on, with a warning, when train, val and test share "
+                              "prompts")
     setting: str = arg("", "a row of SETTINGS (flag --NAME): its models, data and defaults")
     resume: str = arg("", "continue the stopped run in this folder from its last checkpoint")
 
@@ -1078,6 +1081,9 @@ def parse_args(argv=None) -> Config:
         if "setting" in given:
             given["setting"] = given["setting"][0]
         if "resume" in given:
+            if not given["resume"].strip():  # an unset shell variable: not "no resume"
+                raise UserError("--resume takes the folder of the run to continue, got "
+                                f"{given['resume']!r}")
             return resumed_config(given)
     except UserError as e:
         parser.error(str(e))
@@ -1134,6 +1140,9 @@ def check_config(cfg: Config) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and (value > 0 if need == "> 0" else value >= 0)):
             raise UserError(f"--{name.replace('_', '-')} must be finite and {need}, got {value}")
+    if 0 < cfg.temperature < 1e-3:  # logits / temperature would leave fp32's range
+        raise UserError(f"--temperature must be 0 (greedy) or at least 0.001, got "
+                        f"{cfg.temperature}")
     if not 0 <= cfg.seed < 2**64:  # random.seed drops a sign; torch.manual_seed takes < 2**64
         raise UserError(f"--seed must be 0 to 2**64 - 1, got {cfg.seed}")
     if cfg.setting and cfg.setting not in SETTINGS:
@@ -1208,7 +1217,14 @@ def hold_run_folder(out: str):
     go of when the file closes or its process dies, so a killed run leaves no stale lock. While
     another process (or block) holds it, this one is refused in one line naming its pid."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, ".lock"), "a+") as f:
+    try:  # O_NOFOLLOW: a .lock that is a link is refused, never truncated through
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UserError(f"{out}/.lock: a symbolic link, not the run's own lock file; delete "
+                        f"it") from None
+    with open(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1241,11 +1257,12 @@ def load_jsonl(path: str) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            answer = record.get("answer") if isinstance(record, dict) else None
-            if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
-                answer = int(answer)
+                answer = record.get("answer") if isinstance(record, dict) else None
+                if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
+                    answer = int(answer)
+            except ValueError as e:  # not JSON, or a number of more digits than int() reads
+                raise UserError(f"{path}:{lineno}: not valid JSON or not a readable answer "
+                                f"({getattr(e, 'msg', e)})") from None
             if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
                     and record["prompt"].strip() and isinstance(answer, int)
                     and not isinstance(answer, bool)):
@@ -1267,7 +1284,28 @@ def load_splits(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     if len(train_set) < cfg.batch_size:
         raise UserError(f"{cfg.train}: {len(train_set)} records, fewer than --batch-size "
                         f"{cfg.batch_size}")
-    return train_set, val_set[:cfg.val_size], test_set[:cfg.test_size]
+    splits = [(cfg.train, train_set), (cfg.val, val_set[:cfg.val_size]),
+              (cfg.test, test_set[:cfg.test_size])]
+    check_disjoint(splits, cfg.allow_overlap)
+    return tuple(records for _, records in splits)
+
+
+def check_disjoint(splits: list[tuple[str, list[dict]]], allow: bool) -> None:
+    """No prompt in two of the splits (train, validation, test): a shared prompt inflates every
+    accuracy measured on it. Refused, or (allow) a warning."""
+    for i, (a, first) in enumerate(splits):
+        for b, second in splits[i + 1:]:
+            shared = {r["prompt"] for r in first} & {r["prompt"] for r in second}
+            if not shared:
+                continue
+            j = next(j for j, r in enumerate(second) if r["prompt"] in shared)
+            k = next(k for k, r in enumerate(first) if r["prompt"] == second[j]["prompt"])
+            message = (f"{b}:{line_of(b, j)}: the prompt {second[j]['prompt'][:40]!r} is also at "
+                       f"{a}:{line_of(a, k)} ({len(shared)} prompts shared); a prompt in two "
+                       f"splits inflates the accuracy measured on it")
+            if not allow:
+                raise UserError(f"{message}: pass --allow-overlap to go on knowingly")
+            print(f"warning: {message}")
 
 
 def check_prompt_lengths(cfg: Config, splits: list[list[dict]], tokenizer, models) -> None:
@@ -1383,6 +1421,9 @@ def checkpoint_files(path: str) -> dict[str, str]:
                 isinstance(f, str) for f in weight_map.values()):
             raise UserError(f"{index}: expected the index save_pretrained writes, with "
                             f"\"metadata\" and a \"weight_map\" of tensor names to files")
+        outside = [f for f in weight_map.values() if os.path.isabs(f) or ".." in Path(f).parts]
+        if outside:
+            raise UserError(f"{index}: names {outside[0]!r}, outside the checkpoint's folder")
         return {n: os.path.join(path, file) for n, file in weight_map.items()}
     if os.path.isfile(path) and path.endswith(".safetensors"):
         files = [path]
@@ -1478,26 +1519,26 @@ class Run:
         self.records, self.probe = [], None  # this call's metrics; the finite-logits inputs
 
     def start(self, optimizer, anchor: dict | None, probe: tuple[torch.Tensor, torch.Tensor]):
-        """Write config.json. On --resume, put back what checkpoint() saved (optimizer state,
-        EffOPD's anchor, RNG states) and cut metrics.jsonl back to the saved step's lines; else
-        start metrics.jsonl empty. probe: (input_ids, attention_mask) of check_weights' logits."""
+        """On --resume, put back what checkpoint() saved (optimizer state and EffOPD's anchor,
+        refused in one line unless they fit this student; RNG states) and cut metrics.jsonl back
+        to the saved step's lines; else start metrics.jsonl empty. Then write config.json.
+        probe: (input_ids, attention_mask) of check_weights' logits."""
+        self.probe = probe
+        if self.resumed:
+            restore_state(self.resumed, optimizer, anchor, os.path.join(self.out, "resume.pt"))
+            os.truncate(self.metrics, self.resumed["metrics_bytes"])  # the lines of lost steps
+            print(f"resuming {self.out} after step {self.step} ({self.last_checkpoint})")
+        else:
+            open(self.metrics, "w").close()
         config = json.dumps({**asdict(self.cfg), "out": self.out}, indent=2)
         write_atomically(os.path.join(self.out, "config.json"),
                          lambda tmp: Path(tmp).write_text(config))
-        self.probe = probe
-        if not self.resumed:
-            open(self.metrics, "w").close()
-            return
-        optimizer.load_state_dict(self.resumed["optimizer"])
-        for n, b in (anchor or {}).items():
-            b.copy_(self.resumed["anchor"][n])
-        os.truncate(self.metrics, self.resumed["metrics_bytes"])  # drop the lines of lost steps
-        print(f"resuming {self.out} after step {self.step} ({self.last_checkpoint})")
-        rng = self.resumed["rng"]
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.resumed:  # last: nothing after this may draw a random number before step 1
+            rng = self.resumed["rng"]
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def steps(self):
         """The steps left to train, in order; self.step is the one under way."""
@@ -1562,6 +1603,9 @@ def load_resume(out: str, steps: int) -> dict:
         raise UserError(f"{path}: expected the state effopd.py saves; no valid "
                         f"{', '.join(wrong)} in it")
     done, last = state["step"], os.path.join(out, state["checkpoint"])
+    if not re.fullmatch(r"step_\d+", state["checkpoint"]):
+        raise UserError(f"{path}: names the checkpoint {state['checkpoint']!r}; expected a "
+                        f"step_N folder of the run")
     if done >= steps:
         raise UserError(f"{out} has finished its {done} steps; pass --steps N (N > {done}) "
                         f"to train it further")
@@ -1570,6 +1614,30 @@ def load_resume(out: str, steps: int) -> dict:
                         f"back to resume, or start a new run")
     check_metrics(os.path.join(out, "metrics.jsonl"), done, state["metrics_bytes"])
     return state
+
+
+def restore_state(resumed: dict, optimizer, anchor: dict | None, path: str) -> None:
+    """The optimizer state and EffOPD's anchor saved in path, put back in place; refused in one
+    line, before anything is written, unless they are this student's (another run's resume.pt
+    copied in, an edited one)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        if any(v.shape != params[i].shape for i, s in resumed["optimizer"]["state"].items()
+               for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")):  # AdamW's moments
+            raise ValueError("another shape")
+        optimizer.load_state_dict(resumed["optimizer"])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise UserError(f"{path}: its optimizer state does not fit this student (another run's "
+                        f"resume.pt?); without it the run cannot be resumed") from None
+    saved = resumed.get("anchor")
+    fits = isinstance(saved, dict) and saved.keys() == (anchor or {}).keys() and all(
+        isinstance(saved[n], torch.Tensor) and saved[n].shape == b.shape
+        for n, b in (anchor or {}).items())
+    if anchor is not None and not fits:
+        raise UserError(f"{path}: its EffOPD anchor does not fit this student's moved weights "
+                        f"({len(anchor)} tensors); without it the run cannot be resumed")
+    for n, b in (anchor or {}).items():
+        b.copy_(saved[n])
 
 
 def check_metrics(path: str, step: int, size: int) -> None:

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1898,6 +1899,206 @@ def test_runs_from_any_folder(tmp_path, monkeypatch, capsys):
     analyze.main(["run", "--interventions", "--alphas", "1"])
     assert sorted(f for f in os.listdir("run") if f.endswith(".png")) == [
         "interventions-run.png", "report.png"]  # beside the run, not over the repository's
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input and faults: one table, one runner. Each case makes its files in tmp_path and returns
+# the argv of effopd.py, the exit code and error line expected, and the files that must not change.
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished tiny EffOPD run of 2 steps (checkpoints 0, 1, 2 and resume.pt), made once per
+    test session for the tests that read it; a test that changes it works on a copy."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    effopd.main([*TINY_RUN, "--effopd", "--out", str(out)])
+    return out
+
+
+class Marker:
+    """A pickled object that, if ever unpickled, would write a file: a code-running pickle."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def resumed_with(run: Path, tmp_path, **changes) -> list[str]:
+    """A copy of run in tmp_path/run, its resume.pt rewritten with changes; the argv that
+    resumes it."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    state = torch.load(out / "resume.pt", weights_only=True)
+    torch.save({**state, **changes}, out / "resume.pt")
+    return ["--resume", str(out), "--steps", "3"]
+
+
+def jsonl(path: Path, records: list) -> str:
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+FAULTS = {}  # case: setup(tmp_path, tiny_run) -> (argv, exit code, error line, kept files)
+
+
+def fault(case: str):
+    return lambda setup: FAULTS.setdefault(case, setup)
+
+
+NOT_READ = "{}/run/resume.pt: cannot be read (truncated or corrupt); without it the run cannot " \
+    "be resumed"
+NO_FIT = "effopd: error: {}/run/resume.pt: its {} does not fit this student{}; without it the " \
+    "run cannot be resumed"
+OVERLAP = "effopd: error: {}:{}: the prompt {!r} is also at {}:{} ({} prompts shared); a prompt " \
+    "in two splits inflates the accuracy measured on it: pass --allow-overlap to go on knowingly"
+RUN_FILES = ["run/config.json", "run/metrics.jsonl"]
+
+
+@fault("a pickle in resume.pt")
+def _(tmp, run):
+    return (resumed_with(run, tmp, step=Marker(tmp / "MARKER")), 2, NOT_READ.format(tmp),
+            RUN_FILES)
+
+
+@fault("another run's optimizer state")
+def _(tmp, run):
+    other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict()
+    return (resumed_with(run, tmp, optimizer=other), 1,
+            NO_FIT.format(tmp, "optimizer state", " (another run's resume.pt?)"),
+            RUN_FILES + ["run/resume.pt"])
+
+
+@fault("AdamW moments of another shape")
+def _(tmp, run):
+    saved = torch.load(run / "resume.pt", weights_only=True)["optimizer"]
+    state = {i: {**s, "exp_avg": s["exp_avg"][:1]} for i, s in saved["state"].items()}
+    return (resumed_with(run, tmp, optimizer={**saved, "state": state}), 1,
+            NO_FIT.format(tmp, "optimizer state", " (another run's resume.pt?)"), RUN_FILES)
+
+
+@fault("no EffOPD anchor")
+def _(tmp, run):
+    n = len(torch.load(run / "resume.pt", weights_only=True)["anchor"])
+    return (resumed_with(run, tmp, anchor=None), 1,
+            NO_FIT.format(tmp, "EffOPD anchor", f"'s moved weights ({n} tensors)"), RUN_FILES)
+
+
+@fault("an anchor missing a tensor")
+def _(tmp, run):
+    anchor = torch.load(run / "resume.pt", weights_only=True)["anchor"]
+    short = dict(list(anchor.items())[1:])
+    return (resumed_with(run, tmp, anchor=short), 1,
+            NO_FIT.format(tmp, "EffOPD anchor", f"'s moved weights ({len(anchor)} tensors)"),
+            RUN_FILES)
+
+
+@fault("resume.pt naming a folder outside the run")
+def _(tmp, run):
+    return (resumed_with(run, tmp, checkpoint="../step_000002"), 2,
+            f"{tmp}/run/resume.pt: names the checkpoint '../step_000002'; expected a step_N "
+            f"folder of the run", RUN_FILES)
+
+
+@fault("an empty --resume (an unset shell variable)")
+def _(tmp, run):
+    return ["--resume", ""], 2, "--resume takes the folder of the run to continue, got ''", []
+
+
+@fault("a temperature that overflows the logits")
+def _(tmp, run):
+    return ([*TINY_RUN, "--temperature", "1e-40", "--out", str(tmp / "new")], 2,
+            "--temperature must be 0 (greedy) or at least 0.001, got 1e-40", [])
+
+
+@fault("a lock file that is a link")
+def _(tmp, run):
+    (tmp / "new").mkdir()
+    (tmp / "kept").write_text("another file")
+    os.symlink(tmp / "kept", tmp / "new" / ".lock")
+    return ([*TINY_RUN, "--out", str(tmp / "new")], 2,
+            f"{tmp}/new/.lock: a symbolic link, not the run's own lock file; delete it", ["kept"])
+
+
+@fault("an answer of 5000 digits")
+def _(tmp, run):
+    train = jsonl(tmp / "train.jsonl", [{"prompt": "1+1=", "answer": 2},
+                                        '{"prompt": "2+2=", "answer": ' + "9" * 5000 + "}\n"])
+    return ([*TINY_RUN, "--train", train, "--out", str(tmp / "new")], 1,
+            re.compile(f"effopd: error: {train}:2: not valid JSON or not a readable answer "
+                       r"\(Exceeds the limit \(4300 digits\) for integer string conversion.*\)"),
+            [])
+
+
+@fault("validation and test from one file")
+def _(tmp, run):
+    test = effopd.SETTINGS["tiny"]["test"]
+    first = json.loads(open(test).readline())["prompt"]
+    return ([*TINY_RUN, "--val", test, "--out", str(tmp / "new")], 1,
+            OVERLAP.format(test, 1, first, test, 1, 10), [])
+
+
+@fault("a training prompt in the test set")
+def _(tmp, run):
+    test = effopd.SETTINGS["tiny"]["test"]
+    first = json.loads(open(test).readline())
+    train = jsonl(tmp / "train.jsonl", effopd.load_jsonl("data/tiny/train.jsonl")[:8] + [first])
+    return ([*TINY_RUN, "--train", train, "--out", str(tmp / "new")], 1,
+            OVERLAP.format(test, 1, first["prompt"], train, 9, 1), [])
+
+
+@fault("a shard index naming a file outside its folder")
+def _(tmp, run):
+    student = shutil.copytree("data/tiny/student", tmp / "student")
+    (student / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "../kept.safetensors"}}))
+    return ([*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
+            f"effopd: error: {student}/model.safetensors.index.json: names "
+            f"'../kept.safetensors', outside the checkpoint's folder", [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FAULTS)
+def test_bad_input_is_one_line_a_nonzero_exit_and_changes_nothing(tmp_path, tiny_run, capsys,
+                                                                  monkeypatch, case):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # explicit weights_only wins
+    argv, code, message, kept = FAULTS[case](tmp_path, tiny_run)
+    before = {f: (tmp_path / f).read_bytes() for f in kept}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        effopd.main(argv)
+    if isinstance(exit.value.code, str):  # sys.exit(message): exit 1, the message on stderr
+        got, line = 1, exit.value.code
+    else:  # argparse's form: "prog: error: message", exit 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        got, line = exit.value.code, line.split(" error: ", 1)[1]
+    assert got == code
+    assert message.fullmatch(line) if isinstance(message, re.Pattern) else line == message, line
+    assert {f: (tmp_path / f).read_bytes() for f in kept} == before
+    assert not (tmp_path / "MARKER").exists()  # no code ran from a file it read
+
+
+def test_an_allowed_overlap_is_a_warning(capsys):
+    tiny = effopd.SETTINGS["tiny"]
+    cfg = effopd.Config(**{**tiny, "val": tiny["test"], "val_size": 5, "test_size": 5,
+                           "allow_overlap": True})
+    train, val, test = effopd.load_splits(cfg)
+    assert val == test == effopd.load_jsonl(tiny["test"])[:5]
+    first = val[0]["prompt"]
+    assert capsys.readouterr().out.startswith(
+        f"warning: {cfg.test}:1: the prompt {first!r} is also at {cfg.val}:1 (5 prompts shared)")
+
+
+def test_the_resume_hint_is_a_command_to_paste(tmp_path):
+    out = tmp_path / "runs" / "a b; it's"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n')
+    (out / "resume.pt").write_bytes(b"")
+    hint = effopd.interrupted(str(out), 8).strip()
+    assert hint.startswith("interrupted at step 2; resume with: ")
+    assert shlex.split(hint.split("resume with: ")[1]) == ["python", "effopd.py", "--resume",
+                                                           str(out)]
 
 
 # ------------------------------------------------------------------------------------------------

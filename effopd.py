@@ -947,13 +947,18 @@ def anchor_file(checkpoint: str, sharded: bool) -> str:
 
 
 def load_anchor(path: str, like: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    """The anchor saved at path, onto device; refused in one line unless it fits like."""
+    """The anchor saved at path, onto device (weights_only: no code runs from it); refused in one
+    line naming path unless it is there, readable, and fits like."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EffOPDCallback: {path} is missing: the anchor B of the resumed "
-                                f"run cannot be restored (it is read from the checkpoint in "
-                                f"output_dir of the resumed step)")
-    saved = torch.load(path, map_location=device, weights_only=True)
-    if [(n, b.shape) for n, b in saved.items()] != [(n, b.shape) for n, b in like.items()]:
+                                f"run cannot be restored (it is saved beside the checkpoint)")
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # torch's own errors on a cut or foreign file
+        raise ValueError(f"EffOPDCallback: {path}: cannot be read (truncated, corrupt, or not "
+                         f"the tensors EffOPDCallback saves)") from None
+    if not isinstance(saved, dict) or [(n, getattr(b, "shape", None)) for n, b in saved.items()] \
+            != [(n, b.shape) for n, b in like.items()]:
         raise ValueError(f"EffOPDCallback: {path} does not fit this model's parameters (another "
                          f"model, or another number of processes?)")
     return saved
@@ -979,6 +984,17 @@ class EffOPDCallback(TrainerCallback):
         self.trainer, self.score_fn = trainer, score_fn
         self.max_candidates, self.anchor_device = max_candidates, anchor_device
         self.anchor, self.sharded = None, False  # parameter name -> B, from on_train_begin
+        self.resumed_from = None  # the checkpoint trainer.train resumes: its anchor is beside it
+        train = trainer.train
+
+        def train_noting_the_checkpoint(resume_from_checkpoint=None, *args, **kwargs):
+            if resume_from_checkpoint is True:  # the Trainer's "the last one in output_dir"
+                from transformers.trainer_utils import get_last_checkpoint
+                self.resumed_from = get_last_checkpoint(trainer.args.output_dir)
+            else:
+                self.resumed_from = resume_from_checkpoint or None
+            return train(resume_from_checkpoint, *args, **kwargs)
+        trainer.train = train_noting_the_checkpoint
 
     def model(self) -> torch.nn.Module:
         """The module the trainer trains now (it may have wrapped or replaced the one it got)."""
@@ -990,7 +1006,8 @@ class EffOPDCallback(TrainerCallback):
         self.sharded = is_sharded(model)
         self.anchor = effopd_anchor(model, self.anchor_device, weights=local_parameters(model))
         if state.global_step > 0:  # resumed: the Trainer loaded W_t; B is the one saved with it
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            checkpoint = self.resumed_from or os.path.join(args.output_dir,
+                                                           f"checkpoint-{state.global_step}")
             self.anchor = load_anchor(anchor_file(checkpoint, self.sharded), self.anchor,
                                       self.anchor_device)
 
@@ -998,7 +1015,11 @@ class EffOPDCallback(TrainerCallback):
         if self.sharded or state.is_world_process_zero:  # sharded: each rank its own shards
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(checkpoint, exist_ok=True)  # a rank may get here before rank 0 made it
-            torch.save(self.anchor, anchor_file(checkpoint, self.sharded))
+
+            def save(tmp: str) -> None:  # into an open file: a full disk is an OSError
+                with open(tmp, "wb") as f:
+                    torch.save(self.anchor, f)
+            write_atomically(anchor_file(checkpoint, self.sharded), save)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not is_power_of_two(state.global_step):
@@ -1328,17 +1349,38 @@ def line_of(path: str, i: int) -> int:
 
 
 def load_model_and_tokenizer(path: str, dtype: torch.dtype, device: str):
-    """A causal LM and its tokenizer (hub name or folder); a file that cannot be read or a weight
-    that is NaN or inf is refused in one line (check_model_files, check_weights)."""
+    """A causal LM and its tokenizer (hub name or folder). Refused in one line: a file that
+    cannot be read (check_model_files), a weights file that is not plain tensors, a weight the
+    checkpoint lacks or holds in another shape (transformers would start it from random values),
+    a weight that is NaN or inf (check_weights)."""
+    import pickle
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
     check_model_files(path)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its load report: refused below in one line instead
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                           output_loading_info=True)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) of a .bin file
+        raise UserError(f"{path}: a weights file that is not plain tensors (refused unread: it "
+                        f"could run code); save the model with save_pretrained") from None
+    except RuntimeError as e:  # transformers' refusal of a size mismatch
+        raise UserError(f"cannot load model {path!r}: a weight's shape differs from its "
+                        f"config.json ({str(e).splitlines()[0][:80]})") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        logging.set_verbosity(verbosity)
+    for kind in ("missing_keys", "mismatched_keys"):
+        if info[kind]:
+            name = sorted(map(str, info[kind]))[0]
+            raise UserError(f"{path}: weight {name} is {kind.split('_')[0]} in the checkpoint "
+                            f"(transformers would start it from random values); expected every "
+                            f"weight of its config.json")
     check_weights(model, path)
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def use_bf16(precision: str, device: str) -> bool:

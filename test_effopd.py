@@ -540,7 +540,7 @@ def test_effopd_callback_refuses_deepspeed_fsdp1_and_peft_in_one_line():
             ({}, peft, ValueError, "cannot extrapolate a PEFT/LoRA student"),
             ({}, plain, None, None)]:  # what passes: one process, full weights
         trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(unwrap_model=lambda m: m),
-                                        model_wrapped=model, **flags)
+                                        model_wrapped=model, train=None, **flags)
         callback = effopd.EffOPDCallback(trainer, lambda m: 0.0)
         begin = functools.partial(callback.on_train_begin, None,
                                   types.SimpleNamespace(global_step=0), None)
@@ -567,8 +567,8 @@ def test_effopd_callback_anchor_survives_a_trainer_resume(tmp_path):
     def score_fn(model):  # higher is better: minus the loss on the training sequences
         return -model(ids, labels=ids).loss.item()
 
-    def run(resume=None):
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, save_steps=3,
+    def run(resume=None, output_dir=tmp_path):
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=6, save_steps=3,
                                  per_device_train_batch_size=4, learning_rate=1e-3,
                                  lr_scheduler_type="constant", use_cpu=True, logging_steps=1,
                                  report_to="none", disable_tqdm=True)
@@ -588,7 +588,24 @@ def test_effopd_callback_anchor_survives_a_trainer_resume(tmp_path):
     assert resumed_ladders == whole_ladders  # 1, 2 from checkpoint-3's log; 4 the same again
     for n, w in whole.items():
         assert torch.equal(resumed[n], w), n
+    # the anchor is read beside the checkpoint resumed, whatever output_dir is, also when
+    # output_dir holds another run's checkpoint of that step
+    other = tmp_path / "other"
+    os.makedirs(other / "checkpoint-3")
+    torch.save({n: torch.zeros_like(b) for n, b in saved.items()},
+               other / "checkpoint-3" / "effopd_anchor.pt")
+    for output_dir in (tmp_path / "elsewhere", other):
+        resumed, resumed_ladders = run(str(tmp_path / "checkpoint-3"), output_dir)
+        assert resumed_ladders == whole_ladders, output_dir
+        assert all(torch.equal(resumed[n], w) for n, w in whole.items()), output_dir
     path = tmp_path / "checkpoint-3" / "effopd_anchor.pt"
+    assert not path.with_suffix(".pt.tmp").exists()  # written atomically: tmp, then renamed
+    with pytest.MonkeyPatch.context() as m:  # a pickle that would run code: refused, not run
+        m.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+        torch.save({"x": Marker(tmp_path / "MARKER")}, path)
+        with pytest.raises(ValueError, match=f"^EffOPDCallback: {path}: cannot be read"):
+            run(resume=str(tmp_path / "checkpoint-3"))
+        assert not (tmp_path / "MARKER").exists()
     torch.save({n: b for n, b in saved.items() if "mlp" in n}, path)  # another model's anchor
     with pytest.raises(ValueError, match=f"{path} does not fit this model's parameters"):
         run(resume=str(tmp_path / "checkpoint-3"))
@@ -2056,6 +2073,38 @@ def _(tmp, run):
     return ([*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
             f"effopd: error: {student}/model.safetensors.index.json: names "
             f"'../kept.safetensors', outside the checkpoint's folder", [])
+
+
+@fault("a student checkpoint missing a weight")
+def _(tmp, run):
+    student = shutil.copytree("data/tiny/student", tmp / "student")
+    weights = safetensors.torch.load_file(student / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    safetensors.torch.save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
+    return ([*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
+            f"effopd: error: {student}: weight model.layers.1.mlp.up_proj.weight is missing in "
+            f"the checkpoint (transformers would start it from random values); expected every "
+            f"weight of its config.json", [])
+
+
+@fault("a teacher whose config.json disagrees with its weights")
+def _(tmp, run):
+    teacher = shutil.copytree("data/tiny/teacher", tmp / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 22}))
+    return ([*TINY_RUN, "--teacher", str(teacher), "--out", str(tmp / "new")], 1,
+            re.compile(f"effopd: error: cannot load model '{teacher}': a weight's shape differs "
+                       r"from its config\.json \(.+\)"), [])
+
+
+@fault("a pytorch_model.bin that would run code")
+def _(tmp, run):
+    student = shutil.copytree("data/tiny/student", tmp / "student")
+    os.remove(student / "model.safetensors")
+    torch.save({"lm_head.weight": Marker(tmp / "MARKER")}, student / "pytorch_model.bin")
+    return ([*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
+            f"effopd: error: {student}: a weights file that is not plain tensors (refused "
+            f"unread: it could run code); save the model with save_pretrained", [])
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ Run:
     python analyze.py --base BASE TUNED --json geometry.json   # any two checkpoints
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -318,12 +319,15 @@ def tensor_shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
 
 def read_tensor(files: dict[str, str], name: str, device: str, rows: slice | None = None
                 ) -> torch.Tensor:
-    """One tensor (or a block of its rows) in its stored dtype, refused if it holds NaN or inf;
-    the file is closed after it."""
+    """One tensor (or a block of its rows) in its stored dtype, refused unless it is floating
+    point and finite; the file is closed after it."""
     with open_safetensors(files[name]) as f:
         tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
     tensor = tensor.to(device)
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not tensor.is_floating_point():
+        raise UserError(f"{files[name]}: {name} is stored as {tensor.dtype}; expected "
+                        f"floating-point weights")
+    if not torch.isfinite(tensor).all():
         raise UserError(f"{files[name]}: {name} holds NaN or inf")
     return tensor
 
@@ -509,7 +513,26 @@ def load_run(run_dir: str) -> tuple[dict, dict[int, str]]:
     if 0 not in checkpoints or len(checkpoints) < 2:
         raise UserError(f"{run_dir}: needs step_000000 and a later checkpoint, "
                         f"found {sorted(checkpoints)}")
+    if is_held(run_dir):
+        print(f"warning: {run_dir} is still being written by a running effopd.py; the report "
+              f"covers its checkpoints saved so far, up to step {max(checkpoints)}",
+              file=sys.stderr)
     return read_json(config_path), checkpoints
+
+
+def is_held(run_dir: str) -> bool:
+    """Whether a running effopd.py holds the run folder's lock (run_dir/.lock, never followed
+    through a link); asked without waiting, and let go at once."""
+    try:
+        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # no lock file: no run has held it
+        return False
+    with open(fd) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
 
 
 def validation_set(run_dir: str, config: dict) -> list[dict]:

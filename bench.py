@@ -398,11 +398,12 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
             "val": tuples(run.get("val")), "kept": tuples(run.get("kept", []))}
 
 
-def read_result(path: str) -> dict:
-    """A saved run's JSON, or one line naming the file when it is not one."""
+def read_result(path: str, needs: str = "curve") -> dict:
+    """A saved run's JSON (an object with the list needs), or one line naming the file when it
+    is not one."""
     try:
         run = json.loads(Path(path).read_text())
-        assert isinstance(run, dict) and isinstance(run["curve"], list)
+        assert isinstance(run, dict) and isinstance(run[needs], list)
         return run
     except (OSError, ValueError, AssertionError, KeyError) as e:
         raise SystemExit(f"bench.py: error: {path} is not a saved run ({type(e).__name__}): "
@@ -662,7 +663,7 @@ def reproduce_numbers(arm: str, lr: float, seed: int, args, lock: bool,
     flags = [f"--{args.setting}", "--loss", arm, "--seed", str(seed), "--lr", str(lr),
              "--steps", str(args.steps), *args.extra]
     lock_flags = ["--lock-step", str(args.lock_step), "--lock-rank", str(args.lock_rank)]
-    run = json.loads(Path(saved).read_text()) if os.path.isfile(saved) else {"flags": flags}
+    run = read_result(saved, needs="flags") if os.path.isfile(saved) else {"flags": flags}
     if run["flags"] != flags or run.get("lock", lock_flags) != lock_flags:
         raise SystemExit(f"bench.py: error: {saved} was made with other flags "
                          f"({' '.join(run['flags'] + run.get('lock', []))}): pass another "

@@ -985,7 +985,7 @@ class EffOPDCallback(TrainerCallback):
         self.max_candidates, self.anchor_device = max_candidates, anchor_device
         self.anchor, self.sharded = None, False  # parameter name -> B, from on_train_begin
         self.resumed_from = None  # the checkpoint trainer.train resumes: its anchor is beside it
-        train = trainer.train
+        train = getattr(trainer, "train", None)
 
         def train_noting_the_checkpoint(resume_from_checkpoint=None, *args, **kwargs):
             if resume_from_checkpoint is True:  # the Trainer's "the last one in output_dir"
@@ -994,7 +994,8 @@ class EffOPDCallback(TrainerCallback):
             else:
                 self.resumed_from = resume_from_checkpoint or None
             return train(resume_from_checkpoint, *args, **kwargs)
-        trainer.train = train_noting_the_checkpoint
+        if callable(train):  # a loop of one's own that calls the hooks has none
+            trainer.train = train_noting_the_checkpoint
 
     def model(self) -> torch.nn.Module:
         """The module the trainer trains now (it may have wrapped or replaced the one it got)."""
@@ -1281,9 +1282,10 @@ def load_jsonl(path: str) -> list[dict]:
                 answer = record.get("answer") if isinstance(record, dict) else None
                 if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
                     answer = int(answer)
-            except ValueError as e:  # not JSON, or a number of more digits than int() reads
-                raise UserError(f"{path}:{lineno}: not valid JSON or not a readable answer "
-                                f"({getattr(e, 'msg', e)})") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except ValueError as e:  # an integer of more digits than int() reads
+                raise UserError(f"{path}:{lineno}: a number too long to read ({e})") from None
             if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
                     and record["prompt"].strip() and isinstance(answer, int)
                     and not isinstance(answer, bool)):

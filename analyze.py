@@ -935,11 +935,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     runs.add_argument("--threads", type=int, default=0,
                       help="CPU threads, split between two matrices worked on at once; "
                            "0: one per core (also in --base mode)")
+    parser.add_argument("--curves", action="store_true",
+                        help="draw the training curves of the run folders given (their "
+                             "metrics.jsonl, as far as written) to --png (default: "
+                             "curves.png in the first run folder)")
     pair = parser.add_argument_group("any two checkpoints: dW = W_tuned - W_base")
     pair.add_argument("--base", default=None,
                       help="base checkpoint (hub name, folder or .safetensors file): report dW "
                            "of every TUNED checkpoint given in place of run folders")
     args = parser.parse_args(argv)
+    if args.curves and (args.base or not args.run_dirs):
+        parser.error("--curves takes run folders: --curves RUN [RUN ...]")
     if args.base and not args.run_dirs:
         parser.error("--base needs at least one TUNED checkpoint: --base BASE TUNED [TUNED ...]")
     if not 0 < args.principal_frac <= 1 or not all(0 < f <= 1 for f in args.singular_fracs):
@@ -971,9 +977,91 @@ def main(argv=None) -> None:
         sys.exit(f"analyze: error: {e}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Training curves: metrics.jsonl of one or several runs, also while they are written
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The records of run_dir/metrics.jsonl, its whole lines only: a run still being written may
+    end in half a line."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found (is {run_dir} a run folder written by effopd.py?)")
+    records = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):  # the line being written
+                break
+            try:
+                record = json.loads(line)
+                assert isinstance(record, dict) and isinstance(record["step"], int)
+            except (ValueError, AssertionError, KeyError):
+                raise UserError(f"{path}:{lineno}: not a record of effopd.py (a JSON object "
+                                f"with a step)") from None
+            records.append(record)
+    return records
+
+
+GEOMETRY_CURVES = (("geometry/effective_rank", "effective rank of dW_t"),
+                   ("geometry/spectral_ratio", "sigma_1 / ||dW_t||_F"),
+                   ("geometry/alignment", "top-k alignment with the previous dW"))
+
+
+def plot_curves(run_dirs: list[str], png: str) -> None:
+    """Training loss and KL, validation (dashed) and test accuracy, against step and against
+    training seconds, one colour per run; each EffOPD trigger that kept a move is marked with
+    its multiple; the update geometry logged by --geometry-every, when there, in a last row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {os.path.basename(os.path.normpath(d)): read_metrics(d) for d in run_dirs}
+    geometry = any(k in r for records in runs.values() for r in records
+                   for k, _ in GEOMETRY_CURVES)
+    rows = 4 if geometry else 3
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 2.6 * rows), squeeze=False)
+    for i, (name, records) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        steps = [r for r in records if "train/loss" in r]
+        evals = [r for r in records if "eval/test_acc" in r]
+        for col, x in enumerate(("step", "time/train_s")):
+            for row, key in enumerate(("train/loss", "train/kl")):
+                axes[row, col].plot([r[x] for r in steps], [r[key] for r in steps], color=color,
+                                    lw=1, label=name if row == col == 0 else None)
+            ax = axes[2, col]
+            ax.plot([r[x] for r in evals], [r["eval/test_acc"] for r in evals], color=color,
+                    marker=".", lw=1)
+            ax.plot([r[x] for r in evals], [r["eval/val_acc"] for r in evals], color=color,
+                    ls="--", lw=1)
+            kept = [r for r in steps if r.get("effopd/kept_multiple")]  # EffOPD's moves
+            for j, r in enumerate(kept):
+                ax.axvline(r[x], color=color, alpha=0.3, lw=1)
+                ax.annotate(f"+{r['effopd/kept_multiple']}D", (r[x], 0.97 - 0.09 * (j % 3)),
+                            color=color, fontsize=7, xycoords=("data", "axes fraction"),
+                            va="top")
+        if geometry:
+            logged = [r for r in records if "geometry/effective_rank" in r]
+            for col, (key, label) in enumerate([GEOMETRY_CURVES[0], GEOMETRY_CURVES[2]]):
+                axes[3, col].plot([r["step"] for r in logged], [r.get(key) for r in logged],
+                                  color=color, marker=".", lw=1)
+                axes[3, col].set(xlabel="step", ylabel=label)
+    for col, xlabel in enumerate(("step", "training seconds (EffOPD's validation counted)")):
+        for row, ylabel in enumerate(("training loss", "KL(student || teacher)",
+                                      "accuracy: test, val (dashed)")):
+            axes[row, col].set(xlabel=xlabel, ylabel=ylabel)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    write_atomically(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
 def run_command(args) -> None:
     """The report of --base and its checkpoints, of run folders, or else the toy."""
-    if args.base:
+    if args.curves:
+        png = args.png or os.path.join(args.run_dirs[0], "curves.png")
+        check_outputs(args, [png])
+        plot_curves(args.run_dirs, png)
+    elif args.base:
         checkpoint_report(args.base, args.run_dirs, args)
     elif args.run_dirs:
         import transformers

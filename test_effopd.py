@@ -2275,6 +2275,27 @@ for case, argv, config, message in [
             r=r, b=blocked, d=os.path.dirname(blocked)))
 
 
+@fault("analyze.py --curves of a metrics.jsonl with a line not of effopd.py")
+def _(tmp, mp, run):
+    (tmp / "run").mkdir()
+    jsonl(tmp / "run" / "metrics.jsonl", [{"step": 0, "eval/val_acc": 0.5}, [1, 2]])
+    return (analyze.main, ["--curves", str(tmp / "run"), "--png", str(tmp / "c.png")], 1,
+            f"analyze: error: {tmp}/run/metrics.jsonl:2: not a record of effopd.py (a JSON "
+            f"object with a step)")
+
+
+@fault("analyze.py --curves of a folder without metrics.jsonl")
+def _(tmp, mp, run):
+    return (analyze.main, ["--curves", str(tmp), "--png", str(tmp / "c.png")], 1,
+            f"analyze: error: {tmp}/metrics.jsonl: not found (is {tmp} a run folder written by "
+            f"effopd.py?)")
+
+
+@fault("analyze.py --curves without run folders")
+def _(tmp, mp, run):
+    return analyze.main, ["--curves"], 2, "--curves takes run folders: --curves RUN [RUN ...]"
+
+
 # bench.py
 
 for argv, message in [
@@ -2505,6 +2526,20 @@ def edit_tensor(file: str, name: str, edit) -> None:
     tensors = load_file(file)
     tensors[name] = edit(tensors[name])
     save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_curves_of_runs_also_while_they_are_written(tmp_path, tiny_run):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    whole = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert analyze.read_metrics(str(run)) == whole
+    with open(run / "metrics.jsonl", "a") as f:  # a line being written: not read
+        f.write('{"step": 3, "train/lo')
+    assert analyze.read_metrics(str(run)) == whole
+    png = tmp_path / "figs" / "curves.png"
+    analyze.main(["--curves", str(run), str(tiny_run), "--png", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    analyze.main(["--curves", str(run)])  # the default: beside the first run
+    assert (run / "curves.png").is_file()
 
 
 def test_analyze_warns_on_a_run_folder_still_being_written(tmp_path, capsys):

@@ -95,6 +95,10 @@ class Config:
     lock_rank: int = arg(8, "top-r left and right singular vectors of that update kept")
     # evaluation and output
     eval_every: int = arg(8, "validation and test accuracy every N steps (and at 0 and the end)")
+    geometry_every: int = arg(0, "log the update's geometry (Table 1 metrics of W_t - W_0, "
+                              "alignment with the last logged update) every N steps and at the "
+                              "end; 0: off. Keeps an fp32 copy of the attention and MLP "
+                              "weights on --anchor-device")
     eval_batch_size: int = arg(64, "prompts per greedy-decoding batch in evaluation")
     out: str = arg("", "run folder (default runs/[<setting>-]<loss>[-effopd]-seed<seed>)")
     save_checkpoints: bool = arg(True, "save the student at steps 0, 1, 2, 4, 8, ... and the end")
@@ -609,9 +613,10 @@ def train(cfg: Config) -> list[dict]:
             print_effopd_scope(anchor, student, cfg.protocol)
         lock = None  # --lock-subspace: W_0 and the (U_r, V_r) of each matrix it holds
         if cfg.lock_subspace:
-            initial = load_model_and_tokenizer(cfg.student, torch.float32, device)[0] \
-                if run.resumed else student
-            lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device)
+            lock = load_subspace_lock(initial_student(cfg, run, student, device),
+                                      cfg.lock_subspace, cfg.lock_rank, device)
+        geometry = UpdateGeometry(initial_student(cfg, run, student, device),
+                                  cfg.anchor_device) if cfg.geometry_every else None
         probe = left_pad(render_prompts(tokenizer, [r["prompt"] for r in val_set[:4]]),
                          tokenizer.pad_token_id, device)  # the finite-logits check's inputs
         run.start(optimizer, anchor, probe)  # config.json; a resumed run's optimizer, anchor, RNG
@@ -663,6 +668,8 @@ def train(cfg: Config) -> list[dict]:
                     f"{r['multiple']:+d}D:{r['score']:.3f}{'*' if r['improved'] else ''}"
                     for r in ladder) + f" | kept W+{kept}D | {record['effopd/val_s']:.2f} s")
             record["time/train_s"] = round(run.clock, 3)
+            if geometry and (step % cfg.geometry_every == 0 or step == cfg.steps):
+                record.update(geometry(student))  # not counted in the clock: a measurement
             run.log(record)
             # 6. Evaluation and checkpoint (the checkpoint last: a resumed run starts after both).
             if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -735,8 +742,8 @@ def subspace_alignment(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> 
         raise ValueError(f"k must be in [1, {min(delta_a.shape)}], got {k}")
     if not (delta_a.any() and delta_b.any()):
         return float("nan")  # the SVD of a zero matrix returns arbitrary vectors
-    u_a = torch.linalg.svd(delta_a.detach().double(), full_matrices=False)[0][:, :k]  # (m, k)
-    u_b = torch.linalg.svd(delta_b.detach().double(), full_matrices=False)[0][:, :k]
+    u_a = top_singular_subspaces(delta_a, k)[0].double()  # (m, k)
+    u_b = top_singular_subspaces(delta_b, k)[0].double()
     return ((u_a.T @ u_b).square().sum() / k).item()
 
 
@@ -871,6 +878,65 @@ def load_subspace_lock(initial: torch.nn.Module, path: str, rank: int, device: s
             subspaces[n] = update_subspaces(early[n] - w0[n], rank)
     print(f"lock: {len(subspaces)} matrices held to their top-{rank} update subspaces in {path}")
     return w0, subspaces
+
+# ------------------------------------------------------------------------------------------------
+# The update's geometry while training (--geometry-every; GeometryCallback in a Trainer)
+
+
+class UpdateGeometry:
+    """Called on the model as it trains: the means over its 2-D attention and MLP matrices of
+    update_metrics(dW_t), dW_t = W_t - W_0, and of subspace_alignment(dW_t, dW_s, k), s the
+    previous call (NaN at the first), as {"geometry/<metric>": mean}. Holds W_0, one fp32 copy
+    of those matrices on device, and each dW_s's top-k singular vectors."""
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", k: int = 4):
+        self.k, self.previous = k, {}  # name -> (U_k, V_k) of dW_s
+        self.w0 = {n: p.detach().to(device, torch.float32, copy=True)
+                   for n, p in model.named_parameters() if p.dim() == 2 and is_attention_or_mlp(n)}
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        weights, rows = dict(model.named_parameters()), []
+        for name, w0 in self.w0.items():
+            delta = weights[name].detach().to(w0.device, torch.float32) - w0  # (m, n)
+            k = min(self.k, *delta.shape)
+            u_v = self.previous.get(name)  # U V^T: a matrix whose top-k subspace is dW_s's
+            rows.append({**update_metrics(delta), "alignment": subspace_alignment(
+                delta, u_v[0] @ u_v[1].T, k) if u_v else math.nan})
+            self.previous[name] = top_singular_subspaces(delta, k) if delta.any() else None
+
+        def mean(values: list[float]) -> float:  # of the numbers: a zero update has NaN ratios
+            numbers = [v for v in values if not math.isnan(v)]
+            return sum(numbers) / len(numbers) if numbers else math.nan
+        return {f"geometry/{key}": mean([r[key] for r in rows]) for key in rows[0]}
+
+
+class GeometryCallback(TrainerCallback):
+    """UpdateGeometry in a Hugging Face Trainer: trainer.add_callback(GeometryCallback(trainer,
+    every=4)). W_0 is the model at train begin (on a resume: the resumed weights); every `every`
+    global steps and at the last, the geometry goes through the trainer's log (log_history,
+    wandb, tensorboard), on the main process. Sharded (FSDP2) weights are refused."""
+
+    def __init__(self, trainer, every: int, device: str = "cpu", k: int = 4):
+        self.trainer, self.every, self.device, self.k = trainer, every, device, k
+        self.geometry = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+        if is_sharded(model):
+            raise NotImplementedError("GeometryCallback needs whole weights, not FSDP2 shards")
+        if state.is_world_process_zero:
+            self.geometry = UpdateGeometry(model, self.device, self.k)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.geometry and (step % self.every == 0 or step == state.max_steps):
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+            from transformers import Trainer
+            should_log = control.should_log  # as EffOPDCallback: the step's own log stays due
+            Trainer.log(self.trainer, self.geometry(model))
+            control.should_log = should_log
+
 
 # ------------------------------------------------------------------------------------------------
 # EffOPD in any Hugging Face Trainer (TRL's DistillationTrainer and GKDTrainer are Trainers), on
@@ -1162,6 +1228,8 @@ def check_config(cfg: Config) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and (value > 0 if need == "> 0" else value >= 0)):
             raise UserError(f"--{name.replace('_', '-')} must be finite and {need}, got {value}")
+    if cfg.geometry_every < 0:
+        raise UserError(f"--geometry-every must be 0 (off) or at least 1, got {cfg.geometry_every}")
     if 0 < cfg.temperature < 1e-3:  # logits / temperature would leave fp32's range
         raise UserError(f"--temperature must be 0 (greedy) or at least 0.001, got "
                         f"{cfg.temperature}")
@@ -1400,6 +1468,13 @@ def check_same_tokenizer(student_tok, teacher_tok) -> None:
         differ = sorted(set(s.items()) ^ set(t.items()), key=str)[:3]
         raise UserError(f"student and teacher tokenizers differ ({len(s)} vs {len(t)} tokens; "
                         f"e.g. {differ}); OPD needs one shared tokenizer")
+
+
+def initial_student(cfg: Config, run, student, device: str):
+    """W_0: the student as it was before step 1 (loaded again on --resume)."""
+    if not run.resumed:
+        return student
+    return load_model_and_tokenizer(cfg.student, torch.float32, device)[0]
 
 
 def load_student_and_teacher(student_path: str, teacher_path: str, device: str, bf16: bool):

@@ -621,6 +621,56 @@ def test_effopd_callback_anchor_survives_a_trainer_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_geometry_logged_while_training_equals_the_report_of_its_checkpoints(tmp_path):
+    """--geometry-every 2 on 4 steps logs at steps 2 and 4; the numbers equal analyze.py's from
+    the checkpoints of those steps: Table 1's means of dW_t, and at step 4 the alignment of dW_4
+    with dW_2 (at step 2 there is no earlier update: NaN)."""
+    out = tmp_path / "run"
+    effopd.main([*TINY_RUN, "--steps", "4", "--geometry-every", "2", "--out", str(out)])
+    logged = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl"))
+              if "geometry/effective_rank" in r}
+    assert sorted(logged) == [2, 4] and math.isnan(logged[2]["geometry/alignment"])
+    report = analyze.checkpoint_geometry(str(out / "step_000000"), {
+        2: str(out / "step_000002"), 4: str(out / "step_000004")}, 0.01, "cpu", align_k=4)
+    for step in (2, 4):
+        means = analyze.means(report[step]["matrices"])
+        for key in ("spectral_norm", "spectral_ratio", "effective_rank", "top1_ratio"):
+            assert logged[step][f"geometry/{key}"] == pytest.approx(means[key], rel=1e-6), key
+    alignment = analyze.nanmean(r["alignment"] for r in report[2]["matrices"].values())
+    assert 0 < alignment < 1
+    assert logged[4]["geometry/alignment"] == pytest.approx(alignment, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_geometry_callback_logs_through_the_trainer(tmp_path):
+    from transformers import Trainer
+    ids = torch.randint(2, 16, (16, 8), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
+                             learning_rate=1e-3, use_cpu=True, logging_steps=1, report_to="none",
+                             save_strategy="no", disable_tqdm=True)
+    model = tiny_model("qwen2", 16)
+    trainer = Trainer(model=model, args=args,
+                      train_dataset=[{"input_ids": x, "labels": x} for x in ids])
+    seen = []  # the geometry at steps 2, 4 and 5 (the last), as UpdateGeometry gives it
+    expect = effopd.UpdateGeometry(model)
+
+    class Witness(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (2, 4, 5):
+                seen.append((state.global_step, expect(model)))
+    trainer.add_callback(Witness())
+    trainer.add_callback(effopd.GeometryCallback(trainer, every=2))
+    trainer.train()
+    logged = [(h["step"], {k: v for k, v in h.items() if k.startswith("geometry/")})
+              for h in trainer.state.log_history if "geometry/effective_rank" in h]
+    assert [s for s, _ in logged] == [2, 4, 5]
+    for (step, got), (_, want) in zip(logged, seen):
+        assert got.keys() == want.keys() and all(
+            math.isnan(v) and math.isnan(want[k]) or v == pytest.approx(want[k], rel=1e-6)
+            for k, v in got.items()), step
+
+
+@pytest.mark.slow
 def test_importing_effopd_does_not_import_trl():
     code = "import effopd, sys; assert 'trl' not in sys.modules, 'trl imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant)")
     parser.add_argument("--max-candidates", type=int, default=5, help="EffOPD: W+2D, W+4D, ...")
     parser.add_argument("--eval-every", type=int, default=4, help="accuracy every N steps")
+    parser.add_argument("--geometry-every", type=int, default=0,
+                        help="log the update's geometry every N steps (effopd.GeometryCallback); "
+                             "0: off")
     parser.add_argument("--val-size", type=int, default=50, help="validation prompts (EffOPD)")
     parser.add_argument("--test-size", type=int, default=500, help="held-out test prompts")
     parser.add_argument("--runs", nargs="+", default=["opd", "effopd"], choices=["opd", "effopd"])
@@ -53,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "max_candidates", "eval_every", "val_size", "test_size"):
         if (value := getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.geometry_every < 0:
+        parser.error(f"--geometry-every must be 0 (off) or at least 1, got {args.geometry_every}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be finite and > 0, got {args.lr}")
     probe = os.path.join(args.out, f"write-test-{os.getpid()}.tmp")  # one per process
@@ -103,6 +108,11 @@ class AccuracyCurve(TrainerCallback):
             self.evaluate(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and "geometry/effective_rank" in logs:
+            print(f"geometry {state.global_step:4d} | effective rank "
+                  f"{logs['geometry/effective_rank']:.2f} | sigma_1/||dW||_F "
+                  f"{logs['geometry/spectral_ratio']:.3f} | alignment with the last "
+                  f"{logs['geometry/alignment']:.3f}", flush=True)
         if state.is_world_process_zero and "effopd/kept_multiple" in logs:
             ladder = " ".join(f"{k.split('_')[-1]}:{v:.3f}" for k, v in logs.items()
                               if k.startswith("effopd/score_"))
@@ -142,6 +152,8 @@ def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer
             max_candidates=args.max_candidates))
     trainer.add_callback(AccuracyCurve(trainer, tokenizer, val[:args.val_size],
                                        test[:args.test_size], args.eval_every))
+    if args.geometry_every:  # Table 1's metrics of W_t - W_0, into the trainer's log
+        trainer.add_callback(effopd.GeometryCallback(trainer, every=args.geometry_every))
     return trainer
 
 

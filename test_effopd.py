@@ -639,6 +639,8 @@ def test_geometry_logged_while_training_equals_the_report_of_its_checkpoints(tmp
     alignment = analyze.nanmean(r["alignment"] for r in report[2]["matrices"].values())
     assert 0 < alignment < 1
     assert logged[4]["geometry/alignment"] == pytest.approx(alignment, abs=1e-5)
+    analyze.main(["--curves", str(out)])  # with the geometry row
+    assert (out / "curves.png").is_file()
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@ DistillationTrainer (TRL 1.16) is fully on-policy: every step the student sample
 per prompt (plain softmax at temperature 1: top_k=0, top_p=1), the teacher scores the same tokens,
 and the loss is TRL's generalized JSD over the full vocabulary; beta=1 makes it the reverse
 KL(student || teacher), the loss of effopd.opd_loss. The settings are those of `effopd.py --tiny`:
-128 responses per step, AdamW at a constant 1e-5, gradient clipping at 1, 64 steps.
+128 responses per step, AdamW at a constant 1e-5, gradient clipping at 1, 64 steps; --setting smol
+those of `effopd.py --smol` (SmolLM2-135M-Instruct and its chat template, 32 responses per step,
+16 new tokens) at TRL's default rate, 1e-6.
 
 Run (from the repository root or anywhere):
     python examples/trl_effopd.py                                          # one process
@@ -32,27 +34,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)
 import effopd  # noqa: E402
 
-TINY = os.path.join(ROOT, "data", "tiny")
+# per setting: the flags' defaults, and max_new_tokens (effopd.py's, as both generate and score)
+SETTINGS = {"tiny": dict(batch_size=128, lr=1e-5, test_size=500, max_new_tokens=6),
+            "smol": dict(batch_size=32, lr=1e-6, test_size=200, max_new_tokens=16)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = effopd.OneLineErrors(description=__doc__.strip().split("\n\n")[0],
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--setting", choices=list(SETTINGS), default="tiny",
+                        help="models and prompts of effopd.py --tiny, or of --smol (SmolLM2-135M-"
+                             "Instruct, its chat template; python data/make_data.py --models smol)")
     parser.add_argument("--steps", type=int, default=64, help="optimizer steps per run")
-    parser.add_argument("--batch-size", type=int, default=128,
-                        help="prompts (= responses) per step, over all processes")
-    parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="prompts (= responses) per step, over all processes (default: tiny "
+                             "128, smol 32, as effopd.py's responses per step)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate, constant (default: tiny 1e-5, smol 1e-6, "
+                             "TRL's own default)")
     parser.add_argument("--max-candidates", type=int, default=5, help="EffOPD: W+2D, W+4D, ...")
     parser.add_argument("--eval-every", type=int, default=4, help="accuracy every N steps")
     parser.add_argument("--geometry-every", type=int, default=0,
                         help="log the update's geometry every N steps (effopd.GeometryCallback); "
                              "0: off")
     parser.add_argument("--val-size", type=int, default=50, help="validation prompts (EffOPD)")
-    parser.add_argument("--test-size", type=int, default=500, help="held-out test prompts")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="held-out test prompts (default: tiny 500, smol 200)")
     parser.add_argument("--runs", nargs="+", default=["opd", "effopd"], choices=["opd", "effopd"])
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "trl"), help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name, value in SETTINGS[args.setting].items():  # the flags left at None
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     for name in ("steps", "batch_size", "max_candidates", "eval_every", "val_size", "test_size"):
         if (value := getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -81,8 +95,9 @@ class AccuracyCurve(TrainerCallback):
     forwards); also prints each EffOPD ladder it logs. Added after EffOPDCallback, so that it sees
     the weights EffOPD kept."""
 
-    def __init__(self, trainer, tokenizer, val, test, eval_every: int):
+    def __init__(self, trainer, tokenizer, val, test, eval_every: int, max_new_tokens: int):
         self.trainer, self.tokenizer, self.val, self.test = trainer, tokenizer, val, test
+        self.max_new_tokens = max_new_tokens
         self.eval_every, self.eos = eval_every, effopd.eos_ids(tokenizer, unwrapped(trainer))
         self.curve, self.eval_s = [], 0.0  # (step, val, test); seconds spent here
 
@@ -92,7 +107,7 @@ class AccuracyCurve(TrainerCallback):
             return
         was_training = model.training
         model.eval()
-        val, test = (effopd.accuracy(model, self.tokenizer, records, 6, self.eos)
+        val, test = (effopd.accuracy(model, self.tokenizer, records, self.max_new_tokens, self.eos)
                      for records in (self.val, self.test))
         model.train(was_training)
         self.curve.append((state.global_step, val, test))
@@ -123,11 +138,14 @@ class AccuracyCurve(TrainerCallback):
 
 def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer:
     """The student, the teacher, the prompts and DistillationTrainer; EffOPD: one callback more."""
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(TINY, "student"))
-    student = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "student"))
-    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "teacher"))
-    train, val, test = (effopd.load_jsonl(os.path.join(TINY, f"{split}.jsonl"))
+    data = os.path.join(ROOT, "data", args.setting)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "student"))
+    student = AutoModelForCausalLM.from_pretrained(os.path.join(data, "student"))
+    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(data, "teacher"))
+    train, val, test = (effopd.load_jsonl(os.path.join(data, f"{split}.jsonl"))
                         for split in ("train", "val", "test"))
+    if tokenizer.chat_template:  # as effopd.py renders a prompt: the user turn of a chat
+        train = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in train]
     if args.batch_size % world_size:
         sys.exit(f"--batch-size {args.batch_size} does not split over {world_size} processes")
     config = DistillationConfig(
@@ -136,7 +154,7 @@ def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer
         learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         beta=1.0,                                 # reverse KL(student || teacher): the OPD loss
         temperature=1.0, top_k=0, top_p=1.0,      # on-policy: the plain softmax
-        max_completion_length=6,                  # "a+b=" answers are at most 3 digits and EOS
+        max_completion_length=args.max_new_tokens,  # effopd.py's for the setting
         bf16=False, activation_checkpointing=False,  # fp32, tiny models
         use_cpu=torch.cuda.device_count() < world_size,  # a GPU each if there are: FSDP needs them
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed)
@@ -148,10 +166,12 @@ def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer
         eos = effopd.eos_ids(tokenizer, student)
         val_set = val[:args.val_size]
         trainer.add_callback(effopd.EffOPDCallback(
-            trainer, lambda model: effopd.accuracy(model, tokenizer, val_set, 6, eos),
+            trainer, lambda model: effopd.accuracy(model, tokenizer, val_set,
+                                                   args.max_new_tokens, eos),
             max_candidates=args.max_candidates))
     trainer.add_callback(AccuracyCurve(trainer, tokenizer, val[:args.val_size],
-                                       test[:args.test_size], args.eval_every))
+                                       test[:args.test_size], args.eval_every,
+                                       args.max_new_tokens))
     if args.geometry_every:  # Table 1's metrics of W_t - W_0, into the trainer's log
         trainer.add_callback(effopd.GeometryCallback(trainer, every=args.geometry_every))
     return trainer

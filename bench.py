@@ -3,7 +3,7 @@ bench.py: the measurements behind the figures in RESULTS.md, rerunnable on a CPU
 
     python bench.py loss       # peak memory and time of effopd.opd_loss vs the plain formula
     python bench.py metrics    # time of effopd.update_metrics on every matrix of Qwen2.5-0.5B
-    python bench.py speedup    # vanilla OPD vs EffOPD, each at its best learning rate
+    python bench.py speedup    # vanilla OPD vs EffOPD: at one rate (--shared), each at its best
     python bench.py reproduce  # OPD vs GRPO vs SFT on a setting: both papers' claims
     python bench.py grid       # what a 4-bit base (smol's) does to the bf16 and principal rows
     python bench.py geometry   # time and peak RSS of analyze.py --base on Qwen2.5-shaped pairs
@@ -24,13 +24,18 @@ metrics. effopd.update_metrics on every 2-D matrix of a randomly initialized mod
 Qwen2.5-0.5B's config (24 layers x 7 matrices, plus the 151936 x 896 embedding, tied to lm_head):
 169 singular-value decompositions. Requirement: at most 60 s on a 2-core CPU.
 
-speedup. Vanilla OPD and EffOPD (`effopd.py --tiny [--effopd]`, or --small), each at its own best
-learning rate: both swept over --lrs on the tuning seeds (best: fewest steps to the target, median
-over seeds; then the higher final accuracy), then run at that rate on held-out seeds. Reported:
+speedup. Vanilla OPD and EffOPD (`effopd.py --tiny [--effopd]`, or another setting), each at its
+own best learning rate: both swept over --lrs on the tuning seeds and scored on the VALIDATION
+prompts (best: fewest steps to the target, median over seeds; then the higher final accuracy),
+then run at that rate on the held-out seeds and scored on the TEST prompts, which tuning never
+sees. --shared first runs both methods at every rate of --lrs on the held-out seeds (the paper's
+form of the claim, one shared rate) and tables them rate by rate, with a figure of steps to the
+target against the rate. --steps and --eval-every take one value or one per rate. Reported:
 steps and seconds (EffOPD's validation counted, test evaluation not) until test accuracy first
-reaches --target, and the final test accuracy; the held-out curves to a PNG. Every finished run's
-curve is kept in results/speedup-<setting>/ (one small JSON each, to commit): a rerun with the same
-flags reads them instead of training, so the tables come back from those files alone.
+reaches --target (step 0 counts; "never" is infinitely many; never/never has no ratio), and the
+final test accuracy. Every finished run is kept in --results (one small JSON each, to commit,
+with the git commit that made it): a rerun with the same flags reads them instead of training,
+so the tables come back from those files alone.
 
 geometry. `analyze.py --base BASE TUNED --json ...` (the whole any-checkpoint report) on a pair of
 random-weight checkpoints with the exact configuration of Qwen2.5-0.5B and of Qwen2.5-1.5B, saved
@@ -353,7 +358,8 @@ def median_cell(values: list) -> str:
     known = [v for v in values if v is not None]
     if not known:
         return "n/a"
-    return f"{statistics.median(known):.2f}x" + (
+    median = statistics.median(known)
+    return (f"{median:.2f}x" if math.isfinite(median) else "inf") + (
         f" ({len(known)} of {len(values)} seeds)" if len(known) < len(values) else "")
 
 

@@ -2874,6 +2874,29 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
     assert trained[3:] == [(1e-5, 3, False, "sampled"), (1e-5, 3, True, "sampled")]
 
 
+def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monkeypatch, capsys):
+    """A scripted train: at lr 1 the validation curve reaches 0.5 at step 2 and the test curve
+    never does; at lr 2 the reverse. The rate is chosen on validation (1), whatever the test
+    prompts say; --shared tables both rates on the held-out seeds, with "never" and n/a."""
+    def train(cfg):
+        good_val = cfg.lr == 1.0
+        acc = lambda good, step: 0.6 if good and step >= 2 else 0.1  # noqa: E731
+        bonus = cfg.effopd and cfg.lr == 2.0  # EffOPD reaches the test target at step 0
+        return [{"step": s, "time/train_s": float(s), "eval/val_acc": acc(good_val, s),
+                 "eval/test_acc": 0.7 if bonus else acc(not good_val, s)} for s in (0, 2, 4)]
+    monkeypatch.setattr(effopd, "train", train)
+    bench.main(["speedup", "--setting", "tiny", "--shared", "--lrs", "1", "2", "--steps", "4",
+                "--eval-every", "2", "--target", "0.5", "--seeds", "11", "12", "--out",
+                str(tmp_path / "out"), "--results", str(tmp_path / "results")])
+    out = capsys.readouterr().out
+    assert "| 1 | 4 | never/never, never/never | n/a | n/a |" in out  # no ratio, not NaN
+    assert "| 2 | 4 | 2/0, 2/0 | inf | inf |" in out  # EffOPD at step 0: not "never"
+    assert "best learning rate: vanilla 1, effopd 1" in out  # validation's choice, not test's
+    saved = json.loads((tmp_path / "out" / "speedup.json").read_text())
+    assert saved["best"] == {"vanilla": 1.0, "effopd": 1.0}
+    assert [r["step_ratio"] for r in saved["shared"]["1"]] == [None, None]
+
+
 def test_speedup_evaluates_on_the_settings_test_size(monkeypatch):
     seen = {}
     monkeypatch.setattr(bench, "bench_speedup", lambda args: seen.setdefault(args.setting, args))

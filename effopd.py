@@ -611,12 +611,11 @@ def train(cfg: Config) -> list[dict]:
             else None  # EffOPD's B
         if cfg.effopd:
             print_effopd_scope(anchor, student, cfg.protocol)
-        lock = None  # --lock-subspace: W_0 and the (U_r, V_r) of each matrix it holds
-        if cfg.lock_subspace:
-            lock = load_subspace_lock(initial_student(cfg, run, student, device),
-                                      cfg.lock_subspace, cfg.lock_rank, device)
-        geometry = UpdateGeometry(initial_student(cfg, run, student, device),
-                                  cfg.anchor_device) if cfg.geometry_every else None
+        initial = initial_student(cfg, run, student, device) \
+            if cfg.lock_subspace or cfg.geometry_every else None  # W_0, for these two
+        lock = load_subspace_lock(initial, cfg.lock_subspace, cfg.lock_rank, device) \
+            if cfg.lock_subspace else None  # W_0 and the (U_r, V_r) of each locked matrix
+        geometry = UpdateGeometry(initial, cfg.anchor_device) if cfg.geometry_every else None
         probe = left_pad(render_prompts(tokenizer, [r["prompt"] for r in val_set[:4]]),
                          tokenizer.pad_token_id, device)  # the finite-logits check's inputs
         run.start(optimizer, anchor, probe)  # config.json; a resumed run's optimizer, anchor, RNG
@@ -886,8 +885,9 @@ def load_subspace_lock(initial: torch.nn.Module, path: str, rank: int, device: s
 class UpdateGeometry:
     """Called on the model as it trains: the means over its 2-D attention and MLP matrices of
     update_metrics(dW_t), dW_t = W_t - W_0, and of subspace_alignment(dW_t, dW_s, k), s the
-    previous call (NaN at the first), as {"geometry/<metric>": mean}. Holds W_0, one fp32 copy
-    of those matrices on device, and each dW_s's top-k singular vectors."""
+    previous call (NaN at the first, and at the first after a --resume), as
+    {"geometry/<metric>": mean}. Holds W_0, one fp32 copy of those matrices on device, and each
+    dW_s's top-k singular vectors."""
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", k: int = 4):
         self.k, self.previous = k, {}  # name -> (U_k, V_k) of dW_s
@@ -1614,9 +1614,7 @@ def open_run(cfg: Config):
             check_run_folder(out, resume=bool(cfg.resume))
             stack.enter_context(hold_run_folder(out))
             run = Run(cfg, load_resume(out, cfg.steps) if cfg.resume else None)
-        except RefusedConfig:
-            raise
-        except UserError as e:
+        except UserError as e:  # exit 2, as argparse refuses a flag
             raise RefusedConfig(str(e)) from None
         try:
             yield run

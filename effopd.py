@@ -640,7 +640,7 @@ def train(cfg: Config) -> list[dict]:
                                                cfg.loss, **sizes)}
             if lock:  # each locked matrix's update back into its early subspace
                 lock_to_subspace(student, *lock)
-            run.check_weights(student, "the update (diverged: try a lower --lr)")
+            run.check_student(student, "the update (diverged: try a lower --lr)")
             step_s = seconds_since(t0, device)
             run.clock += step_s
             record["time/step_s"] = round(step_s, 3)
@@ -658,7 +658,7 @@ def train(cfg: Config) -> list[dict]:
                     cfg.max_candidates)
                 kept = kept_multiple(ladder)
                 if kept:
-                    run.check_weights(student, f"EffOPD's move to W+{kept}D", logits=True)
+                    run.check_student(student, f"EffOPD's move to W+{kept}D", logits=True)
                 effopd_s = time.time() - t1
                 run.clock += effopd_s
                 record.update({"effopd/ladder": ladder, "effopd/kept_multiple": kept,
@@ -1639,7 +1639,7 @@ class Run:
         """On --resume, put back what checkpoint() saved (optimizer state and EffOPD's anchor,
         refused in one line unless they fit this student; RNG states) and cut metrics.jsonl back
         to the saved step's lines; else start metrics.jsonl empty. Then write config.json.
-        probe: (input_ids, attention_mask) of check_weights' logits."""
+        probe: (input_ids, attention_mask) of check_student's logits."""
         self.probe = probe
         if self.resumed:
             restore_state(self.resumed, optimizer, anchor, os.path.join(self.out, "resume.pt"))
@@ -1667,7 +1667,7 @@ class Run:
         self.records.append(record)
         append_line(self.metrics, record)
 
-    def check_weights(self, model, after: str, logits: bool = False) -> None:
+    def check_student(self, model, after: str, logits: bool = False) -> None:
         """Every weight finite, and (logits) the model's logits on the probe prompts: finite
         weights can still overflow them (1e12 after a huge step). Else FloatingPointError."""
         try:
@@ -1684,7 +1684,7 @@ class Run:
         """The student, checked finite, in out/step_N, then what --resume needs besides it in
         out/resume.pt (only the latest): optimizer state, EffOPD anchor, clock, RNG states, and
         the length of metrics.jsonl."""
-        self.check_weights(student, "the update (diverged: try a lower --lr)", logits=True)
+        self.check_student(student, "the update (diverged: try a lower --lr)", logits=True)
         path = os.path.join(self.out, f"step_{step:06d}")
         save_pretrained_atomically(student, tokenizer, path)
         state = {"step": step, "checkpoint": os.path.basename(path), "clock": self.clock,

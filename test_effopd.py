@@ -1476,26 +1476,26 @@ def test_official_protocol_validates_on_samples_and_moves_its_names(tmp_path, ca
             f"parameters in scope (--protocol official)") in capsys.readouterr().out
 
 
-def test_check_finite_and_check_weights_name_a_weight_or_the_logits(tmp_path):
+def test_check_finite_and_check_student_name_a_weight_or_the_logits(tmp_path):
     with pytest.raises(FloatingPointError, match=r"^the loss is nan$"):
         effopd.check_finite(torch.tensor(float("nan")), "the loss")
     effopd.check_finite(torch.tensor([1.0, -3e38]), "x")  # finite: nothing raised
     run = effopd.Run(effopd.Config(out=str(tmp_path)), None)
     run.probe = torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long)
     model = tiny_model("qwen2", 14)
-    run.check_weights(model, "the update", logits=True)
+    run.check_student(model, "the update", logits=True)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"^weight model\.layers\.1\.mlp\.up_proj\.weight "
                                                  r"is NaN or inf after the update$"):
-        run.check_weights(model, "the update")
+        run.check_student(model, "the update")
     model = tiny_model("qwen2", 14)
     with torch.no_grad():
         model.lm_head.weight.fill_(3e38)  # finite weights whose logits overflow to inf
-    run.check_weights(model, "the update")  # the weights alone pass
+    run.check_student(model, "the update")  # the weights alone pass
     with pytest.raises(FloatingPointError, match=r"^a logit is NaN or inf after "
                                                  r"EffOPD's move$"):
-        run.check_weights(model, "EffOPD's move", logits=True)
+        run.check_student(model, "EffOPD's move", logits=True)
 
 
 @pytest.mark.slow

@@ -2580,6 +2580,7 @@ def edit_tensor(file: str, name: str, edit) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 def test_curves_of_runs_also_while_they_are_written(tmp_path, tiny_run):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     whole = [json.loads(line) for line in open(run / "metrics.jsonl")]

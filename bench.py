@@ -674,8 +674,10 @@ def reproduce_numbers(arm: str, lr: float, seed: int, args, lock: bool,
         raise SystemExit(f"bench.py: error: {saved} was made with other flags "
                          f"({' '.join(run['flags'] + run.get('lock', []))}): pass another "
                          "--results or delete it")
-    save = lambda: effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(  # noqa: E731
-        json.dumps(run, indent=1)))
+
+    def save() -> None:  # with the commits of the code that computed its numbers
+        run["commits"] = sorted({*run.get("commits", []), args.commit})
+        effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
     os.makedirs(args.results, exist_ok=True)
     if "test_acc" not in run:
         reproduce_run(flags, free, args.steps)
@@ -1285,7 +1287,8 @@ def main(argv=None) -> None:
                       f"({len(args.lrs)}), got {len(values)}")
         per_rate = lambda values: values * len(args.lrs) if len(values) == 1 else values  # noqa: E731
         args.budget = dict(zip(args.lrs, zip(per_rate(args.steps), per_rate(args.eval_every))))
-        args.commit = git_commit()
+    if args.command in ("speedup", "reproduce"):
+        args.commit = git_commit()  # recorded in every run's JSON
     if args.command == "reproduce":
         args.steps = args.steps or effopd.SETTINGS[args.setting]["steps"]
         args.lock_step = args.lock_step or 2 ** max(0, (args.steps // 8).bit_length() - 1)

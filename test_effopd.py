@@ -2967,6 +2967,7 @@ def test_reproduce_sweeps_keeps_numbers_as_json_and_reuses_them(tmp_path, monkey
             assert ("numbers" in run) == best and ("locked_test_acc" in run) == (
                 best and arm != "grpo"), (arm, lr)
             assert not best or run["numbers"]["test_acc"] == acc[lr]
+            assert run["commits"] == [bench.git_commit()]  # the code that made the numbers
             folder = tmp_path / "runs" / f"{arm}-lr{lr}-seed0"
             assert acc[lr] == bench.final_test_accuracy(str(folder))
             assert not list(folder.glob("step_*")) and not (folder / "resume.pt").exists()

@@ -1818,6 +1818,7 @@ BAD_FLAGS = [
     (["--temperature", "1e-40"], r"--temperature must be 0 \(greedy\) or at least 0\.001, got "
                                  r"1e-40$"),  # logits / temperature would overflow
     (["--grad-clip", "inf"], r"--grad-clip must be finite and >= 0 \(0 = off\), got inf"),
+    (["--geometry-every", "-1"], r"--geometry-every must be 0 \(off\) or at least 1, got -1$"),
     (["--seed", str(2**64)], r"--seed must be 0 to 2\*\*64 - 1, got 18446744073709551616$"),
     (["--seed", "-1"], r"--seed must be 0 to 2\*\*64 - 1, got -1$"),
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, not 'tpu'$"),

@@ -387,6 +387,8 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
                          f"{' '.join(map(str, run.get('flags', [])))}, not {' '.join(argv)}: "
                          "pass another --results or delete it")
     if not run or (need_val and "val" not in run):
+        if args.cached:  # the tables of the runs saved so far: this one is pending
+            return None
         shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             history = effopd.train(effopd.parse_args(
@@ -460,19 +462,19 @@ def bench_speedup(args) -> bool:
               "wall-clock ratio (median) | final acc, vanilla/EffOPD (mean) | multiples kept "
               "per seed |\n|---|---|---|---|---|---|---|")
         for lr in args.lrs:
-            rows = [compare(held_out("vanilla", lr, s), held_out("effopd", lr, s), args.target)
-                    for s in args.seeds]
+            pairs = [(held_out("vanilla", lr, s), held_out("effopd", lr, s)) for s in args.seeds]
+            rows = [compare(v, e, args.target) for v, e in pairs if v and e]
             shared[lr] = rows
             never = lambda x: "never" if x is None else str(x)  # noqa: E731
-            print(f"| {lr:g} | {args.budget[lr][0]} | "
-                  + ", ".join(f"{never(r['vanilla_steps'])}/{never(r['effopd_steps'])}"
-                              for r in rows)
-                  + f" | {median_cell([r['step_ratio'] for r in rows])} | "
-                  f"{median_cell([r['time_ratio'] for r in rows])} | "
-                  f"{statistics.mean(r['vanilla_final'] for r in rows):.3f}/"
-                  f"{statistics.mean(r['effopd_final'] for r in rows):.3f} | "
-                  + "; ".join(",".join(f"{m:g}" for m in r["kept"]) for r in rows) + " |",
-                  flush=True)
+            cells = [f"{never(r['vanilla_steps'])}/{never(r['effopd_steps'])}" for r in rows]
+            cells += ["pending"] * (len(pairs) - len(rows))
+            print(f"| {lr:g} | {args.budget[lr][0]} | {', '.join(cells)} | " + (
+                f"{median_cell([r['step_ratio'] for r in rows])} | "
+                f"{median_cell([r['time_ratio'] for r in rows])} | "
+                f"{statistics.mean(r['vanilla_final'] for r in rows):.3f}/"
+                f"{statistics.mean(r['effopd_final'] for r in rows):.3f} | "
+                + "; ".join(",".join(f"{m:g}" for m in r["kept"]) for r in rows) if rows else
+                "pending | pending | pending | pending") + " |", flush=True)
     sweep, best = {}, {}
     print(f"\nthe sweep on seeds {args.tune_seeds}, scored on the validation prompts\n")
     print("lr       | vanilla: steps to target (median), final | effopd: the same")
@@ -481,38 +483,50 @@ def bench_speedup(args) -> bool:
         for method in ("vanilla", "effopd"):
             sweep[method, lr] = [speedup_run(method, lr, seed, args, need_val=True)
                                  for seed in args.tune_seeds]
+            if None in sweep[method, lr]:
+                cells.append("pending")
+                continue
             steps, final = sweep_score(sweep[method, lr], args.target)
             cells.append(f"{steps:>4} {-final:.3f}")
         print(f"{lr:<8g} | {cells[0]:>20} | {cells[1]:>20}", flush=True)
     for method in ("vanilla", "effopd"):
-        best[method] = min(args.lrs, key=lambda lr: sweep_score(sweep[method, lr], args.target))
-    print(f"best learning rate: vanilla {best['vanilla']:g}, effopd {best['effopd']:g}")
+        swept = [lr for lr in args.lrs if None not in sweep[method, lr]]
+        if len(swept) == len(args.lrs):  # the best of every rate, or none yet
+            best[method] = min(swept, key=lambda lr: sweep_score(sweep[method, lr],
+                                                                 args.target))
+    print("best learning rate: " + ", ".join(f"{m} {best[m]:g}" if m in best else f"{m} pending"
+                                             for m in ("vanilla", "effopd")))
     rows = []
-    for seed in args.seeds:
-        r = compare(held_out("vanilla", best["vanilla"], seed),
-                    held_out("effopd", best["effopd"], seed), args.target)
+    for seed in args.seeds if len(best) == 2 else []:
+        v, e = held_out("vanilla", best["vanilla"], seed), held_out("effopd", best["effopd"], seed)
+        if not (v and e):
+            print(f"seed {seed} | pending")
+            continue
+        r = compare(v, e, args.target)
         rows.append(dict(seed=seed, vanilla_lr=best["vanilla"], effopd_lr=best["effopd"], **r))
         print(f"seed {seed} | steps to {args.target}: vanilla {r['vanilla_steps']} effopd "
               f"{r['effopd_steps']} | seconds {r['vanilla_s']} vs {r['effopd_s']} | final "
               f"{r['vanilla_final']:.3f} vs {r['effopd_final']:.3f}", flush=True)
-    print(f"\nheld-out seeds and test prompts, each method at the rate its validation sweep chose:"
-          f" median step ratio {median_cell([r['step_ratio'] for r in rows])}, median "
-          f"wall-clock ratio (EffOPD's validation counted) "
-          f"{median_cell([r['time_ratio'] for r in rows])}; mean final accuracy vanilla "
-          f"{statistics.mean(r['vanilla_final'] for r in rows):.3f}, effopd "
-          f"{statistics.mean(r['effopd_final'] for r in rows):.3f} (the paper: ~3x at equal "
-          f"final accuracy)")
-    commits = sorted({run["commit"] or "not recorded" for run in
-                      [*runs.values(), *(r for rs in sweep.values() for r in rs)]})
+    if rows:
+        print(f"\nheld-out seeds and test prompts, each method at the rate its validation sweep "
+              f"chose: median step ratio {median_cell([r['step_ratio'] for r in rows])}, median "
+              f"wall-clock ratio (EffOPD's validation counted) "
+              f"{median_cell([r['time_ratio'] for r in rows])}; mean final accuracy vanilla "
+              f"{statistics.mean(r['vanilla_final'] for r in rows):.3f}, effopd "
+              f"{statistics.mean(r['effopd_final'] for r in rows):.3f} (the paper: ~3x at equal "
+              f"final accuracy)")
+    made = [run for run in [*runs.values(), *(r for rs in sweep.values() for r in rs)] if run]
+    commits = sorted({run["commit"] or "not recorded" for run in made})
     print(f"runs made at commits: {', '.join(commits)}")
     os.makedirs(args.out, exist_ok=True)  # a call that read every run from --results made none
     with open(os.path.join(args.out, "speedup.json"), "w") as f:
-        json.dump(dict(sweep={f"{m} {lr:g}": [r["curve"] for r in rs]
+        json.dump(dict(sweep={f"{m} {lr:g}": [r["curve"] for r in rs if r]
                               for (m, lr), rs in sweep.items()},
                        best=best, rows=rows, shared={f"{lr:g}": r for lr, r in shared.items()},
                        commits=commits), f, indent=1)
-    plot_curves({(m, s): runs[m, best[m], s]["curve"] for m in best for s in args.seeds}, args,
-                os.path.join(args.out, "speedup.png"))
+    if rows:
+        plot_curves({(m, r["seed"]): runs[m, best[m], r["seed"]]["curve"] for m in best
+                     for r in rows}, args, os.path.join(args.out, "speedup.png"))
     if args.shared:
         plot_steps_against_lr(shared, best, args, args.figure or os.path.join(
             args.out, "speedup-vs-lr.png"))
@@ -563,7 +577,7 @@ def plot_curves(curves, args, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, seed in enumerate(args.seeds):
+    for i, seed in enumerate(sorted({seed for _, seed in curves})):
         for name, color in (("vanilla", "tab:blue"), ("effopd", "tab:red")):
             steps, acc, _ = zip(*curves[name, seed])
             ax.plot(steps, acc, color=color, alpha=0.6, lw=1,
@@ -1187,6 +1201,9 @@ def main(argv=None) -> None:
     p.add_argument("--shared", action="store_true",
                    help="first run both methods at every rate of --lrs on the held-out seeds "
                         "and table them rate by rate (the paper's form: one shared rate)")
+    p.add_argument("--cached", action="store_true",
+                   help="train nothing: the tables of the runs saved in --results so far, the "
+                        "others marked pending")
     p.add_argument("--figure", default=None,
                    help="--shared's figure, steps to target against the rate (default: "
                         "OUT/speedup-vs-lr.png)")

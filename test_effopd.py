@@ -2842,7 +2842,7 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
     monkeypatch.setattr(effopd, "train", train)
     args = types.SimpleNamespace(setting="tiny", budget={1e-5: (2, 2)}, test_size=10, extra=[],
                                  out=str(tmp_path / "runs"), results=str(tmp_path / "results"),
-                                 protocol="effopd", commit="abc123")
+                                 protocol="effopd", commit="abc123", cached=False)
     curve, val = [(0, 0.5, 0.0), (2, 0.9, 3.0)], [(0, 0.4), (2, 0.7)]
     assert bench.speedup_run("effopd", 1e-5, 3, args)["curve"] == curve
     saved = tmp_path / "results" / "effopd-lr1e-05-seed3.json"
@@ -2897,6 +2897,21 @@ def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monk
     saved = json.loads((tmp_path / "out" / "speedup.json").read_text())
     assert saved["best"] == {"vanilla": 1.0, "effopd": 1.0}
     assert [r["step_ratio"] for r in saved["shared"]["1"]] == [None, None]
+    # --cached: the tables of the runs saved so far, training nothing; a missing run is pending
+    (tmp_path / "results" / "effopd-lr2-seed12.json").unlink()
+    monkeypatch.setattr(effopd, "train", lambda cfg: pytest.fail("trained"))
+    bench.main(["speedup", "--setting", "tiny", "--shared", "--lrs", "1", "2", "--steps", "4",
+                "--eval-every", "2", "--target", "0.5", "--seeds", "11", "12", "--out",
+                str(tmp_path / "out"), "--results", str(tmp_path / "results"), "--cached"])
+    out = capsys.readouterr().out
+    assert "| 2 | 4 | 2/0, pending | inf | inf |" in out and "seed 12 | pending" not in out
+    assert "best learning rate: vanilla 1, effopd 1" in out
+    (tmp_path / "results" / "vanilla-lr2-seed0.json").unlink()  # the sweep is not whole: no best
+    bench.main(["speedup", "--setting", "tiny", "--lrs", "1", "2", "--steps", "4", "--eval-every",
+                "2", "--target", "0.5", "--seeds", "11", "12", "--out", str(tmp_path / "out"),
+                "--results", str(tmp_path / "results"), "--cached"])
+    out = capsys.readouterr().out
+    assert "best learning rate: vanilla pending, effopd 1" in out and "seed 11" not in out
 
 
 def test_speedup_evaluates_on_the_settings_test_size(monkeypatch):

@@ -60,6 +60,7 @@ Run:
     python analyze.py                    # the toy: a table and runs/toy.png, seconds on a CPU
     python analyze.py RUN_DIR [RUN_DIR]  # checkpoint-geometry report of effopd.py runs
     python analyze.py --base BASE TUNED --json geometry.json   # any two checkpoints
+    python analyze.py --curves RUN_DIR [RUN_DIR]  # training curves, also of a run still going
 """
 import argparse
 import fcntl

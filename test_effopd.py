@@ -699,7 +699,8 @@ def test_trl_example_short_run(tmp_path, capsys):
     sys.path.insert(0, EXAMPLES)
     import trl_effopd
     results = trl_effopd.main(["--steps", "2", "--batch-size", "16", "--eval-every", "1",
-                               "--test-size", "20", "--out", str(tmp_path)])
+                               "--test-size", "20", "--geometry-every", "1", "--out",
+                               str(tmp_path)])
     opd, eff = results["opd"], results["effopd"]
     assert [s for s, _, _ in opd["curve"]] == [s for s, _, _ in eff["curve"]] == [0, 1, 2]
     assert opd["curve"][0] == eff["curve"][0]  # the same student at step 0
@@ -711,6 +712,9 @@ def test_trl_example_short_run(tmp_path, capsys):
         assert val == h[f"effopd/score_+{h['effopd/kept_multiple']}D"]
     printed = capsys.readouterr().out
     assert "effopd    1 | +0D:" in printed and re.search(r"\n\s+2 \|\s+[\d.]+ [\d.]+ \|", printed)
+    geometry = [h for h in opd["log_history"] if "geometry/effective_rank" in h]  # GeometryCallback
+    assert [h["step"] for h in geometry] == [1, 2] and math.isnan(geometry[0]["geometry/alignment"])
+    assert "geometry    2 | effective rank" in printed
 
 
 def test_trl_example_refuses_bad_flags_before_any_model_loads(tmp_path, capsys):

@@ -741,9 +741,12 @@ def subspace_alignment(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> 
         raise ValueError(f"k must be in [1, {min(delta_a.shape)}], got {k}")
     if not (delta_a.any() and delta_b.any()):
         return float("nan")  # the SVD of a zero matrix returns arbitrary vectors
-    u_a = top_singular_subspaces(delta_a, k)[0].double()  # (m, k)
-    u_b = top_singular_subspaces(delta_b, k)[0].double()
-    return ((u_a.T @ u_b).square().sum() / k).item()
+    return alignment(top_singular_subspaces(delta_a, k)[0], top_singular_subspaces(delta_b, k)[0])
+
+
+def alignment(u_a: torch.Tensor, u_b: torch.Tensor) -> float:
+    """phi = ||U_a^T U_b||_F^2 / k of two orthonormal bases (m, k), in float64."""
+    return ((u_a.double().T @ u_b.double()).square().sum() / u_a.shape[1]).item()
 
 
 def top_singular_subspaces(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -887,10 +890,10 @@ class UpdateGeometry:
     update_metrics(dW_t), dW_t = W_t - W_0, and of subspace_alignment(dW_t, dW_s, k), s the
     previous call (NaN at the first, and at the first after a --resume), as
     {"geometry/<metric>": mean}. Holds W_0, one fp32 copy of those matrices on device, and each
-    dW_s's top-k singular vectors."""
+    dW_s's top-k left singular vectors: one top_singular_subspaces per matrix and call."""
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", k: int = 4):
-        self.k, self.previous = k, {}  # name -> (U_k, V_k) of dW_s
+        self.k, self.previous = k, {}  # name -> U_k of dW_s (None: a zero update)
         self.w0 = {n: p.detach().to(device, torch.float32, copy=True)
                    for n, p in model.named_parameters() if p.dim() == 2 and is_attention_or_mlp(n)}
 
@@ -899,11 +902,12 @@ class UpdateGeometry:
         weights, rows = dict(model.named_parameters()), []
         for name, w0 in self.w0.items():
             delta = weights[name].detach().to(w0.device, torch.float32) - w0  # (m, n)
-            k = min(self.k, *delta.shape)
-            u_v = self.previous.get(name)  # U V^T: a matrix whose top-k subspace is dW_s's
-            rows.append({**update_metrics(delta), "alignment": subspace_alignment(
-                delta, u_v[0] @ u_v[1].T, k) if u_v else math.nan})
-            self.previous[name] = top_singular_subspaces(delta, k) if delta.any() else None
+            u = top_singular_subspaces(delta, min(self.k, *delta.shape))[0] if delta.any() \
+                else None  # as subspace_alignment: a zero update has no subspace
+            u_s = self.previous.get(name)
+            rows.append({**update_metrics(delta), "alignment": alignment(u, u_s)
+                         if u is not None and u_s is not None else math.nan})
+            self.previous[name] = u
 
         def mean(values: list[float]) -> float:  # of the numbers: a zero update has NaN ratios
             numbers = [v for v in values if not math.isnan(v)]

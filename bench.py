@@ -35,7 +35,8 @@ steps and seconds (EffOPD's validation counted, test evaluation not) until test 
 reaches --target (step 0 counts; "never" is infinitely many; never/never has no ratio), and the
 final test accuracy. Every finished run is kept in --results (one small JSON each, to commit,
 with the git commit that made it): a rerun with the same flags reads them instead of training,
-so the tables come back from those files alone.
+so the tables come back from those files alone. --trainer trl makes the same runs in TRL's
+DistillationTrainer, with effopd.EffOPDCallback for EffOPD (examples/trl_effopd.py).
 
 geometry. `analyze.py --base BASE TUNED --json ...` (the whole any-checkpoint report) on a pair of
 random-weight checkpoints with the exact configuration of Qwen2.5-0.5B and of Qwen2.5-1.5B, saved
@@ -376,11 +377,15 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
         other = args.protocol != "effopd"
         flags += ["--effopd"] + (["--protocol", args.protocol] if other else [])
         name = "effopd" + (f"-{args.protocol}" if other else "")  # e.g. effopd-official
+    steps, every = args.budget[lr]
+    argv = ["--lr", str(lr), "--seed", str(seed), "--steps", str(steps), "--eval-every",
+            str(every), "--test-size", str(args.test_size)]
+    if args.trainer == "trl":  # examples/trl_effopd.py's flags; EffOPD is its callback
+        name, argv = f"trl-{name}", ["--setting", args.setting, *argv, *args.extra]
+    else:
+        argv = [f"--{args.setting}", *argv, *flags, *args.extra]
     name = f"{name}-lr{lr:g}-seed{seed}"
     out, saved = os.path.join(args.out, name), os.path.join(args.results, f"{name}.json")
-    steps, every = args.budget[lr]
-    argv = [f"--{args.setting}", "--lr", str(lr), "--seed", str(seed), "--steps", str(steps),
-            "--eval-every", str(every), "--test-size", str(args.test_size), *flags, *args.extra]
     run = read_result(saved) if os.path.isfile(saved) else None
     if run and run.get("flags") != argv:
         raise SystemExit(f"bench.py: error: {saved} was made with "
@@ -391,19 +396,38 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
             return None
         shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            history = effopd.train(effopd.parse_args(
-                argv + ["--no-save-checkpoints", "--out", out]))
-        evals = [r for r in history if "eval/test_acc" in r]
-        run = {"flags": argv, "commit": args.commit,
-               "curve": [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in evals],
-               "val": [(r["step"], r["eval/val_acc"]) for r in evals],
-               "kept": [(r["step"], r["effopd/kept_multiple"]) for r in history
-                        if "effopd/ladder" in r]}
+            run = {"flags": argv, "commit": args.commit,
+                   **(trl_numbers(method, argv, out) if args.trainer == "trl" else
+                      effopd_numbers(argv, out))}
         os.makedirs(args.results, exist_ok=True)
         effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(json.dumps(run)))
     tuples = lambda points: [tuple(p) for p in points] if points is not None else None  # noqa: E731
     return {**run, "commit": run.get("commit"), "curve": tuples(run["curve"]),
             "val": tuples(run.get("val")), "kept": tuples(run.get("kept", []))}
+
+
+def effopd_numbers(argv: list[str], out: str) -> dict:
+    """speedup_run's numbers of one effopd.py run with these flags, made in this process."""
+    history = effopd.train(effopd.parse_args(argv + ["--no-save-checkpoints", "--out", out]))
+    evals = [r for r in history if "eval/test_acc" in r]
+    return {"curve": [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in evals],
+            "val": [(r["step"], r["eval/val_acc"]) for r in evals],
+            "kept": [(r["step"], r["effopd/kept_multiple"]) for r in history
+                     if "effopd/ladder" in r]}
+
+
+def trl_numbers(method: str, argv: list[str], out: str) -> dict:
+    """The same numbers of one run of examples/trl_effopd.py (TRL's DistillationTrainer; method
+    effopd: with EffOPDCallback) with these flags, made in this process. Its seconds count
+    training and EffOPD's validation, not the accuracy curve's evaluations, as effopd.py's."""
+    sys.path.insert(0, os.path.join(effopd.PROJECT, "examples"))
+    import trl_effopd
+    run = "effopd" if method == "effopd" else "opd"
+    result = trl_effopd.main(argv + ["--runs", run, "--out", out])[run]
+    return {"curve": [(step, test, s) for step, _, test, s in result["curve"]],
+            "val": [(step, val) for step, val, _, _ in result["curve"]],
+            "kept": [(h["step"], h["effopd/kept_multiple"]) for h in result["log_history"]
+                     if "effopd/kept_multiple" in h]}
 
 
 def read_result(path: str, needs: str = "curve") -> dict:
@@ -449,6 +473,7 @@ def bench_speedup(args) -> bool:
           + ", ".join(f"{lr:g}: {s} ({e})" for lr, (s, e) in args.budget.items())
           + f", tuning seeds {args.tune_seeds}, held-out seeds {args.seeds}")
     runs, shared = {}, {}
+    never = lambda x: "never" if x is None else str(x)  # noqa: E731
 
     def held_out(method: str, lr: float, seed: int) -> dict:
         runs[method, lr, seed] = speedup_run(method, lr, seed, args)  # read back when saved
@@ -465,7 +490,6 @@ def bench_speedup(args) -> bool:
             pairs = [(held_out("vanilla", lr, s), held_out("effopd", lr, s)) for s in args.seeds]
             rows = [compare(v, e, args.target) for v, e in pairs if v and e]
             shared[lr] = rows
-            never = lambda x: "never" if x is None else str(x)  # noqa: E731
             cells = [f"{never(r['vanilla_steps'])}/{never(r['effopd_steps'])}" for r in rows]
             cells += ["pending"] * (len(pairs) - len(rows))
             print(f"| {lr:g} | {args.budget[lr][0]} | {', '.join(cells)} | " + (
@@ -504,8 +528,9 @@ def bench_speedup(args) -> bool:
             continue
         r = compare(v, e, args.target)
         rows.append(dict(seed=seed, vanilla_lr=best["vanilla"], effopd_lr=best["effopd"], **r))
-        print(f"seed {seed} | steps to {args.target}: vanilla {r['vanilla_steps']} effopd "
-              f"{r['effopd_steps']} | seconds {r['vanilla_s']} vs {r['effopd_s']} | final "
+        print(f"seed {seed} | steps to {args.target}: vanilla {never(r['vanilla_steps'])} effopd "
+              f"{never(r['effopd_steps'])} | seconds {never(r['vanilla_s'])} vs "
+              f"{never(r['effopd_s'])} | final "
               f"{r['vanilla_final']:.3f} vs {r['effopd_final']:.3f}", flush=True)
     if rows:
         print(f"\nheld-out seeds and test prompts, each method at the rate its validation sweep "
@@ -1217,7 +1242,11 @@ def main(argv=None) -> None:
     p.add_argument("--results", default=None,
                    help="one JSON per finished run, reused when there (default: "
                         "results/speedup-<setting>, small enough to commit)")
-    p.add_argument("extra", nargs="*", help="more effopd.py flags for every run, after --")
+    p.add_argument("--trainer", choices=["effopd", "trl"], default="effopd",
+                   help="whose training loop: effopd.py's, or TRL's DistillationTrainer with "
+                        "EffOPDCallback (examples/trl_effopd.py; its results named trl-...)")
+    p.add_argument("extra", nargs="*", help="more flags of the trainer (effopd.py or "
+                                            "examples/trl_effopd.py) for every run, after --")
     p.set_defaults(func=bench_speedup)
 
     p = commands.add_parser("reproduce", help="OPD vs GRPO vs SFT: both papers' claims, seeds",
@@ -1296,6 +1325,10 @@ def main(argv=None) -> None:
             "test_size", effopd.Config.test_size)
     if args.command == "speedup" and not 0 < args.target <= 1:
         error(f"--target is a test accuracy, in (0, 1]; got {args.target}")
+    if args.command == "speedup" and args.trainer == "trl" and (
+            args.protocol != "effopd" or args.setting not in ("tiny", "smol")):
+        error(f"--trainer trl runs --protocol effopd on --setting tiny or smol (those of "
+              f"examples/trl_effopd.py), got --protocol {args.protocol} --setting {args.setting}")
     if args.command == "speedup":
         for flag in ("steps", "eval_every"):
             values = getattr(args, flag)

@@ -702,12 +702,14 @@ def test_trl_example_short_run(tmp_path, capsys):
                                "--test-size", "20", "--geometry-every", "1", "--out",
                                str(tmp_path)])
     opd, eff = results["opd"], results["effopd"]
-    assert [s for s, _, _ in opd["curve"]] == [s for s, _, _ in eff["curve"]] == [0, 1, 2]
-    assert opd["curve"][0] == eff["curve"][0]  # the same student at step 0
+    assert [c[0] for c in opd["curve"]] == [c[0] for c in eff["curve"]] == [0, 1, 2]
+    assert opd["curve"][0][:3] == eff["curve"][0][:3]  # the same student at step 0
+    for curve in (opd["curve"], eff["curve"]):  # training seconds: from 0, growing
+        assert 0 <= curve[0][3] < curve[1][3] < curve[2][3]
     assert not any("effopd/kept_multiple" in h for h in opd["log_history"])
     ladders = {h["step"]: h for h in eff["log_history"] if "effopd/kept_multiple" in h}
     assert sorted(ladders) == [1, 2]
-    for step, val, _ in eff["curve"][1:]:  # after EffOPD the student scores what EffOPD kept
+    for step, val, _, _ in eff["curve"][1:]:  # after EffOPD the student scores what EffOPD kept
         h = ladders[step]
         assert val == h[f"effopd/score_+{h['effopd/kept_multiple']}D"]
     printed = capsys.readouterr().out
@@ -2363,6 +2365,9 @@ for argv, message in [
         (["speedup", "--target", "1.5"], "--target is a test accuracy, in (0, 1]; got 1.5"),
         (["speedup", "--lrs", "1e-5", "2e-5", "--steps", "1", "2", "3"],
          "--steps takes one number or one per --lrs (2), got 3"),
+        (["speedup", "--trainer", "trl", "--protocol", "official"],
+         "--trainer trl runs --protocol effopd on --setting tiny or smol (those of "
+         "examples/trl_effopd.py), got --protocol official --setting tiny"),
         (["reproduce", "--lock-step", "3", "--steps", "2"],
          "--lock-step must be a power of two below --steps 2 (a step with a checkpoint), got 3"),
         (["--threads", "-1", "metrics"], "--threads must be at least 0 (0: torch's default), "
@@ -2846,7 +2851,8 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
     monkeypatch.setattr(effopd, "train", train)
     args = types.SimpleNamespace(setting="tiny", budget={1e-5: (2, 2)}, test_size=10, extra=[],
                                  out=str(tmp_path / "runs"), results=str(tmp_path / "results"),
-                                 protocol="effopd", commit="abc123", cached=False)
+                                 protocol="effopd", commit="abc123", cached=False,
+                                 trainer="effopd")
     curve, val = [(0, 0.5, 0.0), (2, 0.9, 3.0)], [(0, 0.4), (2, 0.7)]
     assert bench.speedup_run("effopd", 1e-5, 3, args)["curve"] == curve
     saved = tmp_path / "results" / "effopd-lr1e-05-seed3.json"
@@ -2878,6 +2884,36 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
         saved = tmp_path / "results" / f"{name}-lr1e-05-seed3.json"
         assert json.loads(saved.read_text())["flags"][-len(flags):] == flags
     assert trained[3:] == [(1e-5, 3, False, "sampled"), (1e-5, 3, True, "sampled")]
+
+
+def test_speedup_in_trl_saves_the_same_numbers_from_the_examples_curves(tmp_path, monkeypatch):
+    sys.path.insert(0, EXAMPLES)
+    import trl_effopd
+    calls = []
+
+    def main(argv):  # a scripted run of the example: (step, val, test, training seconds)
+        calls.append(argv)
+        trl_effopd.parse_args(argv[:-1] + [str(tmp_path / "flags")])  # flags it takes
+        run = argv[argv.index("--runs") + 1]
+        kept = [{"effopd/kept_multiple": 4, "step": 1}] if run == "effopd" else []
+        return {run: {"curve": [(0, 0.4, 0.5, 0.0), (2, 0.7, 0.9, 3.0)],
+                      "log_history": [{"loss": 1.0, "step": 1}, *kept]}}
+    monkeypatch.setattr(trl_effopd, "main", main)
+    args = types.SimpleNamespace(setting="smol", budget={1e-6: (2, 2)}, test_size=200, extra=[],
+                                 out=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+                                 protocol="effopd", commit="abc123", cached=False, trainer="trl")
+    run = bench.speedup_run("effopd", 1e-6, 11, args)
+    assert (run["curve"], run["val"], run["kept"]) == (
+        [(0, 0.5, 0.0), (2, 0.9, 3.0)], [(0, 0.4), (2, 0.7)], [(1, 4)])
+    flags = ["--setting", "smol", "--lr", "1e-06", "--seed", "11", "--steps", "2", "--eval-every",
+             "2", "--test-size", "200"]
+    saved = json.loads((tmp_path / "results" / "trl-effopd-lr1e-06-seed11.json").read_text())
+    assert saved["flags"] == flags and saved["commit"] == "abc123"
+    assert calls == [flags + ["--runs", "effopd", "--out",
+                              str(tmp_path / "runs" / "trl-effopd-lr1e-06-seed11")]]
+    assert bench.speedup_run("vanilla", 1e-6, 11, args)["kept"] == []
+    assert calls[1][-4:-2] == ["--runs", "opd"]
+    assert bench.speedup_run("effopd", 1e-6, 11, args) == run and len(calls) == 2  # read back
 
 
 def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monkeypatch, capsys):

@@ -99,10 +99,12 @@ class AccuracyCurve(TrainerCallback):
         self.trainer, self.tokenizer, self.val, self.test = trainer, tokenizer, val, test
         self.max_new_tokens = max_new_tokens
         self.eval_every, self.eos = eval_every, effopd.eos_ids(tokenizer, unwrapped(trainer))
-        self.curve, self.eval_s = [], 0.0  # (step, val, test); seconds spent here
+        self.curve, self.eval_s = [], 0.0  # (step, val, test, training seconds); seconds here
+        self.began = time.time()
 
     def evaluate(self, state) -> None:
         t0, model = time.time(), unwrapped(self.trainer)
+        seconds = t0 - self.began - self.eval_s  # of training (EffOPD's validation too)
         if not (state.is_world_process_zero or effopd.is_sharded(model)):
             return
         was_training = model.training
@@ -110,12 +112,13 @@ class AccuracyCurve(TrainerCallback):
         val, test = (effopd.accuracy(model, self.tokenizer, records, self.max_new_tokens, self.eos)
                      for records in (self.val, self.test))
         model.train(was_training)
-        self.curve.append((state.global_step, val, test))
+        self.curve.append((state.global_step, val, test, round(seconds, 3)))
         if state.is_world_process_zero:
             print(f"eval {state.global_step:4d} | val {val:.3f} | test {test:.3f}", flush=True)
         self.eval_s += time.time() - t0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.began = time.time()
         self.evaluate(state)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -203,7 +206,7 @@ def main(argv=None) -> dict[str, dict]:
     if curves and int(os.environ.get("RANK", "0")) == 0:
         print("\nstep | " + " | ".join(f"{run:>6} val  test" for run in curves))
         for rows in zip(*curves.values()):
-            print(f"{rows[0][0]:4d} | " + " | ".join(f"{v:10.3f} {t:.3f}" for _, v, t in rows))
+            print(f"{rows[0][0]:4d} | " + " | ".join(f"{v:10.3f} {t:.3f}" for _, v, t, _ in rows))
     return results
 
 

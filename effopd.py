@@ -1839,9 +1839,12 @@ def write_atomically(path: str, save) -> None:
 
 
 def append_line(path: str, record: dict) -> None:
-    """Append record to the JSONL at path as one line, whole or not at all: a failed write (a full
-    disk) is cut back off, and the error names path."""
-    line = (json.dumps(record) + "\n").encode()
+    """Append record to the JSONL at path as one line of strict JSON, whole or not at all: a
+    non-finite number (a geometry ratio of a zero update, the first alignment) is written as
+    null; a failed write (a full disk) is cut back off, and the error names path."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+              for k, v in record.items()}
+    line = (json.dumps(record, allow_nan=False) + "\n").encode()
     with open(path, "ab", buffering=0) as f:  # unbuffered: each write goes straight to the OS
         size = f.tell()
         try:

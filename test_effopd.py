@@ -624,12 +624,13 @@ def test_effopd_callback_anchor_survives_a_trainer_resume(tmp_path):
 def test_geometry_logged_while_training_equals_the_report_of_its_checkpoints(tmp_path):
     """--geometry-every 2 on 4 steps logs at steps 2 and 4; the numbers equal analyze.py's from
     the checkpoints of those steps: Table 1's means of dW_t, and at step 4 the alignment of dW_4
-    with dW_2 (at step 2 there is no earlier update: NaN)."""
+    with dW_2 (at step 2 there is no earlier update: null, metrics.jsonl being strict JSON)."""
     out = tmp_path / "run"
     effopd.main([*TINY_RUN, "--steps", "4", "--geometry-every", "2", "--out", str(out)])
-    logged = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl"))
+    strict = lambda line: json.loads(line, parse_constant=pytest.fail)  # NaN, Infinity # noqa: E731
+    logged = {r["step"]: r for r in map(strict, open(out / "metrics.jsonl"))
               if "geometry/effective_rank" in r}
-    assert sorted(logged) == [2, 4] and math.isnan(logged[2]["geometry/alignment"])
+    assert sorted(logged) == [2, 4] and logged[2]["geometry/alignment"] is None
     report = analyze.checkpoint_geometry(str(out / "step_000000"), {
         2: str(out / "step_000002"), 4: str(out / "step_000004")}, 0.01, "cpu", align_k=4)
     for step in (2, 4):

@@ -500,26 +500,27 @@ def bench_speedup(args) -> bool:
                 + "; ".join(",".join(f"{m:g}" for m in r["kept"]) for r in rows) if rows else
                 "pending | pending | pending | pending") + " |", flush=True)
     sweep, best = {}, {}
-    print(f"\nthe sweep on seeds {args.tune_seeds}, scored on the validation prompts\n")
-    print("lr       | vanilla: steps to target (median), final | effopd: the same")
-    for lr in args.lrs:
-        cells = []
+    if args.tune_seeds:  # none: the shared rates only (--shared)
+        print(f"\nthe sweep on seeds {args.tune_seeds}, scored on the validation prompts\n")
+        print("lr       | vanilla: steps to target (median), final | effopd: the same")
+        for lr in args.lrs:
+            cells = []
+            for method in ("vanilla", "effopd"):
+                sweep[method, lr] = [speedup_run(method, lr, seed, args, need_val=True)
+                                     for seed in args.tune_seeds]
+                if None in sweep[method, lr]:
+                    cells.append("pending")
+                    continue
+                steps, final = sweep_score(sweep[method, lr], args.target)
+                cells.append(f"{steps:>4} {-final:.3f}")
+            print(f"{lr:<8g} | {cells[0]:>20} | {cells[1]:>20}", flush=True)
         for method in ("vanilla", "effopd"):
-            sweep[method, lr] = [speedup_run(method, lr, seed, args, need_val=True)
-                                 for seed in args.tune_seeds]
-            if None in sweep[method, lr]:
-                cells.append("pending")
-                continue
-            steps, final = sweep_score(sweep[method, lr], args.target)
-            cells.append(f"{steps:>4} {-final:.3f}")
-        print(f"{lr:<8g} | {cells[0]:>20} | {cells[1]:>20}", flush=True)
-    for method in ("vanilla", "effopd"):
-        swept = [lr for lr in args.lrs if None not in sweep[method, lr]]
-        if len(swept) == len(args.lrs):  # the best of every rate, or none yet
-            best[method] = min(swept, key=lambda lr: sweep_score(sweep[method, lr],
-                                                                 args.target))
-    print("best learning rate: " + ", ".join(f"{m} {best[m]:g}" if m in best else f"{m} pending"
-                                             for m in ("vanilla", "effopd")))
+            swept = [lr for lr in args.lrs if None not in sweep[method, lr]]
+            if len(swept) == len(args.lrs):  # the best of every rate, or none yet
+                best[method] = min(swept, key=lambda lr: sweep_score(sweep[method, lr],
+                                                                     args.target))
+        print("best learning rate: " + ", ".join(
+            f"{m} {best[m]:g}" if m in best else f"{m} pending" for m in ("vanilla", "effopd")))
     rows = []
     for seed in args.seeds if len(best) == 2 else []:
         v, e = held_out("vanilla", best["vanilla"], seed), held_out("effopd", best["effopd"], seed)
@@ -1215,7 +1216,9 @@ def main(argv=None) -> None:
     p.add_argument("--lrs", type=float, nargs="+",
                    default=[1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4],
                    help="learning rates swept for both methods on --tune-seeds")
-    p.add_argument("--tune-seeds", type=int, nargs="+", default=[0], help="seeds of the sweep")
+    p.add_argument("--tune-seeds", type=int, nargs="*", default=[0],
+                   help="seeds of the sweep; none (--tune-seeds alone): no tuned comparison, "
+                        "--shared's table only")
     p.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13],
                    help="held-out seeds: each method once at its best learning rate")
     p.add_argument("--steps", type=analyze.positive_int, nargs="+", default=[64],
@@ -1325,6 +1328,8 @@ def main(argv=None) -> None:
             "test_size", effopd.Config.test_size)
     if args.command == "speedup" and not 0 < args.target <= 1:
         error(f"--target is a test accuracy, in (0, 1]; got {args.target}")
+    if args.command == "speedup" and not (args.tune_seeds or args.shared):
+        error("--tune-seeds takes at least one seed, or pass --shared (its table alone)")
     if args.command == "speedup" and args.trainer == "trl" and (
             args.protocol != "effopd" or args.setting not in ("tiny", "smol")):
         error(f"--trainer trl runs --protocol effopd on --setting tiny or smol (those of "

@@ -2366,6 +2366,8 @@ for argv, message in [
         (["speedup", "--target", "1.5"], "--target is a test accuracy, in (0, 1]; got 1.5"),
         (["speedup", "--lrs", "1e-5", "2e-5", "--steps", "1", "2", "3"],
          "--steps takes one number or one per --lrs (2), got 3"),
+        (["speedup", "--tune-seeds"],
+         "--tune-seeds takes at least one seed, or pass --shared (its table alone)"),
         (["speedup", "--trainer", "trl", "--protocol", "official"],
          "--trainer trl runs --protocol effopd on --setting tiny or smol (those of "
          "examples/trl_effopd.py), got --protocol official --setting tiny"),
@@ -2953,6 +2955,11 @@ def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monk
                 "--results", str(tmp_path / "results"), "--cached"])
     out = capsys.readouterr().out
     assert "best learning rate: vanilla pending, effopd 1" in out and "seed 11" not in out
+    bench.main(["speedup", "--setting", "tiny", "--shared", "--tune-seeds", "--lrs", "1",
+                "--steps", "4", "--eval-every", "2", "--target", "0.5", "--seeds", "11", "--out",
+                str(tmp_path / "out"), "--results", str(tmp_path / "results"), "--cached"])
+    out = capsys.readouterr().out  # no tuning seeds: the shared table alone
+    assert "| 1 | 4 | never/never | n/a |" in out and "sweep" not in out and "best" not in out
 
 
 def test_speedup_evaluates_on_the_settings_test_size(monkeypatch):

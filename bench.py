@@ -35,8 +35,10 @@ steps and seconds (EffOPD's validation counted, test evaluation not) until test 
 reaches --target (step 0 counts; "never" is infinitely many; never/never has no ratio), and the
 final test accuracy. Every finished run is kept in --results (one small JSON each, to commit,
 with the git commit that made it): a rerun with the same flags reads them instead of training,
-so the tables come back from those files alone. --trainer trl makes the same runs in TRL's
-DistillationTrainer, with effopd.EffOPDCallback for EffOPD (examples/trl_effopd.py).
+so the tables come back from those files alone; a run stopped midway (Ctrl-C, a lost session)
+goes on from its last checkpoint (steps 1, 2, 4, 8, ...) when called again. --trainer trl makes
+the same runs in TRL's DistillationTrainer, with effopd.EffOPDCallback for EffOPD
+(examples/trl_effopd.py), each from the start.
 
 geometry. `analyze.py --base BASE TUNED --json ...` (the whole any-checkpoint report) on a pair of
 random-weight checkpoints with the exact configuration of Qwen2.5-0.5B and of Qwen2.5-1.5B, saved
@@ -394,11 +396,10 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
     if not run or (need_val and "val" not in run):
         if args.cached:  # the tables of the runs saved so far: this one is pending
             return None
-        shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            run = {"flags": argv, "commit": args.commit,
-                   **(trl_numbers(method, argv, out) if args.trainer == "trl" else
-                      effopd_numbers(argv, out))}
+            run = {"flags": argv, **(trl_numbers(method, argv, out, args.commit)
+                                     if args.trainer == "trl" else
+                                     effopd_numbers(argv, out, args.commit))}
         os.makedirs(args.results, exist_ok=True)
         effopd.write_atomically(saved, lambda tmp: Path(tmp).write_text(json.dumps(run)))
     tuples = lambda points: [tuple(p) for p in points] if points is not None else None  # noqa: E731
@@ -406,25 +407,36 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
             "val": tuples(run.get("val")), "kept": tuples(run.get("kept", []))}
 
 
-def effopd_numbers(argv: list[str], out: str) -> dict:
-    """speedup_run's numbers of one effopd.py run with these flags, made in this process."""
-    history = effopd.train(effopd.parse_args(argv + ["--no-save-checkpoints", "--out", out]))
+def effopd_numbers(argv: list[str], out: str, commit: str) -> dict:
+    """speedup_run's numbers of one effopd.py run with these flags, made in this process into out
+    (train_or_resume: a run stopped midway goes on from its last checkpoint), whose checkpoints
+    are then deleted; commit: the code's, "A (resumed at B)" for a run that two commits made."""
+    started = Path(f"{out}.commit")  # the commit that started the run in out
+    resumed = train_or_resume(argv, out, before_start=lambda: started.write_text(commit))
+    if resumed and started.is_file() and started.read_text() != commit:
+        commit = f"{started.read_text()} (resumed at {commit})"
+    history = analyze.read_metrics(out)  # all its records, from step 0 (also when resumed)
+    prune(out)
+    started.unlink(missing_ok=True)
     evals = [r for r in history if "eval/test_acc" in r]
-    return {"curve": [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in evals],
+    return {"commit": commit,
+            "curve": [(r["step"], r["eval/test_acc"], r["time/train_s"]) for r in evals],
             "val": [(r["step"], r["eval/val_acc"]) for r in evals],
             "kept": [(r["step"], r["effopd/kept_multiple"]) for r in history
                      if "effopd/ladder" in r]}
 
 
-def trl_numbers(method: str, argv: list[str], out: str) -> dict:
+def trl_numbers(method: str, argv: list[str], out: str, commit: str) -> dict:
     """The same numbers of one run of examples/trl_effopd.py (TRL's DistillationTrainer; method
-    effopd: with EffOPDCallback) with these flags, made in this process. Its seconds count
-    training and EffOPD's validation, not the accuracy curve's evaluations, as effopd.py's."""
+    effopd: with EffOPDCallback) with these flags, made in this process, from the start. Its
+    seconds count training and EffOPD's validation, not the accuracy curve's evaluations, as
+    effopd.py's."""
     sys.path.insert(0, os.path.join(effopd.PROJECT, "examples"))
     import trl_effopd
+    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
     run = "effopd" if method == "effopd" else "opd"
     result = trl_effopd.main(argv + ["--runs", run, "--out", out])[run]
-    return {"curve": [(step, test, s) for step, _, test, s in result["curve"]],
+    return {"commit": commit, "curve": [(step, test, s) for step, _, test, s in result["curve"]],
             "val": [(step, val) for step, val, _, _ in result["curve"]],
             "kept": [(h["step"], h["effopd/kept_multiple"]) for h in result["log_history"]
                      if "effopd/kept_multiple" in h]}
@@ -623,27 +635,49 @@ def plot_curves(curves, args, path: str) -> None:
 ARMS = ("opd", "grpo", "sft")
 
 
+def flags_differ(out: str, argv: list[str]) -> list[str]:
+    """How the run in out (its config.json) differs from a run of effopd.py with argv: "flag:
+    made, not wanted" per flag; [] when made with them (--resume aside)."""
+    want = {**dataclasses.asdict(effopd.parse_args(argv + ["--out", out])), "out": out}
+    try:
+        made = json.loads(Path(out, "config.json").read_text())
+    except (OSError, ValueError):
+        made = {}
+    return [f"{k}: {made.get(k)!r}, not {want[k]!r}" for k in want
+            if k != "resume" and made.get(k) != want[k]]
+
+
+def train_or_resume(argv: list[str], out: str, before_start=lambda: None) -> bool:
+    """effopd.py with these flags into out, where a run with the same flags stopped midway (its
+    resume.pt) goes on from its last checkpoint, bitwise as if never stopped, and a finished one
+    (its last checkpoint) is left as it is; anything else in out is deleted first, and
+    before_start() called. True when it went on from (or found) a run made earlier."""
+    steps, same = effopd.parse_args(argv).steps, not flags_differ(out, argv)
+    if same and os.path.isdir(os.path.join(out, f"step_{steps:06d}")):
+        return True
+    if same and os.path.isfile(os.path.join(out, "resume.pt")):
+        effopd.train(effopd.parse_args(["--resume", out]))
+        return True
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    before_start()
+    effopd.train(effopd.parse_args(argv + ["--out", out]))
+    return False
+
+
 def reproduce_run(argv: list[str], out: str, steps: int) -> None:
     """effopd.py with these flags into out, unless out holds the finished run (its last
     checkpoint) already, made with the same flags: an interrupted benchmark picks up where it
     stopped; a folder of another run is refused in one line."""
     if os.path.isdir(os.path.join(out, f"step_{steps:06d}")):
-        want = {**dataclasses.asdict(effopd.parse_args(argv + ["--out", out])), "out": out}
-        try:
-            made = json.loads(Path(out, "config.json").read_text())
-        except (OSError, ValueError):
-            made = {}
-        differ = [k for k in want if made.get(k) != want[k]]
+        differ = flags_differ(out, argv)
         if differ:
             raise SystemExit(f"bench.py: error: {out} holds a run made with other flags ("
-                             + ", ".join(f"{k}: {made.get(k)!r}, not {want[k]!r}"
-                                         for k in differ[:3])
-                             + "): delete it, or pass another --out")
+                             + ", ".join(differ[:3]) + "): delete it, or pass another --out")
         return
-    shutil.rmtree(out, ignore_errors=True)
     print(f"running {' '.join(argv)} --out {out}", flush=True)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        effopd.train(effopd.parse_args(argv + ["--out", out]))
+        train_or_resume(argv, out)
 
 
 def final_test_accuracy(out: str) -> float:

@@ -2843,14 +2843,22 @@ def test_first_reaching_sweep_score_and_ratio():
     assert bench.median_cell([1.0, 3.0, math.inf]) == "3.00x"
 
 
+def scripted_run(cfg, records: list[dict]) -> list[dict]:
+    """What a scripted effopd.train writes and returns: its records, in cfg.out/metrics.jsonl."""
+    os.makedirs(cfg.out, exist_ok=True)
+    Path(cfg.out, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
 def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_path, monkeypatch):
     trained = []
 
     def train(cfg):  # a scripted run: test accuracy 0.5 at step 0, 0.9 at step 2
         trained.append((cfg.lr, cfg.seed, cfg.effopd, cfg.loss))
-        return [{"step": 0, "eval/test_acc": 0.5, "eval/val_acc": 0.4, "time/train_s": 0.0},
-                {"step": 1, "train/loss": 1.0, "time/train_s": 1.5},
-                {"step": 2, "eval/test_acc": 0.9, "eval/val_acc": 0.7, "time/train_s": 3.0}]
+        return scripted_run(cfg, [
+            {"step": 0, "eval/test_acc": 0.5, "eval/val_acc": 0.4, "time/train_s": 0.0},
+            {"step": 1, "train/loss": 1.0, "time/train_s": 1.5},
+            {"step": 2, "eval/test_acc": 0.9, "eval/val_acc": 0.7, "time/train_s": 3.0}])
     monkeypatch.setattr(effopd, "train", train)
     args = types.SimpleNamespace(setting="tiny", budget={1e-5: (2, 2)}, test_size=10, extra=[],
                                  out=str(tmp_path / "runs"), results=str(tmp_path / "results"),
@@ -2887,6 +2895,33 @@ def test_speedup_runs_are_kept_as_json_and_reused_only_with_the_same_flags(tmp_p
         saved = tmp_path / "results" / f"{name}-lr1e-05-seed3.json"
         assert json.loads(saved.read_text())["flags"][-len(flags):] == flags
     assert trained[3:] == [(1e-5, 3, False, "sampled"), (1e-5, 3, True, "sampled")]
+
+
+@pytest.mark.slow
+def test_a_stopped_speedup_run_goes_on_from_its_checkpoint_to_the_same_numbers(
+        tmp_path, monkeypatch):
+    argv = [*TINY_RUN, "--steps", "4", "--eval-every", "1", "--effopd"]
+    whole = bench.effopd_numbers(argv, str(tmp_path / "whole"), "abc")
+    assert whole["commit"] == "abc" and [s for s, _, _ in whole["curve"]] == [0, 1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path / "whole")) == [".lock", "config.json", "metrics.jsonl"]
+    step, calls = effopd.opd_step, []
+
+    def stopping_step(*args, **kwargs):  # Ctrl-C (or the session's end) during step 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+    monkeypatch.setattr(effopd, "opd_step", stopping_step)
+    out = str(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        bench.effopd_numbers(argv, out, "abc")
+    assert os.path.isfile(os.path.join(out, "resume.pt"))  # of step 2
+    monkeypatch.setattr(effopd, "opd_step", step)
+    again = bench.effopd_numbers(argv, out, "def")
+    assert again["commit"] == "abc (resumed at def)"
+    for key in ("curve", "val", "kept"):  # the seconds aside: the same numbers
+        assert [p[:2] for p in again[key]] == [p[:2] for p in whole[key]], key
+    assert not any(os.path.exists(p) for p in (os.path.join(out, "resume.pt"), f"{out}.commit"))
 
 
 def test_speedup_in_trl_saves_the_same_numbers_from_the_examples_curves(tmp_path, monkeypatch):
@@ -2927,8 +2962,9 @@ def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monk
         good_val = cfg.lr == 1.0
         acc = lambda good, step: 0.6 if good and step >= 2 else 0.1  # noqa: E731
         bonus = cfg.effopd and cfg.lr == 2.0  # EffOPD reaches the test target at step 0
-        return [{"step": s, "time/train_s": float(s), "eval/val_acc": acc(good_val, s),
-                 "eval/test_acc": 0.7 if bonus else acc(not good_val, s)} for s in (0, 2, 4)]
+        return scripted_run(cfg, [{"step": s, "time/train_s": float(s), "eval/val_acc": acc(
+            good_val, s), "eval/test_acc": 0.7 if bonus else acc(not good_val, s)}
+            for s in (0, 2, 4)])
     monkeypatch.setattr(effopd, "train", train)
     bench.main(["speedup", "--setting", "tiny", "--shared", "--lrs", "1", "2", "--steps", "4",
                 "--eval-every", "2", "--target", "0.5", "--seeds", "11", "12", "--out",

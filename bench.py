@@ -284,9 +284,6 @@ REPORT_AND_PEAK = ("import runpy, sys; sys.argv = sys.argv[1:]; "
 
 
 def bench_geometry(args) -> bool:
-    import tempfile
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
     print(f"geometry: analyze.py --base on random Qwen2.5-shaped bf16 pairs, shards of "
           f"{args.shard_size}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     print(f"{'size':>5s} | {'shards':>6s} | {'matrices':>8s} | {'seconds':>7s} | peak RSS GiB")
@@ -1108,8 +1105,6 @@ def bench_gpu(args) -> bool:
     configurations, with Qwen2.5's real tokenizer and prompts; every phase timed, its peak
     memory read; one EffOPD trigger, one greedy evaluation; the largest micro-batch that fits."""
     import random
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
     student_shape, teacher_shape, defaults = SHAPES[args.shapes]
     for name, value in defaults.items():  # flags left at None take the shapes' defaults
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
@@ -1352,6 +1347,8 @@ def main(argv=None) -> None:
     p.set_defaults(func=bench_gpu)
 
     args = parser.parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # the tables and lines below are the log
     error = commands.choices[args.command].error  # argparse's exit 2, with the command's usage
     if args.threads < 0:
         parser.error(f"--threads must be at least 0 (0: torch's default), got {args.threads}")

@@ -409,9 +409,9 @@ def effopd_numbers(argv: list[str], out: str, commit: str) -> dict:
     (train_or_resume: a run stopped midway goes on from its last checkpoint), whose checkpoints
     are then deleted; commit: the code's, "A (resumed at B)" for a run that two commits made."""
     started = Path(f"{out}.commit")  # the commit that started the run in out
-    resumed = train_or_resume(argv, out, before_start=lambda: started.write_text(commit))
-    if resumed and started.is_file() and started.read_text() != commit:
-        commit = f"{started.read_text()} (resumed at {commit})"
+    train_or_resume(argv, out, before_start=lambda: started.write_text(commit))
+    first = started.read_text() if started.is_file() else commit  # a fresh run wrote it
+    commit = commit if first == commit else f"{first} (resumed at {commit})"
     history = analyze.read_metrics(out)  # all its records, from step 0 (also when resumed)
     prune(out)
     started.unlink(missing_ok=True)
@@ -632,10 +632,10 @@ def plot_curves(curves, args, path: str) -> None:
 ARMS = ("opd", "grpo", "sft")
 
 
-def flags_differ(out: str, argv: list[str]) -> list[str]:
-    """How the run in out (its config.json) differs from a run of effopd.py with argv: "flag:
+def flags_differ(out: str, cfg: effopd.Config) -> list[str]:
+    """How the run in out (its config.json) differs from a run of effopd.py with cfg: "flag:
     made, not wanted" per flag; [] when made with them (--resume aside)."""
-    want = {**dataclasses.asdict(effopd.parse_args(argv + ["--out", out])), "out": out}
+    want = {**dataclasses.asdict(cfg), "out": out}
     try:
         made = json.loads(Path(out, "config.json").read_text())
     except (OSError, ValueError):
@@ -644,22 +644,22 @@ def flags_differ(out: str, argv: list[str]) -> list[str]:
             if k != "resume" and made.get(k) != want[k]]
 
 
-def train_or_resume(argv: list[str], out: str, before_start=lambda: None) -> bool:
+def train_or_resume(argv: list[str], out: str, before_start=lambda: None) -> None:
     """effopd.py with these flags into out, where a run with the same flags stopped midway (its
     resume.pt) goes on from its last checkpoint, bitwise as if never stopped, and a finished one
     (its last checkpoint) is left as it is; anything else in out is deleted first, and
-    before_start() called. True when it went on from (or found) a run made earlier."""
-    steps, same = effopd.parse_args(argv).steps, not flags_differ(out, argv)
-    if same and os.path.isdir(os.path.join(out, f"step_{steps:06d}")):
-        return True
+    before_start() called."""
+    cfg = effopd.parse_args(argv + ["--out", out])
+    same = not flags_differ(out, cfg)
+    if same and os.path.isdir(os.path.join(out, f"step_{cfg.steps:06d}")):
+        return
     if same and os.path.isfile(os.path.join(out, "resume.pt")):
         effopd.train(effopd.parse_args(["--resume", out]))
-        return True
+        return
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     before_start()
-    effopd.train(effopd.parse_args(argv + ["--out", out]))
-    return False
+    effopd.train(cfg)
 
 
 def reproduce_run(argv: list[str], out: str, steps: int) -> None:
@@ -667,7 +667,7 @@ def reproduce_run(argv: list[str], out: str, steps: int) -> None:
     checkpoint) already, made with the same flags: an interrupted benchmark picks up where it
     stopped; a folder of another run is refused in one line."""
     if os.path.isdir(os.path.join(out, f"step_{steps:06d}")):
-        differ = flags_differ(out, argv)
+        differ = flags_differ(out, effopd.parse_args(argv + ["--out", out]))
         if differ:
             raise SystemExit(f"bench.py: error: {out} holds a run made with other flags ("
                              + ", ".join(differ[:3]) + "): delete it, or pass another --out")

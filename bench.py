@@ -598,6 +598,9 @@ def plot_steps_against_lr(shared: dict, best: dict, args, path: str) -> None:
     ax.scatter([], [], facecolors="none", edgecolors="gray", marker="^",
                label="a seed that never reached it (drawn at the run's length)")
     ax.set_xscale("log")
+    if all(y >= 1 for line in ax.lines for y in line.get_ydata()):  # a ratio: a fixed distance
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set(xlabel="learning rate (both methods)", ylabel=f"steps to test accuracy {args.target}",
            title=f"{args.setting}: vanilla OPD vs EffOPD at one shared rate, "
                  f"{len(args.seeds)} held-out seeds")

@@ -425,18 +425,35 @@ def effopd_numbers(argv: list[str], out: str, commit: str) -> dict:
 
 def trl_numbers(method: str, argv: list[str], out: str, commit: str) -> dict:
     """The same numbers of one run of examples/trl_effopd.py (TRL's DistillationTrainer; method
-    effopd: with EffOPDCallback) with these flags, made in this process, from the start. Its
-    seconds count training and EffOPD's validation, not the accuracy curve's evaluations, as
-    effopd.py's."""
+    effopd: with EffOPDCallback) with these flags, made in this process into out, with a
+    checkpoint every TRL_SAVE_EVERY steps: a run with the same flags stopped midway goes on from
+    its newest; out is deleted once the numbers are read. Its seconds count training and EffOPD's
+    validation, not the accuracy curve's evaluations, as effopd.py's."""
     sys.path.insert(0, os.path.join(effopd.PROJECT, "examples"))
     import trl_effopd
-    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier call
-    run = "effopd" if method == "effopd" else "opd"
-    result = trl_effopd.main(argv + ["--runs", run, "--out", out])[run]
-    return {"commit": commit, "curve": [(step, test, s) for step, _, test, s in result["curve"]],
+    from transformers.trainer_utils import get_last_checkpoint
+    run, flags, started = "effopd" if method == "effopd" else "opd", Path(out, "flags.json"), \
+        Path(out, "commit")  # the flags and the commit that started the run in out
+    folder = os.path.join(out, run)
+    resume = flags.is_file() and json.loads(flags.read_text()) == argv and \
+        os.path.isdir(folder) and get_last_checkpoint(folder) is not None
+    if not resume:  # from the start
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        flags.write_text(json.dumps(argv))
+        started.write_text(commit)
+    result = trl_effopd.main(argv + ["--runs", run, "--out", out, "--save-every",
+                                     str(TRL_SAVE_EVERY)] + (["--resume"] if resume else []))[run]
+    first = started.read_text()
+    shutil.rmtree(out)
+    return {"commit": commit if first == commit else f"{first} (resumed at {commit})",
+            "curve": [(step, test, s) for step, _, test, s in result["curve"]],
             "val": [(step, val) for step, val, _, _ in result["curve"]],
             "kept": [(h["step"], h["effopd/kept_multiple"]) for h in result["log_history"]
                      if "effopd/kept_multiple" in h]}
+
+
+TRL_SAVE_EVERY = 8  # a smol checkpoint: ~2 GB (weights, AdamW, anchor); a step: ~1 min on a core
 
 
 def read_result(path: str, needs: str = "curve") -> dict:

@@ -720,6 +720,42 @@ def test_trl_example_short_run(tmp_path, capsys):
     assert "geometry    2 | effective rank" in printed
 
 
+@pytest.mark.slow
+def test_a_stopped_trl_run_goes_on_from_its_checkpoint_to_the_same_numbers(tmp_path,
+                                                                           monkeypatch):
+    sys.path.insert(0, EXAMPLES)
+    import trl_effopd
+    from transformers import TrainerCallback
+    argv = ["--steps", "4", "--batch-size", "16", "--eval-every", "1", "--test-size", "20"]
+    monkeypatch.setattr(bench, "TRL_SAVE_EVERY", 2)
+    whole = bench.trl_numbers("effopd", argv, str(tmp_path / "whole"), "abc")
+    assert whole["commit"] == "abc" and [s for s, _, _ in whole["curve"]] == [0, 1, 2, 3, 4]
+    assert not os.path.exists(tmp_path / "whole")  # its checkpoints deleted
+    make_trainer = trl_effopd.make_trainer
+
+    class Stop(TrainerCallback):  # Ctrl-C (or the session's end) before step 3
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    def stopping(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        trainer.add_callback(Stop())
+        return trainer
+    monkeypatch.setattr(trl_effopd, "make_trainer", stopping)
+    out = str(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        bench.trl_numbers("effopd", argv, out, "abc")
+    assert os.listdir(os.path.join(out, "effopd")).count("checkpoint-2") == 1
+    monkeypatch.setattr(trl_effopd, "make_trainer", make_trainer)
+    again = bench.trl_numbers("effopd", argv, out, "def")
+    assert again["commit"] == "abc (resumed at def)" and again["kept"] == whole["kept"]
+    for key in ("curve", "val"):  # the seconds aside: the same numbers
+        assert [p[:2] for p in again[key]] == [p[:2] for p in whole[key]], key
+    seconds = [s for _, _, s in again["curve"]]  # the clock goes on from the checkpoint's
+    assert seconds == sorted(seconds) and len(set(seconds)) == len(seconds)
+
+
 def test_trl_example_refuses_bad_flags_before_any_model_loads(tmp_path, capsys):
     sys.path.insert(0, EXAMPLES)
     import trl_effopd
@@ -729,6 +765,9 @@ def test_trl_example_refuses_bad_flags_before_any_model_loads(tmp_path, capsys):
             (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
             (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
             (["--lr", "inf"], "--lr must be finite and > 0, got inf"),
+            (["--save-every", "-1"], "--save-every must be 0 (off) or at least 1, got -1"),
+            (["--resume", "--runs", "opd"], f"--resume: {tmp_path / 'out' / 'opd'} holds no "
+                                            "checkpoint (they are saved with --save-every)"),
             (["--out", str(blocked)], f"--out {blocked}: cannot write there (Not a directory: "
                                       f"{blocked})")]:
         with pytest.raises(SystemExit) as exit:
@@ -2931,7 +2970,7 @@ def test_speedup_in_trl_saves_the_same_numbers_from_the_examples_curves(tmp_path
 
     def main(argv):  # a scripted run of the example: (step, val, test, training seconds)
         calls.append(argv)
-        trl_effopd.parse_args(argv[:-1] + [str(tmp_path / "flags")])  # flags it takes
+        trl_effopd.parse_args(argv + ["--out", str(tmp_path / "flags")])  # flags it takes
         run = argv[argv.index("--runs") + 1]
         kept = [{"effopd/kept_multiple": 4, "step": 1}] if run == "effopd" else []
         return {run: {"curve": [(0, 0.4, 0.5, 0.0), (2, 0.7, 0.9, 3.0)],
@@ -2948,9 +2987,11 @@ def test_speedup_in_trl_saves_the_same_numbers_from_the_examples_curves(tmp_path
     saved = json.loads((tmp_path / "results" / "trl-effopd-lr1e-06-seed11.json").read_text())
     assert saved["flags"] == flags and saved["commit"] == "abc123"
     assert calls == [flags + ["--runs", "effopd", "--out",
-                              str(tmp_path / "runs" / "trl-effopd-lr1e-06-seed11")]]
+                              str(tmp_path / "runs" / "trl-effopd-lr1e-06-seed11"),
+                              "--save-every", str(bench.TRL_SAVE_EVERY)]]
+    assert not os.path.exists(tmp_path / "runs" / "trl-effopd-lr1e-06-seed11")  # checkpoints
     assert bench.speedup_run("vanilla", 1e-6, 11, args)["kept"] == []
-    assert calls[1][-4:-2] == ["--runs", "opd"]
+    assert calls[1][-6:-4] == ["--runs", "opd"]
     assert bench.speedup_run("effopd", 1e-6, 11, args) == run and len(calls) == 2  # read back
 
 

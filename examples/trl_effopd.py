@@ -15,19 +15,24 @@ Run (from the repository root or anywhere):
     torchrun --standalone --nproc_per_node 2 examples/trl_effopd.py        # two: DDP over gloo
     accelerate launch --multi_gpu --num_processes 2 examples/trl_effopd.py # the same, no GPU here
     accelerate launch --config_file examples/fsdp2.yaml examples/trl_effopd.py  # FSDP2, 2 GPUs
+A stopped run goes on where it stopped: --save-every N saves a Trainer checkpoint every N steps
+(EffOPD's anchor and the accuracy curve beside it), --resume starts from the newest.
 Careful: `accelerate launch --num_processes 2 --cpu` starts ONE process (accelerate 1.15's CPU
 launcher is single-process unless given an MPI hostfile); the first line of each run says how many.
 """
 import argparse
+import json
 import math
 import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from trl import DistillationConfig, DistillationTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -61,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=None,
                         help="held-out test prompts (default: tiny 500, smol 200)")
     parser.add_argument("--runs", nargs="+", default=["opd", "effopd"], choices=["opd", "effopd"])
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="a Trainer checkpoint every N steps, the newest kept; 0: none")
+    parser.add_argument("--resume", action="store_true",
+                        help="each run goes on from the newest checkpoint in OUT/<run>")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "trl"), help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -70,10 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "max_candidates", "eval_every", "val_size", "test_size"):
         if (value := getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.geometry_every < 0:
-        parser.error(f"--geometry-every must be 0 (off) or at least 1, got {args.geometry_every}")
+    for name in ("geometry_every", "save_every"):
+        if (value := getattr(args, name)) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 (off) or at least 1, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be finite and > 0, got {args.lr}")
+    for run in args.runs if args.resume else []:
+        folder = os.path.join(args.out, run)
+        if not (os.path.isdir(folder) and get_last_checkpoint(folder)):
+            parser.error(f"--resume: {folder} holds no checkpoint (they are saved with "
+                         f"--save-every)")
     probe = os.path.join(args.out, f"write-test-{os.getpid()}.tmp")  # one per process
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -82,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     except OSError as e:
         parser.error(f"--out {args.out}: cannot write there ({e.strerror}: {e.filename})")
     return args
+
+
+CURVE = "accuracy_curve.json"  # AccuracyCurve's file in each checkpoint
 
 
 def unwrapped(trainer) -> torch.nn.Module:
@@ -93,18 +111,20 @@ class AccuracyCurve(TrainerCallback):
     """Greedy validation and test accuracy at step 0, every eval_every steps and at the end, on
     rank 0 (the others wait at their next collective; under FSDP every rank takes part in the
     forwards); also prints each EffOPD ladder it logs. Added after EffOPDCallback, so that it sees
-    the weights EffOPD kept."""
+    the weights EffOPD kept. The curve so far is saved in every checkpoint, and read back from the
+    one a run resumes."""
 
     def __init__(self, trainer, tokenizer, val, test, eval_every: int, max_new_tokens: int):
         self.trainer, self.tokenizer, self.val, self.test = trainer, tokenizer, val, test
         self.max_new_tokens = max_new_tokens
         self.eval_every, self.eos = eval_every, effopd.eos_ids(tokenizer, unwrapped(trainer))
-        self.curve, self.eval_s = [], 0.0  # (step, val, test, training seconds); seconds here
-        self.began = time.time()
+        self.curve = []  # (step, val, test, training seconds: EffOPD's validation counted)
+        self.began = self.step_ended = time.time()
+        self.excluded_s = 0.0  # seconds since began spent evaluating and saving, not training
 
     def evaluate(self, state) -> None:
         t0, model = time.time(), unwrapped(self.trainer)
-        seconds = t0 - self.began - self.eval_s  # of training (EffOPD's validation too)
+        seconds = t0 - self.began - self.excluded_s
         if not (state.is_world_process_zero or effopd.is_sharded(model)):
             return
         was_training = model.training
@@ -115,15 +135,35 @@ class AccuracyCurve(TrainerCallback):
         self.curve.append((state.global_step, val, test, round(seconds, 3)))
         if state.is_world_process_zero:
             print(f"eval {state.global_step:4d} | val {val:.3f} | test {test:.3f}", flush=True)
-        self.eval_s += time.time() - t0
+        self.excluded_s += time.time() - t0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.began = time.time()
-        self.evaluate(state)
+        self.began, self.excluded_s = time.time(), 0.0
+        if state.global_step == 0:
+            self.evaluate(state)
+        elif state.is_world_process_zero:  # resumed: the curve saved with the checkpoint
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", CURVE)
+            if not os.path.isfile(path):
+                sys.exit(f"trl_effopd.py: error: {path} is missing: the resumed run's accuracy "
+                         f"curve is saved beside each checkpoint")
+            saved = json.loads(Path(path).read_text())
+            self.curve = [tuple(point) for point in saved["curve"]]
+            self.began -= saved["train_s"]
+        self.step_ended = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.eval_every == 0 or state.global_step == state.max_steps:
             self.evaluate(state)
+        self.step_ended = time.time()
+
+    def on_save(self, args, state, control, **kwargs):
+        now = time.time()
+        self.excluded_s += now - self.step_ended  # the checkpoint's seconds: not training
+        self.step_ended = now
+        if state.is_world_process_zero:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", CURVE)
+            saved = {"curve": self.curve, "train_s": now - self.began - self.excluded_s}
+            effopd.write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(saved)))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and "geometry/effective_rank" in logs:
@@ -160,7 +200,9 @@ def make_trainer(args, use_effopd: bool, world_size: int) -> DistillationTrainer
         max_completion_length=args.max_new_tokens,  # effopd.py's for the setting
         bf16=False, activation_checkpointing=False,  # fp32, tiny models
         use_cpu=torch.cuda.device_count() < world_size,  # a GPU each if there are: FSDP needs them
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed)
+        logging_steps=1, report_to="none", disable_tqdm=True, seed=args.seed,
+        **(dict(save_strategy="steps", save_steps=args.save_every, save_total_limit=1)
+           if args.save_every else dict(save_strategy="no")))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                   processing_class=tokenizer,
                                   train_dataset=Dataset.from_list(train))  # its "prompt" column
@@ -196,10 +238,10 @@ def main(argv=None) -> dict[str, dict]:
         if trainer.is_world_process_zero():
             print(f"--- {run}: TRL DistillationTrainer, {world_size} process(es)"
                   f"{', FSDP' if trainer.is_fsdp_enabled else ''}", flush=True)
-        t0 = time.time()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=get_last_checkpoint(trainer.args.output_dir)
+                      if args.resume else None)
         if trainer.is_world_process_zero():
-            print(f"{run}: {args.steps} steps in {time.time() - t0 - curve.eval_s:.1f} s "
+            print(f"{run}: {args.steps} steps in {curve.curve[-1][3]:.1f} s of training "
                   f"(evaluation excluded)", flush=True)
         curves[run] = curve.curve
         results[run] = {"curve": curve.curve, "log_history": trainer.state.log_history}

@@ -479,6 +479,17 @@ def sweep_score(runs: list[dict], target: float) -> tuple[float, float]:
             -statistics.mean(finals))
 
 
+def cannot_win(swept: dict[float, list[dict]], target: float, first: int) -> bool:
+    """Whether a rate whose first evaluation comes at step first can no longer be the sweep's
+    choice, given the runs of the rates swept so far (lr -> runs on the tuning seeds): one of
+    them reached the target on validation at a median step below first, and no seed's student
+    starts at it (step 0, the same model at every rate), so this rate's median is >= first."""
+    runs = [run for rs in swept.values() for run in rs]
+    if not runs or None in runs or any(run["val"][0][1] >= target for run in runs):
+        return False
+    return min(sweep_score(rs, target)[0] for rs in swept.values()) < first
+
+
 def compare(vanilla: dict, effopd_run: dict, target: float) -> dict:
     """One seed's comparison on the test prompts: steps and seconds to target, their ratios,
     final accuracies, and the multiples EffOPD kept."""
@@ -529,9 +540,14 @@ def bench_speedup(args) -> bool:
     if args.tune_seeds:  # none: the shared rates only (--shared)
         print(f"\nthe sweep on seeds {args.tune_seeds}, scored on the validation prompts\n")
         print("lr       | vanilla: steps to target (median), final | effopd: the same")
-        for lr in args.lrs:
+        for lr in sorted(args.lrs, key=lambda lr: args.budget[lr][1]):  # early evaluations first
             cells = []
             for method in ("vanilla", "effopd"):
+                first = args.budget[lr][1]
+                if cannot_win({r: runs for (m, r), runs in sweep.items() if m == method},
+                              args.target, first):
+                    cells.append(f"not run: its first evaluation, step {first}, comes late")
+                    continue
                 sweep[method, lr] = [speedup_run(method, lr, seed, args, need_val=True)
                                      for seed in args.tune_seeds]
                 if None in sweep[method, lr]:
@@ -541,8 +557,8 @@ def bench_speedup(args) -> bool:
                 cells.append(f"{steps:>4} {-final:.3f}")
             print(f"{lr:<8g} | {cells[0]:>20} | {cells[1]:>20}", flush=True)
         for method in ("vanilla", "effopd"):
-            swept = [lr for lr in args.lrs if None not in sweep[method, lr]]
-            if len(swept) == len(args.lrs):  # the best of every rate, or none yet
+            swept = [lr for lr in args.lrs if (method, lr) in sweep]  # the others cannot win
+            if all(None not in sweep.get((method, lr), []) for lr in args.lrs):  # or none yet
                 best[method] = min(swept, key=lambda lr: sweep_score(sweep[method, lr],
                                                                      args.target))
         print("best learning rate: " + ", ".join(

@@ -3039,6 +3039,34 @@ def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monk
     assert "| 1 | 4 | never/never | n/a |" in out and "sweep" not in out and "best" not in out
 
 
+def test_the_sweep_skips_a_rate_whose_first_evaluation_comes_late(tmp_path, monkeypatch, capsys):
+    """lr 1 (evaluated every 2 steps) reaches 0.5 on validation at step 2; lr 0.1 (every 4)
+    could reach it at step 4 at the earliest, so the sweep does not train it; lr 2 (every 2)
+    could tie at step 2 and is trained. With a student already at the target at step 0 every
+    rate is trained: all tie at step 0 and the final accuracy decides."""
+    trained, start = [], [0.1]
+
+    def train(cfg):
+        trained.append((cfg.lr, cfg.seed))
+        return scripted_run(cfg, [{"step": s, "time/train_s": float(s), "eval/test_acc": 0.0,
+                                   "eval/val_acc": start[0] if s == 0 else 0.6 * cfg.lr}
+                                  for s in range(0, cfg.steps + 1, cfg.eval_every)])
+    monkeypatch.setattr(effopd, "train", train)
+    argv = ["speedup", "--setting", "tiny", "--lrs", "0.1", "1", "2", "--steps", "8", "4", "4",
+            "--eval-every", "4", "2", "2", "--target", "0.5", "--seeds", "11", "--out",
+            str(tmp_path / "out")]
+    bench.main(argv + ["--results", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert sorted({lr for lr, seed in trained if seed == 0}) == [1.0, 2.0]
+    assert re.search(r"0\.1 +\| not run: its first evaluation, step 4, comes late \| not run", out)
+    assert "best learning rate: vanilla 2, effopd 2" in out  # the tie at step 2: higher final
+    trained.clear()
+    start[0] = 0.7  # at the target at step 0
+    bench.main(argv + ["--results", str(tmp_path / "b")])
+    assert sorted({lr for lr, seed in trained if seed == 0}) == [0.1, 1.0, 2.0]
+    assert "not run" not in capsys.readouterr().out
+
+
 def test_speedup_evaluates_on_the_settings_test_size(monkeypatch):
     seen = {}
     monkeypatch.setattr(bench, "bench_speedup", lambda args: seen.setdefault(args.setting, args))

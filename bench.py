@@ -431,12 +431,10 @@ def trl_numbers(method: str, argv: list[str], out: str, commit: str) -> dict:
     validation, not the accuracy curve's evaluations, as effopd.py's."""
     sys.path.insert(0, os.path.join(effopd.PROJECT, "examples"))
     import trl_effopd
-    from transformers.trainer_utils import get_last_checkpoint
     run, flags, started = "effopd" if method == "effopd" else "opd", Path(out, "flags.json"), \
         Path(out, "commit")  # the flags and the commit that started the run in out
-    folder = os.path.join(out, run)
     resume = flags.is_file() and json.loads(flags.read_text()) == argv and \
-        os.path.isdir(folder) and get_last_checkpoint(folder) is not None
+        trl_effopd.last_whole_checkpoint(os.path.join(out, run)) is not None
     if not resume:  # from the start
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)

@@ -747,6 +747,8 @@ def test_a_stopped_trl_run_goes_on_from_its_checkpoint_to_the_same_numbers(tmp_p
     with pytest.raises(KeyboardInterrupt):
         bench.trl_numbers("effopd", argv, out, "abc")
     assert os.listdir(os.path.join(out, "effopd")).count("checkpoint-2") == 1
+    Path(out, "effopd", "checkpoint-3").mkdir()  # a save the stop cut short: not resumed from
+    Path(out, "effopd", "checkpoint-3", "model.safetensors").write_bytes(b"cut")
     monkeypatch.setattr(trl_effopd, "make_trainer", make_trainer)
     again = bench.trl_numbers("effopd", argv, out, "def")
     assert again["commit"] == "abc (resumed at def)" and again["kept"] == whole["kept"]

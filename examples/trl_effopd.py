@@ -21,6 +21,7 @@ Careful: `accelerate launch --num_processes 2 --cpu` starts ONE process (acceler
 launcher is single-process unless given an MPI hostfile); the first line of each run says how many.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -32,7 +33,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import DistillationConfig, DistillationTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--lr must be finite and > 0, got {args.lr}")
     for run in args.runs if args.resume else []:
         folder = os.path.join(args.out, run)
-        if not (os.path.isdir(folder) and get_last_checkpoint(folder)):
+        if not last_whole_checkpoint(folder):
             parser.error(f"--resume: {folder} holds no checkpoint (they are saved with "
                          f"--save-every)")
     probe = os.path.join(args.out, f"write-test-{os.getpid()}.tmp")  # one per process
@@ -100,6 +100,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 CURVE = "accuracy_curve.json"  # AccuracyCurve's file in each checkpoint
+
+
+def last_whole_checkpoint(folder: str) -> str | None:
+    """The newest checkpoint-N in folder whose saving finished (AccuracyCurve writes its file
+    last): a run killed while saving resumes from the one before."""
+    whole = [c for c in glob.glob(os.path.join(folder, "checkpoint-*"))
+             if os.path.isfile(os.path.join(c, CURVE))]
+    return max(whole, key=lambda c: int(c.rsplit("-", 1)[1]), default=None)
 
 
 def unwrapped(trainer) -> torch.nn.Module:
@@ -238,7 +246,7 @@ def main(argv=None) -> dict[str, dict]:
         if trainer.is_world_process_zero():
             print(f"--- {run}: TRL DistillationTrainer, {world_size} process(es)"
                   f"{', FSDP' if trainer.is_fsdp_enabled else ''}", flush=True)
-        trainer.train(resume_from_checkpoint=get_last_checkpoint(trainer.args.output_dir)
+        trainer.train(resume_from_checkpoint=last_whole_checkpoint(trainer.args.output_dir)
                       if args.resume else None)
         if trainer.is_world_process_zero():
             print(f"{run}: {args.steps} steps in {curve.curve[-1][3]:.1f} s of training "

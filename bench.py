@@ -393,6 +393,8 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
     if not run or (need_val and "val" not in run):
         if args.cached:  # the tables of the runs saved so far: this one is pending
             return None
+        print(f"training {name} into {out} ({time.strftime('%H:%M')})", file=sys.stderr,
+              flush=True)  # on stderr: the tables on stdout stay whole
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             run = {"flags": argv, **(trl_numbers(method, argv, out, args.commit)
                                      if args.trainer == "trl" else

@@ -481,13 +481,14 @@ def sweep_score(runs: list[dict], target: float) -> tuple[float, float]:
 
 def cannot_win(swept: dict[float, list[dict]], target: float, first: int) -> bool:
     """Whether a rate whose first evaluation comes at step first can no longer be the sweep's
-    choice, given the runs of the rates swept so far (lr -> runs on the tuning seeds): one of
-    them reached the target on validation at a median step below first, and no seed's student
-    starts at it (step 0, the same model at every rate), so this rate's median is >= first."""
-    runs = [run for rs in swept.values() for run in rs]
-    if not runs or None in runs or any(run["val"][0][1] >= target for run in runs):
+    choice, given the runs of the rates swept so far (lr -> runs on the tuning seeds, None for
+    one pending): one rate reached the target on validation at a median step below first, and no
+    seed's student starts at it (step 0, the same model at every rate), so this rate's median is
+    >= first."""
+    done = [rs for rs in swept.values() if None not in rs]
+    if not done or any(run["val"][0][1] >= target for rs in done for run in rs):
         return False
-    return min(sweep_score(rs, target)[0] for rs in swept.values()) < first
+    return min(sweep_score(rs, target)[0] for rs in done) < first
 
 
 def compare(vanilla: dict, effopd_run: dict, target: float) -> dict:

@@ -412,8 +412,7 @@ def effopd_numbers(argv: list[str], out: str, commit: str) -> dict:
     are then deleted; commit: the code's, "A (resumed at B)" for a run that two commits made."""
     started = Path(f"{out}.commit")  # the commit that started the run in out
     train_or_resume(argv, out, before_start=lambda: started.write_text(commit))
-    first = started.read_text() if started.is_file() else commit  # a fresh run wrote it
-    commit = commit if first == commit else f"{first} (resumed at {commit})"
+    commit = made_by(started.read_text() if started.is_file() else commit, commit)
     history = analyze.read_metrics(out)  # all its records, from step 0 (also when resumed)
     prune(out)
     started.unlink(missing_ok=True)
@@ -423,6 +422,14 @@ def effopd_numbers(argv: list[str], out: str, commit: str) -> dict:
             "val": [(r["step"], r["eval/val_acc"]) for r in evals],
             "kept": [(r["step"], r["effopd/kept_multiple"]) for r in history
                      if "effopd/ladder" in r]}
+
+
+def made_by(first: str, commit: str) -> str:
+    """A run's commit: the one that started it, "A (resumed at B)" when another finished it."""
+    return commit if first == commit else f"{first} (resumed at {commit})"
+
+
+TRL_SAVE_EVERY = 8  # a smol checkpoint: ~2 GB (weights, AdamW, anchor); a step: ~1 min on a core
 
 
 def trl_numbers(method: str, argv: list[str], out: str, commit: str) -> dict:
@@ -446,14 +453,11 @@ def trl_numbers(method: str, argv: list[str], out: str, commit: str) -> dict:
                                      str(TRL_SAVE_EVERY)] + (["--resume"] if resume else []))[run]
     first = started.read_text()
     shutil.rmtree(out)
-    return {"commit": commit if first == commit else f"{first} (resumed at {commit})",
+    return {"commit": made_by(first, commit),
             "curve": [(step, test, s) for step, _, test, s in result["curve"]],
             "val": [(step, val) for step, val, _, _ in result["curve"]],
             "kept": [(h["step"], h["effopd/kept_multiple"]) for h in result["log_history"]
                      if "effopd/kept_multiple" in h]}
-
-
-TRL_SAVE_EVERY = 8  # a smol checkpoint: ~2 GB (weights, AdamW, anchor); a step: ~1 min on a core
 
 
 def read_result(path: str, needs: str = "curve") -> dict:
@@ -542,9 +546,8 @@ def bench_speedup(args) -> bool:
         print(f"\nthe sweep on seeds {args.tune_seeds}, scored on the validation prompts\n")
         print("lr       | vanilla: steps to target (median), final | effopd: the same")
         for lr in sorted(args.lrs, key=lambda lr: args.budget[lr][1]):  # early evaluations first
-            cells = []
+            cells, first = [], args.budget[lr][1]
             for method in ("vanilla", "effopd"):
-                first = args.budget[lr][1]
                 if cannot_win({r: runs for (m, r), runs in sweep.items() if m == method},
                               args.target, first):
                     cells.append(f"not run: its first evaluation, step {first}, comes late")

@@ -613,12 +613,14 @@ def plot_steps_against_lr(shared: dict, best: dict, args, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    any_missed = False
     for method, color, shift in (("vanilla", "tab:blue", 0.97), ("effopd", "tab:red", 1.03)):
         medians, lows, highs = {}, [], []
         for lr, rows in shared.items():
             steps = [r[f"{method}_steps"] for r in rows]
             reached = sorted(s for s in steps if s is not None)
             missed = len(steps) - len(reached)
+            any_missed |= missed > 0
             ax.scatter([lr * shift] * missed, [args.budget[lr][0]] * missed, marker="^",
                        facecolors="none", edgecolors=color, zorder=3)
             if len(reached) * 2 > len(steps):  # a median exists when most seeds reached it
@@ -632,8 +634,9 @@ def plot_steps_against_lr(shared: dict, best: dict, args, path: str) -> None:
         if tuned in shared:
             ax.scatter([tuned * shift], [medians.get(tuned, args.budget[tuned][0])], s=200,
                        facecolors="none", edgecolors=color, lw=2, label=f"{label}'s tuned rate")
-    ax.scatter([], [], facecolors="none", edgecolors="gray", marker="^",
-               label="a seed that never reached it (drawn at the run's length)")
+    if any_missed:
+        ax.scatter([], [], facecolors="none", edgecolors="gray", marker="^",
+                   label="a seed that never reached it (drawn at the run's length)")
     ax.set_xscale("log")
     if all(y >= 1 for line in ax.lines for y in line.get_ydata()):  # a ratio: a fixed distance
         ax.set_yscale("log", base=2)

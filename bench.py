@@ -602,6 +602,7 @@ def bench_speedup(args) -> bool:
     if args.shared:
         plot_steps_against_lr(shared, best, args, args.figure or os.path.join(
             args.out, "speedup-vs-lr.png"))
+        plot_shared_curves(runs, args, args.curves or os.path.join(args.out, "shared-curves.png"))
     return True
 
 
@@ -645,6 +646,43 @@ def plot_steps_against_lr(shared: dict, best: dict, args, path: str) -> None:
            title=f"{args.setting}: vanilla OPD vs EffOPD at one shared rate, "
                  f"{len(args.seeds)} held-out seeds")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot_shared_curves(runs: dict, args, path: str) -> None:
+    """Test accuracy against the step of every held-out run at one shared rate, a panel per rate.
+    With --trainer trl, effopd.py's run of the same method, rate and seed, where --results holds
+    it, is drawn dashed beside the TRL run: the two training loops compared point by point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(args.lrs), figsize=(3.2 * len(args.lrs) + 0.8, 3.6),
+                             sharey=True, squeeze=False)
+    for ax, lr in zip(axes[0], args.lrs):
+        for method, color in (("vanilla", "tab:blue"), ("effopd", "tab:red")):
+            label = "vanilla OPD" if method == "vanilla" else "EffOPD"
+            for i, seed in enumerate(args.seeds):
+                run = runs.get((method, lr, seed))
+                if run:
+                    steps, acc, _ = zip(*run["curve"])
+                    ax.plot(steps, acc, color=color, lw=1, alpha=0.8,
+                            label=(f"{label} in TRL" if args.trainer == "trl" else label)
+                            if i == 0 else None)
+                loop = os.path.join(args.results, f"{method}-lr{lr:g}-seed{seed}.json")
+                if args.trainer == "trl" and os.path.isfile(loop):
+                    steps, acc, _ = zip(*read_result(loop)["curve"])
+                    ax.plot(steps, acc, color=color, lw=1, alpha=0.5, ls="--",
+                            label=f"{label}, effopd.py" if i == 0 else None)
+        ax.axhline(args.target, color="gray", lw=0.8, ls=":")
+        ax.set(title=f"lr {lr:g}", xlabel="step")
+    axes[0][0].set_ylabel(f"test accuracy ({args.test_size} prompts)")
+    labelled = {label: line for ax in axes[0]
+                for line, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][0].legend(labelled.values(), labelled.keys(), fontsize=7)
+    fig.suptitle(f"{args.setting}: both methods at one shared rate, seeds "
+                 f"{', '.join(map(str, args.seeds))}; dotted: the target", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -1307,6 +1345,9 @@ def main(argv=None) -> None:
     p.add_argument("--figure", default=None,
                    help="--shared's figure, steps to target against the rate (default: "
                         "OUT/speedup-vs-lr.png)")
+    p.add_argument("--curves", default=None,
+                   help="--shared's curves, test accuracy against the step of every run, a "
+                        "panel per rate (default: OUT/shared-curves.png)")
     p.add_argument("--test-size", type=int, default=None,
                    help="test prompts per evaluation (default: the setting's --test-size)")
     p.add_argument("--protocol", choices=list(effopd.PROTOCOLS), default="effopd",

@@ -3021,6 +3021,7 @@ def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monk
     saved = json.loads((tmp_path / "out" / "speedup.json").read_text())
     assert saved["best"] == {"vanilla": 1.0, "effopd": 1.0}
     assert [r["step_ratio"] for r in saved["shared"]["1"]] == [None, None]
+    assert (tmp_path / "out" / "shared-curves.png").is_file()
     # --cached: the tables of the runs saved so far, training nothing; a missing run is pending
     (tmp_path / "results" / "effopd-lr2-seed12.json").unlink()
     monkeypatch.setattr(effopd, "train", lambda cfg: pytest.fail("trained"))
@@ -3041,6 +3042,26 @@ def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monk
                 str(tmp_path / "out"), "--results", str(tmp_path / "results"), "--cached"])
     out = capsys.readouterr().out  # no tuning seeds: the shared table alone
     assert "| 1 | 4 | never/never | n/a |" in out and "sweep" not in out and "best" not in out
+
+
+def test_the_shared_curves_draw_effopd_py_beside_trl(tmp_path, monkeypatch):
+    """--trainer trl's curves: a panel per rate, each TRL run solid, effopd.py's run of the same
+    method, rate and seed dashed where --results holds it, the target dotted."""
+    import matplotlib.figure
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    loop = {"curve": [[0, 0.3, 0.0], [2, 0.5, 1.0]]}  # effopd.py's vanilla run at 1e-6, seed 11
+    (tmp_path / "vanilla-lr1e-06-seed11.json").write_text(json.dumps(loop))
+    args = types.SimpleNamespace(lrs=[1e-6, 3e-5], seeds=[11], trainer="trl", target=0.55,
+                                 results=str(tmp_path), test_size=200, setting="smol")
+    trl = {"curve": [(0, 0.3, 0.0), (2, 0.6, 1.0)]}
+    bench.plot_shared_curves({("vanilla", 1e-6, 11): trl, ("effopd", 1e-6, 11): trl,
+                              ("vanilla", 3e-5, 11): None}, args, str(tmp_path / "curves.png"))
+    (fig,) = drawn
+    low, high = ([(line.get_linestyle(), list(line.get_ydata())) for line in ax.lines]
+                 for ax in fig.axes)
+    assert low == [("-", [0.3, 0.6]), ("--", [0.3, 0.5]), ("-", [0.3, 0.6]), (":", [0.55, 0.55])]
+    assert high == [(":", [0.55, 0.55])]  # no run there yet: the target alone
 
 
 def test_the_sweep_skips_a_rate_whose_first_evaluation_comes_late(tmp_path, monkeypatch, capsys):

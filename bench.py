@@ -542,7 +542,11 @@ def bench_speedup(args) -> bool:
                 + "; ".join(",".join(f"{m:g}" for m in r["kept"]) for r in rows) if rows else
                 "pending | pending | pending | pending") + " |", flush=True)
     sweep, best = {}, {}
-    if args.tune_seeds:  # none: the shared rates only (--shared)
+    if args.tuned:  # rates an earlier sweep chose (effopd.py's, for the same runs in TRL)
+        best = dict(zip(("vanilla", "effopd"), args.tuned))
+        print(f"\nno sweep: the rates chosen before, vanilla {args.tuned[0]:g}, effopd "
+              f"{args.tuned[1]:g}")
+    elif args.tune_seeds:  # none: the shared rates only (--shared)
         print(f"\nthe sweep on seeds {args.tune_seeds}, scored on the validation prompts\n")
         print("lr       | vanilla: steps to target (median), final | effopd: the same")
         for lr in sorted(args.lrs, key=lambda lr: args.budget[lr][1]):  # early evaluations first
@@ -1329,6 +1333,9 @@ def main(argv=None) -> None:
     p.add_argument("--tune-seeds", type=int, nargs="*", default=[0],
                    help="seeds of the sweep; none (--tune-seeds alone): no tuned comparison, "
                         "--shared's table only")
+    p.add_argument("--tuned", type=float, nargs=2, metavar=("VANILLA_LR", "EFFOPD_LR"),
+                   help="no sweep: compare the held-out seeds at these rates of --lrs, chosen by "
+                        "an earlier sweep (e.g. effopd.py's, for --trainer trl)")
     p.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13],
                    help="held-out seeds: each method once at its best learning rate")
     p.add_argument("--steps", type=analyze.positive_int, nargs="+", default=[64],
@@ -1443,7 +1450,10 @@ def main(argv=None) -> None:
             "test_size", effopd.Config.test_size)
     if args.command == "speedup" and not 0 < args.target <= 1:
         error(f"--target is a test accuracy, in (0, 1]; got {args.target}")
-    if args.command == "speedup" and not (args.tune_seeds or args.shared):
+    if args.command == "speedup" and args.tuned and not set(args.tuned) <= set(args.lrs):
+        error(f"--tuned takes two rates of --lrs {' '.join(map(str, args.lrs))}, got "
+              f"{' '.join(map(str, args.tuned))}")
+    if args.command == "speedup" and not (args.tune_seeds or args.shared or args.tuned):
         error("--tune-seeds takes at least one seed, or pass --shared (its table alone)")
     if args.command == "speedup" and args.trainer == "trl" and (
             args.protocol != "effopd" or args.setting not in ("tiny", "smol")):

@@ -2411,6 +2411,8 @@ for argv, message in [
          "--steps takes one number or one per --lrs (2), got 3"),
         (["speedup", "--tune-seeds"],
          "--tune-seeds takes at least one seed, or pass --shared (its table alone)"),
+        (["speedup", "--lrs", "1e-5", "3e-5", "--tuned", "3e-5", "1e-6"],
+         "--tuned takes two rates of --lrs 1e-05 3e-05, got 3e-05 1e-06"),
         (["speedup", "--trainer", "trl", "--protocol", "official"],
          "--trainer trl runs --protocol effopd on --setting tiny or smol (those of "
          "examples/trl_effopd.py), got --protocol official --setting tiny"),
@@ -3022,6 +3024,14 @@ def test_speedup_tunes_on_validation_and_tables_every_shared_rate(tmp_path, monk
     assert saved["best"] == {"vanilla": 1.0, "effopd": 1.0}
     assert [r["step_ratio"] for r in saved["shared"]["1"]] == [None, None]
     assert (tmp_path / "out" / "shared-curves.png").is_file()
+    # --tuned: the rates an earlier sweep chose, compared on the held-out seeds with no sweep
+    monkeypatch.setattr(effopd, "train", lambda cfg: pytest.fail("trained"))
+    bench.main(["speedup", "--setting", "tiny", "--tuned", "2", "1", "--lrs", "1", "2", "--steps",
+                "4", "--eval-every", "2", "--target", "0.5", "--seeds", "11", "--out",
+                str(tmp_path / "out"), "--results", str(tmp_path / "results"), "--cached"])
+    out = capsys.readouterr().out
+    assert "no sweep: the rates chosen before, vanilla 2, effopd 1" in out and "sweep on" not in out
+    assert "seed 11 | steps to 0.5: vanilla 2 effopd never |" in out
     # --cached: the tables of the runs saved so far, training nothing; a missing run is pending
     (tmp_path / "results" / "effopd-lr2-seed12.json").unlink()
     monkeypatch.setattr(effopd, "train", lambda cfg: pytest.fail("trained"))

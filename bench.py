@@ -685,7 +685,8 @@ def plot_shared_curves(runs: dict, args, path: str) -> None:
     labelled = {label: line for ax in axes[0]
                 for line, label in zip(*ax.get_legend_handles_labels())}
     axes[0][0].legend(labelled.values(), labelled.keys(), fontsize=7)
-    fig.suptitle(f"{args.setting}: both methods at one shared rate, seeds "
+    where = " in TRL's DistillationTrainer (dashed: effopd.py)" if args.trainer == "trl" else ""
+    fig.suptitle(f"{args.setting}{where}: both methods at one shared rate, seeds "
                  f"{', '.join(map(str, args.seeds))}; dotted: the target", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -712,6 +712,7 @@ def plot_report(runs: dict, path: str) -> None:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"\nwrote {path}")
 
 
@@ -751,6 +752,7 @@ def plot_interventions(name, scaling, window, width, parts, accs, path: str) -> 
             title=f"{name}: dW_T on {width} layer(s) only")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

@@ -652,6 +652,7 @@ def plot_steps_against_lr(shared: dict, best: dict, args, path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
@@ -690,6 +691,7 @@ def plot_shared_curves(runs: dict, args, path: str) -> None:
                  f"{', '.join(map(str, args.seeds))}; dotted: the target", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
@@ -709,6 +711,7 @@ def plot_curves(curves, args, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

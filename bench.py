@@ -509,7 +509,8 @@ def compare(vanilla: dict, effopd_run: dict, target: float) -> dict:
 def bench_speedup(args) -> bool:
     """--shared: both methods at each rate on the held-out seeds (the paper's form of the claim).
     Then the tuned comparison: sweep the rate of both methods on the tuning seeds, scored on the
-    validation prompts; run each at its best on the held-out seeds, scored on the test prompts."""
+    validation prompts (--tuned: rates chosen before, no sweep); run each at its best on the
+    held-out seeds, scored on the test prompts."""
     print(f"{args.setting} setting, --protocol {args.protocol}, target test accuracy "
           f"{args.target}, steps (eval every) per rate "
           + ", ".join(f"{lr:g}: {s} ({e})" for lr, (s, e) in args.budget.items())
@@ -1458,7 +1459,8 @@ def main(argv=None) -> None:
         error(f"--tuned takes two rates of --lrs {' '.join(map(str, args.lrs))}, got "
               f"{' '.join(map(str, args.tuned))}")
     if args.command == "speedup" and not (args.tune_seeds or args.shared or args.tuned):
-        error("--tune-seeds takes at least one seed, or pass --shared (its table alone)")
+        error("--tune-seeds takes at least one seed, or pass --shared (its table alone) or "
+              "--tuned")
     if args.command == "speedup" and args.trainer == "trl" and (
             args.protocol != "effopd" or args.setting not in ("tiny", "smol")):
         error(f"--trainer trl runs --protocol effopd on --setting tiny or smol (those of "

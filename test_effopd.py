@@ -2410,7 +2410,7 @@ for argv, message in [
         (["speedup", "--lrs", "1e-5", "2e-5", "--steps", "1", "2", "3"],
          "--steps takes one number or one per --lrs (2), got 3"),
         (["speedup", "--tune-seeds"],
-         "--tune-seeds takes at least one seed, or pass --shared (its table alone)"),
+         "--tune-seeds takes at least one seed, or pass --shared (its table alone) or --tuned"),
         (["speedup", "--lrs", "1e-5", "3e-5", "--tuned", "3e-5", "1e-6"],
          "--tuned takes two rates of --lrs 1e-05 3e-05, got 3e-05 1e-06"),
         (["speedup", "--trainer", "trl", "--protocol", "official"],

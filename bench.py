@@ -438,7 +438,9 @@ def trl_numbers(method: str, argv: list[str], out: str, commit: str) -> dict:
     checkpoint every TRL_SAVE_EVERY steps: a run with the same flags stopped midway goes on from
     its newest; out is deleted once the numbers are read. Its seconds count training and EffOPD's
     validation, not the accuracy curve's evaluations, as effopd.py's."""
-    sys.path.insert(0, os.path.join(effopd.PROJECT, "examples"))
+    examples = os.path.join(effopd.PROJECT, "examples")
+    if examples not in sys.path:  # once per process, not once per run
+        sys.path.insert(0, examples)
     import trl_effopd
     run, flags, started = "effopd" if method == "effopd" else "opd", Path(out, "flags.json"), \
         Path(out, "commit")  # the flags and the commit that started the run in out

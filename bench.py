@@ -363,6 +363,16 @@ def median_cell(values: list) -> str:
         f" ({len(known)} of {len(values)} seeds)" if len(known) < len(values) else "")
 
 
+def speedup_name(method: str, lr: float, seed: int, protocol: str, trainer: str) -> str:
+    """A speedup run's folder and JSON name, e.g. vanilla-lr1e-05-seed11, effopd-official-lr...,
+    trl-effopd-lr1e-06-seed12."""
+    loss = effopd.PROTOCOLS[protocol].loss
+    name = "vanilla" + (f"-{loss}" if loss else "")
+    if method == "effopd":
+        name = "effopd" + (f"-{protocol}" if protocol != "effopd" else "")
+    return ("trl-" if trainer == "trl" else "") + f"{name}-lr{lr:g}-seed{seed}"
+
+
 def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False) -> dict:
     """One effopd.py run in this process: {"curve": (step, test accuracy, training seconds) per
     evaluation, "val": (step, validation accuracy), "kept": (trigger step, multiple kept),
@@ -371,19 +381,17 @@ def speedup_run(method: str, lr: float, seed: int, args, need_val: bool = False)
     where it stopped (and can be committed). need_val: a saved run made before validation
     curves were kept is trained again."""
     loss = effopd.PROTOCOLS[args.protocol].loss  # a protocol's loss is its vanilla run's too
-    flags, name = (["--loss", loss] if loss else []), "vanilla" + (f"-{loss}" if loss else "")
+    flags = ["--loss", loss] if loss else []
     if method == "effopd":
-        other = args.protocol != "effopd"
-        flags += ["--effopd"] + (["--protocol", args.protocol] if other else [])
-        name = "effopd" + (f"-{args.protocol}" if other else "")  # e.g. effopd-official
+        flags += ["--effopd"] + (["--protocol", args.protocol] if args.protocol != "effopd" else [])
     steps, every = args.budget[lr]
     argv = ["--lr", str(lr), "--seed", str(seed), "--steps", str(steps), "--eval-every",
             str(every), "--test-size", str(args.test_size)]
     if args.trainer == "trl":  # examples/trl_effopd.py's flags; EffOPD is its callback
-        name, argv = f"trl-{name}", ["--setting", args.setting, *argv, *args.extra]
+        argv = ["--setting", args.setting, *argv, *args.extra]
     else:
         argv = [f"--{args.setting}", *argv, *flags, *args.extra]
-    name = f"{name}-lr{lr:g}-seed{seed}"
+    name = speedup_name(method, lr, seed, args.protocol, args.trainer)
     out, saved = os.path.join(args.out, name), os.path.join(args.results, f"{name}.json")
     run = read_result(saved) if os.path.isfile(saved) else None
     if run and run.get("flags") != argv:
@@ -671,18 +679,18 @@ def plot_shared_curves(runs: dict, args, path: str) -> None:
     for ax, lr in zip(axes[0], args.lrs):
         for method, color in (("vanilla", "tab:blue"), ("effopd", "tab:red")):
             label = "vanilla OPD" if method == "vanilla" else "EffOPD"
-            for i, seed in enumerate(args.seeds):
+            for seed in args.seeds:  # one legend entry per label: see below
                 run = runs.get((method, lr, seed))
                 if run:
                     steps, acc, _ = zip(*run["curve"])
                     ax.plot(steps, acc, color=color, lw=1, alpha=0.8,
-                            label=(f"{label} in TRL" if args.trainer == "trl" else label)
-                            if i == 0 else None)
-                loop = os.path.join(args.results, f"{method}-lr{lr:g}-seed{seed}.json")
+                            label=f"{label} in TRL" if args.trainer == "trl" else label)
+                loop = os.path.join(args.results, speedup_name(method, lr, seed, args.protocol,
+                                                               "effopd") + ".json")
                 if args.trainer == "trl" and os.path.isfile(loop):
                     steps, acc, _ = zip(*read_result(loop)["curve"])
                     ax.plot(steps, acc, color=color, lw=1, alpha=0.5, ls="--",
-                            label=f"{label}, effopd.py" if i == 0 else None)
+                            label=f"{label}, effopd.py")
         ax.axhline(args.target, color="gray", lw=0.8, ls=":")
         ax.set(title=f"lr {lr:g}", xlabel="step")
     axes[0][0].set_ylabel(f"test accuracy ({args.test_size} prompts)")

@@ -3063,7 +3063,8 @@ def test_the_shared_curves_draw_effopd_py_beside_trl(tmp_path, monkeypatch):
     loop = {"curve": [[0, 0.3, 0.0], [2, 0.5, 1.0]]}  # effopd.py's vanilla run at 1e-6, seed 11
     (tmp_path / "vanilla-lr1e-06-seed11.json").write_text(json.dumps(loop))
     args = types.SimpleNamespace(lrs=[1e-6, 3e-5], seeds=[11], trainer="trl", target=0.55,
-                                 results=str(tmp_path), test_size=200, setting="smol")
+                                 results=str(tmp_path), test_size=200, setting="smol",
+                                 protocol="effopd")
     trl = {"curve": [(0, 0.3, 0.0), (2, 0.6, 1.0)]}
     bench.plot_shared_curves({("vanilla", 1e-6, 11): trl, ("effopd", 1e-6, 11): trl,
                               ("vanilla", 3e-5, 11): None}, args, str(tmp_path / "curves.png"))
@@ -3072,6 +3073,8 @@ def test_the_shared_curves_draw_effopd_py_beside_trl(tmp_path, monkeypatch):
                  for ax in fig.axes)
     assert low == [("-", [0.3, 0.6]), ("--", [0.3, 0.5]), ("-", [0.3, 0.6]), (":", [0.55, 0.55])]
     assert high == [(":", [0.55, 0.55])]  # no run there yet: the target alone
+    assert [text.get_text() for text in fig.axes[0].get_legend().get_texts()] == [
+        "vanilla OPD in TRL", "vanilla OPD, effopd.py", "EffOPD in TRL"]  # each label once
 
 
 def test_the_sweep_skips_a_rate_whose_first_evaluation_comes_late(tmp_path, monkeypatch, capsys):
